@@ -1,0 +1,217 @@
+"""DataLoader construction from TrainingArguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .collators import default_data_collator
+from .samplers import ResumableBatchSampler, SeededCollator, SeededDataset, fork_rng
+
+__all__ = [
+    "SAMPLING_STRATEGIES",
+    "build_eval_dataloader",
+    "build_train_dataloader",
+    "dataset_lengths",
+    "make_train_batch_sampler",
+    "resolve_data_seed",
+    "seed_worker",
+]
+
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+
+Collator = Callable[[Any], Any]
+
+
+def resolve_data_seed(args: Any) -> int:
+    data_seed = getattr(args, "data_seed", None)
+    return int(data_seed if data_seed is not None else args.seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Worker init: one intra-op thread per worker, so N workers do not oversubscribe the CPU.
+
+    Torch already seeds each worker's torch/random/numpy from the loader's generator, and
+    `SeededDataset` reseeds per batch, so nothing else needs seeding here.
+    """
+    torch.set_num_threads(1)
+
+
+def is_iterable_dataset(dataset: Any) -> bool:
+    return isinstance(dataset, IterableDataset) or not (
+        hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+    )
+
+
+class _IterableAdapter(IterableDataset):  # type: ignore[type-arg]
+    """Lets the DataLoader stream a plain iterable (a generator-backed object, ...)."""
+
+    def __init__(self, iterable: Any) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.iterable)
+
+
+def _worker_kwargs(args: Any) -> dict[str, Any]:
+    workers = int(args.dataloader_num_workers)
+    kwargs: dict[str, Any] = {
+        "num_workers": workers,
+        # Pinning only helps host-to-GPU copies, and warns when no GPU exists.
+        "pin_memory": bool(args.dataloader_pin_memory) and torch.cuda.is_available(),
+    }
+    if workers > 0:
+        kwargs["persistent_workers"] = bool(args.dataloader_persistent_workers)
+        kwargs["worker_init_fn"] = seed_worker
+        if getattr(args, "dataloader_prefetch_factor", None) is not None:
+            kwargs["prefetch_factor"] = args.dataloader_prefetch_factor
+        context = getattr(args, "dataloader_multiprocessing_context", None)
+        if context is not None:
+            kwargs["multiprocessing_context"] = context
+    return kwargs
+
+
+def _stream_loader(
+    dataset: Any, args: Any, collator: Collator, batch_size: int, drop_last: bool, seed: int
+) -> DataLoader:
+    if not isinstance(dataset, IterableDataset):
+        dataset = _IterableAdapter(dataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collator,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        **_worker_kwargs(args),
+    )
+
+
+def build_train_dataloader(
+    dataset: Any,
+    args: Any,
+    collator: Collator | None = None,
+    batch_sampler: ResumableBatchSampler | None = None,
+    seed: int | None = None,
+) -> DataLoader:
+    """Training DataLoader: `SeededDataset` + a `ResumableBatchSampler` (built from `args`
+    when not given) for map-style data, plain batching for an iterable dataset.
+
+    The loader owns a generator seeded from `seed` (data seed by default), so creating its
+    iterator (torch draws the workers' base seed then) never touches the global torch RNG.
+    """
+    collator = collator if collator is not None else default_data_collator
+    seed = resolve_data_seed(args) if seed is None else seed
+    if is_iterable_dataset(dataset):
+        return _stream_loader(
+            dataset, args, collator, args.per_device_train_batch_size, args.dataloader_drop_last, seed
+        )
+    if batch_sampler is None:
+        batch_sampler = make_train_batch_sampler(dataset, args, seed=seed)
+    if batch_sampler.num_samples != len(dataset):
+        raise ValueError(
+            f"the batch_sampler covers {batch_sampler.num_samples} samples but the train dataset has "
+            f"{len(dataset)}; build it for this dataset"
+        )
+    return DataLoader(
+        SeededDataset(dataset, defer=True),
+        batch_sampler=batch_sampler,
+        collate_fn=SeededCollator(collator),
+        generator=torch.Generator().manual_seed(seed),
+        **_worker_kwargs(args),
+    )
+
+
+def build_eval_dataloader(dataset: Any, args: Any, collator: Collator | None = None) -> DataLoader:
+    """Evaluation DataLoader: in dataset order, last incomplete batch kept.
+
+    Map-style data is fetched under fixed per-batch seeds too, so evaluating does not move
+    the training RNG streams and random `__getitem__` code gives the same eval set each time.
+    """
+    collator = collator if collator is not None else default_data_collator
+    seed = resolve_data_seed(args)
+    batch_size = args.per_device_eval_batch_size
+    if is_iterable_dataset(dataset):
+        return _stream_loader(dataset, args, collator, batch_size, False, seed)
+    sampler = ResumableBatchSampler(len(dataset), batch_size, drop_last=False, shuffle=False, seed=seed)
+    return DataLoader(
+        SeededDataset(dataset, defer=True),
+        batch_sampler=sampler,
+        collate_fn=SeededCollator(collator),
+        generator=torch.Generator().manual_seed(seed),
+        **_worker_kwargs(args),
+    )
+
+
+def _unwrap_dataset(dataset: Any) -> Any:
+    # Length columns are usually not forward arguments, so pruning wrappers may hide them.
+    from .columns import ColumnFilter
+
+    while isinstance(dataset, (ColumnFilter, SeededDataset)):
+        dataset = dataset.dataset
+    return dataset
+
+
+def dataset_lengths(
+    dataset: Any, length_column_name: str = "length", model_input_name: str = "input_ids"
+) -> list[int]:
+    """One length per sample: the `length_column_name` column if present, else the length of
+    each sample's `model_input_name` (one pass over the data)."""
+    dataset = _unwrap_dataset(dataset)
+    names = getattr(dataset, "column_names", None)
+    if isinstance(names, (list, tuple)):
+        if length_column_name in names:
+            return [int(n) for n in dataset[length_column_name]]
+        if model_input_name in names:
+            return [len(x) for x in dataset[model_input_name]]
+    lengths = []
+    # The pass may run user `__getitem__` code that draws random numbers.
+    with fork_rng(0):
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if isinstance(item, Mapping) and length_column_name in item:
+                lengths.append(int(item[length_column_name]))
+            elif isinstance(item, Mapping) and model_input_name in item:
+                lengths.append(len(item[model_input_name]))
+            else:
+                raise ValueError(
+                    "train_sampling_strategy='group_by_length' needs sample lengths: items must be dicts "
+                    f"with a `{length_column_name}` (length_column_name) or `{model_input_name}` entry"
+                )
+    return lengths
+
+
+def make_train_batch_sampler(
+    dataset: Sequence[Any],
+    args: Any,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int | None = None,
+    model_input_name: str = "input_ids",
+) -> ResumableBatchSampler:
+    """The training batch sampler `args` describe (batch size, drop_last, sampling strategy).
+
+    Pass the dataset before column pruning when grouping by length: the length column is
+    rarely a forward argument.
+    """
+    strategy = args.train_sampling_strategy
+    if strategy not in SAMPLING_STRATEGIES:
+        raise ValueError(
+            f"train_sampling_strategy={strategy!r} is not supported by ember; "
+            f"use one of {', '.join(SAMPLING_STRATEGIES)}"
+        )
+    lengths = None
+    if strategy == "group_by_length":
+        lengths = dataset_lengths(dataset, args.length_column_name, model_input_name)
+    return ResumableBatchSampler(
+        len(dataset),
+        args.per_device_train_batch_size,
+        drop_last=args.dataloader_drop_last,
+        shuffle=strategy != "sequential",
+        seed=resolve_data_seed(args) if seed is None else seed,
+        lengths=lengths,
+        rank=rank,
+        world_size=world_size,
+    )
