@@ -1,0 +1,253 @@
+"""Atomic checkpoint folders: write into `checkpoint-N.tmp/`, fsync, add a manifest, rename.
+
+A checkpoint is complete exactly when its `manifest.json` exists and every file it lists has the
+recorded size (and, for a deep check, sha256). The manifest is written last, so a crash at any
+point leaves either no `checkpoint-N/` at all or a complete one; a folder truncated afterwards (a
+full disk on a copy, a bad sync) is caught by the sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "ember-checkpoint"
+MANIFEST_VERSION = 1
+TMP_SUFFIX = ".tmp"
+# The old folder of a re-saved step waits here until the new one is in place; the `.tmp` suffix
+# makes rotation clean it up if a crash leaves it behind.
+REPLACED_SUFFIX = ".replaced.tmp"
+_CHUNK = 8 << 20
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for by name cannot be used (incomplete, truncated, changed)."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed; nothing was left at the final path and older checkpoints are intact."""
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N for a folder named `checkpoint-N`, else None."""
+    m = _CHECKPOINT_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def sorted_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every `checkpoint-N` folder in `output_dir`, oldest (smallest N) first; complete or not."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return [p for n, p in sorted((n, p) for n, p in found if n is not None)]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms (Windows) cannot open folders; nothing to sync there
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # A few file systems refuse fsync on folders; file data was already synced.
+        if not (directory and exc.errno in (errno.EINVAL, errno.EBADF, errno.EACCES)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _payload_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME
+    )
+
+
+def write_manifest(folder: Path) -> dict[str, Any]:
+    """fsync every file in `folder`, then write and fsync `manifest.json` (last, so it marks completion)."""
+    files: dict[str, dict[str, Any]] = {}
+    payload = _payload_files(folder)
+    for path in payload:
+        _fsync_path(path)
+        files[path.relative_to(folder).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
+    # Deepest first, so each folder's entry in its parent is synced after the folder itself.
+    for sub in sorted({p.parent for p in payload} - {folder}, key=lambda p: -len(p.parts)):
+        _fsync_path(sub, directory=True)
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}
+    with open(folder / MANIFEST_NAME, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_path(folder, directory=True)
+    return manifest
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(tmp: Path, final_dir: Path) -> None:
+    """Rename `tmp` to `final_dir`; an existing `final_dir` is moved aside and deleted only afterwards."""
+    replaced = None
+    if final_dir.exists():
+        replaced = final_dir.with_name(final_dir.name + REPLACED_SUFFIX)
+        _rmtree(replaced)
+        os.replace(final_dir, replaced)
+    try:
+        os.replace(tmp, final_dir)
+    except BaseException:
+        if replaced is not None:
+            os.replace(replaced, final_dir)
+        raise
+    _fsync_path(final_dir.parent, directory=True)
+    if replaced is not None:
+        _rmtree(replaced)
+
+
+@contextlib.contextmanager
+def atomic_checkpoint(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh `<final_dir>.tmp/` to write into; on success it becomes `final_dir` atomically.
+
+    Any failure (in the body or while finishing) deletes the tmp folder, leaves every other folder
+    alone and raises `CheckpointWriteError` chained to the cause. Ctrl-C also cleans up, and
+    propagates unchanged.
+    """
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(final_dir.name + TMP_SUFFIX)
+    try:
+        _rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise _write_error(final_dir, "creating the temporary folder", exc) from exc
+    try:
+        yield tmp
+        write_manifest(tmp)
+        _publish(tmp, final_dir)
+    except Exception as exc:
+        _rmtree(tmp)
+        raise _write_error(final_dir, "writing", exc) from exc
+    except BaseException:
+        _rmtree(tmp)
+        raise
+
+
+def _write_error(final_dir: Path, action: str, exc: BaseException) -> CheckpointWriteError:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        what = f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
+        if exc.strerror and exc.strerror != os.strerror(exc.errno):
+            what += f" ({exc.strerror})"
+        if exc.filename:
+            what += f": '{exc.filename}'"
+    else:
+        what = f"{type(exc).__name__}: {exc}"
+    newest = _newest_complete(final_dir.parent, exclude=final_dir)
+    intact = f"newest complete one: {newest.name}" if newest else "there is no earlier complete checkpoint"
+    error = CheckpointWriteError(
+        f"Could not save checkpoint {final_dir} ({action} failed): {what}. No partial checkpoint was left; "
+        f"earlier checkpoints in {final_dir.parent} are intact ({intact})."
+    )
+    error.errno = exc.errno if isinstance(exc, OSError) else None
+    return error
+
+
+def _newest_complete(output_dir: Path, exclude: Path | None = None) -> Path | None:
+    for path in reversed(sorted_checkpoints(output_dir)):
+        if path != exclude and is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike[str], deep: bool = True) -> str | None:
+    """None when `path` is a complete checkpoint, else the reason it is not.
+
+    `deep=False` compares sizes only (cheap; catches truncation); `deep=True` also re-hashes.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "not a folder" if path.exists() else "does not exist"
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"no {MANIFEST_NAME} (incomplete write)"
+    try:
+        with open(manifest_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            return f"{MANIFEST_NAME} is not an ember checkpoint manifest"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST_NAME} is unreadable ({exc})"
+    root = path.resolve()
+    for rel, info in files.items():
+        file = (path / rel).resolve()
+        if root not in file.parents:
+            return f"{MANIFEST_NAME} lists {rel!r}, which is outside the checkpoint"
+        if not file.is_file():
+            return f"{rel}: missing file"
+        try:
+            expected = int(info["size"])
+        except (KeyError, TypeError, ValueError):
+            return f"{MANIFEST_NAME} has no valid size for {rel}"
+        size = file.stat().st_size
+        if size != expected:
+            how = "truncated" if size < expected else "grew after writing"
+            return f"{rel}: size {size} != {expected} ({how})"
+        if deep and sha256_file(file) != info.get("sha256"):
+            return f"{rel}: sha256 hash mismatch (changed after writing)"
+    return None
+
+
+def is_complete_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True when `path` has a manifest and every listed file has its recorded size."""
+    return verify_checkpoint(path, deep=False) is None
+
+
+def find_resumable_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest `checkpoint-N` in `output_dir` that passes the size check; skipped ones are logged."""
+    for path in reversed(sorted_checkpoints(output_dir)):
+        reason = verify_checkpoint(path, deep=False)
+        if reason is None:
+            return path
+        logger.warning("Skipping checkpoint %s: %s.", path, reason)
+    return None
+
+
+def load_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """Check a checkpoint named by the user fully (sizes and hashes) before anything reads it."""
+    path = Path(path)
+    reason = verify_checkpoint(path, deep=True)
+    if reason is None:
+        return path
+    fallback = _newest_complete(path.parent, exclude=path)
+    hint = f"the newest complete one there is {fallback}" if fallback else "none there is complete"
+    raise CheckpointError(
+        f"Cannot resume from checkpoint {path}: {reason}. Pass another checkpoint to "
+        f"resume_from_checkpoint, or True to pick the newest complete one ({hint})."
+    )

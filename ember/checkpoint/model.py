@@ -1,0 +1,83 @@
+"""Writing the model the way users load it back: `save_pretrained` for transformers models,
+`model.safetensors` (+ an index when sharded) for plain modules. Never pickle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_model_files(
+    model: nn.Module,
+    folder: str | Path,
+    processing_class: Any = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """Write the model (and its tokenizer/processor) into `folder`, which is created if needed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(str(folder), state_dict=state_dict, max_shard_size=max_shard_size)
+    else:
+        save_plain_module(model, folder, state_dict)
+    if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+        processing_class.save_pretrained(str(folder))
+
+
+def save_plain_module(
+    model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    from safetensors.torch import save_file
+
+    tensors = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def load_plain_module(model: nn.Module, folder: str | Path) -> None:
+    """Load `model.safetensors` written by `save_plain_module`.
+
+    A tied weight was written under one name only; its twins share storage in `model`, so loading
+    the written name fills them. Any other missing or unexpected key is an error.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(folder) / WEIGHTS_NAME))
+    result = model.load_state_dict(tensors, strict=False)
+    own = model.state_dict()
+    loaded = {_storage_key(own[k]) for k in tensors if k in own}
+    missing = [k for k in result.missing_keys if _storage_key(own[k]) not in loaded]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{folder}/{WEIGHTS_NAME} does not match the model: missing {missing}, "
+            f"unexpected {list(result.unexpected_keys)}."
+        )
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage; keep the first name of each storage."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        key = _storage_key(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

@@ -1,0 +1,108 @@
+"""Writing checkpoints in the foreground or on one background thread.
+
+Async contract: the caller snapshots everything it wants saved into CPU memory first
+(`snapshot_to_cpu`), and `write_fn` only touches those copies, so training can keep updating the
+parameters while the files are written. At most one save is in flight; an error from the
+background is raised by the next `save()` or `wait()`, never dropped. Call `wait()` (or `close()`)
+before the process ends and before anything reads or deletes checkpoint folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import atomic_checkpoint
+
+logger = logging.getLogger(__name__)
+
+WriteFn = Callable[[Path], None]
+
+
+def snapshot_to_cpu(obj: Any) -> Any:
+    """A deep copy of a nested structure in which every tensor is a fresh CPU tensor."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, OrderedDict):
+        return OrderedDict((k, snapshot_to_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, Mapping):
+        return {k: snapshot_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(snapshot_to_cpu(v) for v in obj)
+    if isinstance(obj, list):
+        return [snapshot_to_cpu(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    return copy.deepcopy(obj)
+
+
+class CheckpointWriter:
+    """Runs `write_fn(tmp_folder)` inside `atomic_checkpoint`, now (`async_=False`) or in the background."""
+
+    def __init__(self, async_: bool = False) -> None:
+        self.async_ = async_
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a background save has not finished."""
+        return self._pending is not None and not self._pending.done()
+
+    def save(
+        self, final_dir: str | os.PathLike[str], write_fn: WriteFn, after: Callable[[], None] | None = None
+    ) -> None:
+        """Write a checkpoint to `final_dir` atomically; `after()` runs once it is in place.
+
+        `after` runs on the same thread as the write (e.g. checkpoint rotation, which must not run
+        while a save is half done). In async mode this returns as soon as the work is queued, after
+        waiting for the previous save and re-raising its error if it failed.
+        """
+        final_dir = Path(final_dir)
+        self.wait()
+        if not self.async_:
+            _write(final_dir, write_fn, after)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-checkpoint")
+        self._pending = self._executor.submit(_write, final_dir, write_fn, after)
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is done; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the last save, then stop the background thread. Raises that save's error, if any."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _write(final_dir: Path, write_fn: WriteFn, after: Callable[[], None] | None) -> None:
+    with atomic_checkpoint(final_dir) as tmp:
+        write_fn(tmp)
+    logger.debug("Saved checkpoint %s", final_dir)
+    if after is not None:
+        after()
