@@ -1,0 +1,98 @@
+"""The single-process strategy: the seam every backend fills, with nothing behind it here."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..utils import unwrap_model
+
+
+def pick_device(use_cpu: bool) -> torch.device:
+    if not use_cpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if not use_cpu and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class SingleDevice:
+    """One process, one device. Collectives return their input; `no_sync` does nothing."""
+
+    rank = 0
+    local_rank = 0
+    world_size = 1
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @classmethod
+    def from_args(cls, args: Any) -> SingleDevice:
+        return cls(pick_device(bool(getattr(args, "use_cpu", False))))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    # -- model -----------------------------------------------------------------------------------
+    def setup_model(self, model: nn.Module) -> nn.Module:
+        """Place (and, in subclasses, wrap) the model for training. Called once per train()."""
+        return model.to(self.device)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return unwrap_model(model)
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
+        """Skip gradient synchronisation for micro-batches that are not the last of a step."""
+        yield
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        # foreach keeps this one fused kernel per dtype group instead of a launch per tensor.
+        params = [p for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict of the user's module, for saving."""
+        return self.unwrap(model).state_dict()
+
+    # -- collectives -----------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate `tensor` from every rank along dim 0 (padding done by the caller)."""
+        return tensor
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def any_rank(self, flag: bool) -> bool:
+        """True if any rank says True: used to agree on stopping or saving."""
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+
+Strategy = SingleDevice

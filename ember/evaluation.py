@@ -1,0 +1,204 @@
+"""The evaluation/prediction loop: batches in, metrics out, memory bounded by what is asked for.
+
+Losses are summed as they come (no list of per-batch losses unless `include_for_metrics` asks for
+them). Logits are kept only when needed for `compute_metrics` or `predict`, moved to CPU every
+`eval_accumulation_steps` batches, and with `batch_eval_metrics` never kept at all: the metric is
+updated batch by batch and memory stays flat in the dataset size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .outputs import EvalLoopOutput, EvalPrediction
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+PAD_INDEX = -100
+
+
+def _pad_to(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+    if t.dim() <= dim or t.shape[dim] == length:
+        return t
+    pad_shape = list(t.shape)
+    pad_shape[dim] = length - t.shape[dim]
+    return torch.cat([t, t.new_full(pad_shape, PAD_INDEX)], dim=dim)
+
+
+def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, padding dim 1 with -100 where sequence lengths differ."""
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0].dim() >= 2:
+        longest = max(p.shape[1] for p in parts)
+        parts = [_pad_to(p, longest) for p in parts]
+    return torch.cat(parts, dim=0)
+
+
+class _Accumulator:
+    """Collects tensors (or tuples of tensors) batch by batch; offloads to CPU every `every` batches."""
+
+    def __init__(self, every: int | None) -> None:
+        self.every = every
+        self.device_parts: list[Any] = []
+        self.cpu_parts: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        if value is None:
+            return
+        self.device_parts.append(value)
+        if self.every and len(self.device_parts) >= self.every:
+            self.offload()
+
+    def offload(self) -> None:
+        if self.device_parts:
+            self.cpu_parts.append(_map(lambda *ts: concat_padded(list(ts)).cpu(), *self.device_parts))
+            self.device_parts = []
+
+    def result(self) -> Any:
+        self.offload()
+        if not self.cpu_parts:
+            return None
+        return _map(lambda *ts: concat_padded(list(ts)).numpy(), *self.cpu_parts)
+
+
+def _map(fn: Callable[..., Any], *values: Any) -> Any:
+    """Apply `fn` across parallel nested tuples/lists of tensors (logits may be a tuple)."""
+    first = values[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_map(fn, *inner) for inner in zip(*values))
+    if isinstance(first, dict):
+        return {k: _map(fn, *(v[k] for v in values)) for k in first}
+    return fn(*values)
+
+
+def _to_numpy(value: Any) -> Any:
+    return _map(lambda t: t.detach().cpu().numpy(), value) if value is not None else None
+
+
+def evaluation_loop(
+    trainer: Trainer,
+    dataloader: Iterable[dict[str, Any]],
+    description: str,
+    prediction_loss_only: bool | None = None,
+    ignore_keys: list[str] | None = None,
+    metric_key_prefix: str = "eval",
+) -> EvalLoopOutput:
+    args, strategy = trainer.args, trainer.strategy
+    loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+    want_inputs = "inputs" in args.include_for_metrics
+    want_losses = "loss" in args.include_for_metrics
+    batch_metrics = args.batch_eval_metrics and trainer.compute_metrics is not None
+    model = trainer.model_for_eval()
+    model.eval()
+
+    preds, labels, inputs_acc, losses_acc = (_Accumulator(args.eval_accumulation_steps) for _ in range(4))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=strategy.device)
+    num_samples = 0
+    metrics: dict[str, Any] = {}
+    has_loss = False
+    for is_last, batch in _with_last(dataloader):
+        batch_size = _batch_size(batch)
+        loss, logits, batch_labels = trainer.prediction_step(model, batch, loss_only, ignore_keys)
+        if loss is not None:
+            # transformers weights each batch's mean loss by its sample count; so do we.
+            loss_sum += loss.detach().double() * batch_size
+            has_loss = True
+        num_samples += batch_size
+        logits = _gather(strategy, logits)
+        batch_labels = _gather(strategy, batch_labels)
+        if logits is not None and trainer.preprocess_logits_for_metrics is not None:
+            logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
+        batch_inputs = _gather(strategy, batch.get("input_ids")) if want_inputs else None
+        batch_losses = (
+            _gather(strategy, loss.detach().reshape(1).repeat(batch_size))
+            if want_losses and loss is not None
+            else None
+        )
+        if batch_metrics:
+            pred = EvalPrediction(
+                _to_numpy(logits), _to_numpy(batch_labels), _to_numpy(batch_inputs), _to_numpy(batch_losses)
+            )
+            metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+        elif not loss_only:
+            preds.add(logits)
+            labels.add(batch_labels)
+            inputs_acc.add(batch_inputs)
+            losses_acc.add(batch_losses)
+        trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
+
+    all_preds, all_labels = preds.result(), labels.result()
+    if (
+        trainer.compute_metrics is not None
+        and not batch_metrics
+        and all_preds is not None
+        and all_labels is not None
+    ):
+        pred = EvalPrediction(all_preds, all_labels, inputs_acc.result(), losses_acc.result())
+        metrics = trainer.compute_metrics(pred)
+    metrics = {
+        k: (v.item() if isinstance(v, (np.generic, torch.Tensor)) else v) for k, v in (metrics or {}).items()
+    }
+    num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))
+    if has_loss and num_samples:
+        metrics["loss"] = float(strategy.all_reduce_sum(loss_sum)) / num_samples
+    metrics = {
+        (k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}"): v
+        for k, v in metrics.items()
+    }
+    return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+
+def _with_last(iterable: Iterable[Any]) -> Iterable[tuple[bool, Any]]:
+    """Yield (is_last, item) with one item of lookahead, so streaming metrics know the final batch."""
+    it = iter(iterable)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield False, current
+        current = following
+    yield True, current
+
+
+def _gather(strategy: Any, value: Any) -> Any:
+    if value is None or strategy.world_size == 1:
+        return value
+    return _map(strategy.gather_padded, value)
+
+
+def _batch_size(batch: Any) -> int:
+    for value in batch.values() if isinstance(batch, dict) else batch:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, list):
+            return len(value)
+    return 1
+
+
+def speed_metrics(
+    prefix: str,
+    start: float,
+    num_samples: int | None = None,
+    num_steps: int | None = None,
+    num_tokens: int | None = None,
+) -> dict[str, float]:
+    """`{prefix}_runtime` and per-second rates, as transformers names them."""
+    runtime = time.perf_counter() - start
+    out = {f"{prefix}_runtime": round(runtime, 4)}
+    if runtime <= 0:
+        return out
+    if num_samples is not None:
+        out[f"{prefix}_samples_per_second"] = round(num_samples / runtime, 3)
+    if num_steps is not None:
+        out[f"{prefix}_steps_per_second"] = round(num_steps / runtime, 3)
+    if num_tokens is not None:
+        out[f"{prefix}_tokens_per_second"] = round(num_tokens / runtime, 3)
+    return out

@@ -1,0 +1,121 @@
+"""One optimizer step: micro-batches, exact loss normalisation, backward, clip, step.
+
+Kept apart from the trainer so the hot path is small enough to read in one sitting and to profile
+on its own. Everything here runs once per optimizer step; nothing calls `.item()`, so the host
+never waits for the device inside a step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .loss import count_targets
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Micro-batches in groups of `size` (the last group of an epoch may be shorter).
+
+    The whole group is fetched before the step starts, because the target count of the step must
+    be known before the first backward.
+    """
+    it = iter(batches)
+    while group := list(islice(it, size)):
+        yield group
+
+
+def run_optimizer_step(
+    trainer: Trainer, model: nn.Module, micro_batches: list[dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward/backward every micro-batch, then clip and step. Returns (step loss, grad norm).
+
+    The step loss is the mean over all targets of the step on all ranks, the same number one
+    big batch would give.
+    """
+    strategy, precision, cb = trainer.strategy, trainer.precision, trainer.callback_handler
+    args, state = trainer.args, trainer.state
+    counts = [count_targets(b, trainer.label_shift) for b in micro_batches]
+    total = strategy.all_reduce_sum(torch.stack(counts).sum().to(strategy.device, non_blocking=True))
+    total = total.clamp_(min=1)
+    step_loss = torch.zeros((), device=strategy.device)
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        # A micro-batch with no target contributes nothing; its mean loss would be 0/0 = nan.
+        if i < last and int(counts[i]) == 0:
+            cb.on_substep_end(args, state, trainer.control)
+            continue
+        with strategy.no_sync(model, sync=i == last):
+            step_loss += trainer.training_step(model, batch, total)
+        if i < last:
+            trainer.control = cb.on_substep_end(args, state, trainer.control)
+
+    optimizer = trainer.optimizer
+    assert optimizer is not None, "train() builds the optimizer before the first step"
+    grad_norm = None
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        precision.unscale_(optimizer)
+        grad_norm = strategy.clip_grad_norm(model, args.max_grad_norm)
+    trainer.control = cb.on_pre_optimizer_step(args, state, trainer.control)
+    precision.step(optimizer)
+    trainer.control = cb.on_optimizer_step(args, state, trainer.control)
+    if not precision.step_was_skipped() and not trainer.scheduler_waits_for_metrics:
+        trainer.lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
+
+
+class LossTracker:
+    """Running loss for logging, on the device, with transformers' NaN/inf filter.
+
+    A non-finite step loss is replaced by the mean of the finite ones since the last log, computed
+    with tensor ops so no step waits for the device. `total` is what `train_loss` reports and what a
+    checkpoint stores, so a resumed run logs the same train_loss as an uninterrupted one.
+    """
+
+    def __init__(self, device: torch.device, filter_nan_inf: bool) -> None:
+        self.filter = filter_nan_inf
+        self.since_log = torch.zeros((), device=device, dtype=torch.float64)
+        self.steps_since_log = 0
+        self.total = 0.0
+        self.total_steps = 0
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        value = step_loss.detach().to(torch.float64)
+        if self.filter:
+            mean_so_far = self.since_log / (1 + self.steps_since_log)
+            value = torch.where(torch.isfinite(value), value, mean_so_far)
+        self.since_log += value
+        self.steps_since_log += 1
+
+    def pop_mean(self, all_reduce_sum: Any) -> float:
+        """Mean step loss since the last call (global across ranks); folds it into `total`."""
+        summed = float(all_reduce_sum(self.since_log.clone()))
+        steps = self.steps_since_log
+        self.total += summed
+        self.total_steps += steps
+        self.since_log.zero_()
+        self.steps_since_log = 0
+        return summed / steps if steps else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        # Local (per-rank) values: each rank restores its own share of the running sum.
+        return {
+            "total": self.total,
+            "total_steps": self.total_steps,
+            "since_log": float(self.since_log),
+            "steps_since_log": self.steps_since_log,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total = float(state["total"])
+        self.total_steps = int(state["total_steps"])
+        self.since_log.fill_(float(state["since_log"]))
+        self.steps_since_log = int(state["steps_since_log"])

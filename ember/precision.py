@@ -1,0 +1,106 @@
+"""Precision objects: autocast, loss scaling and their state, so the loop never asks which dtype runs.
+
+`FullPrecision` does nothing; `Bf16Precision` autocasts (CPU or CUDA); `Fp16Precision` autocasts and
+scales the loss with a GradScaler (CUDA only). Each has `state_dict`/`load_state_dict` so the scaler
+survives a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class FullPrecision:
+    """fp32 (or whatever dtype the model has): every hook is a no-op."""
+
+    name = "fp32"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        yield
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def step_was_skipped(self) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Bf16Precision(FullPrecision):
+    """bf16 autocast: same range as fp32, so no loss scaling is needed."""
+
+    name = "bf16"
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+            yield
+
+
+class Fp16Precision(FullPrecision):
+    """fp16 autocast with dynamic loss scaling; a step whose gradients overflowed is skipped."""
+
+    name = "fp16"
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.scaler = torch.amp.GradScaler(device.type)
+        self._scale_before = 0.0
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16):
+            yield
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._scale_before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def step_was_skipped(self) -> bool:
+        # GradScaler lowers its scale exactly when it skipped the step for inf/nan gradients.
+        return self.scaler.get_scale() < self._scale_before
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.scaler.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.scaler.load_state_dict(state)
+
+
+def build_precision(args: Any, device: torch.device) -> FullPrecision:
+    """The precision object for `args.bf16` / `args.fp16`, and tf32 switched on or off as asked."""
+    if getattr(args, "tf32", None) is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    if args.fp16:
+        return Fp16Precision(device)
+    if args.bf16:
+        return Bf16Precision(device)
+    return FullPrecision(device)

@@ -1,0 +1,622 @@
+"""The Trainer: builds its parts from the arguments, then runs train / evaluate / predict.
+
+`train()` reads top to bottom; the work of one optimizer step lives in `loop.py`, the evaluation
+loop in `evaluation.py`, placement and collectives in the strategy (`distributed/`), dtype handling
+in the precision object. The trainer never asks which backend or precision it runs with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, IterableDataset
+
+from . import loop
+from .args import TrainingArguments, check_eval_dataset
+from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
+from .data import (
+    build_eval_dataloader,
+    build_train_dataloader,
+    make_train_batch_sampler,
+    pick_collator,
+    remove_unused_columns,
+)
+from .distributed import build_strategy
+from .evaluation import evaluation_loop, speed_metrics
+from .loss import count_targets, shifts_labels, smoothed_loss_sum
+from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
+from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
+from .precision import build_precision
+from .state import TrainerControl, TrainerState
+from .utils import enable_full_determinism, set_seed, to_device
+
+logger = logging.getLogger("ember")
+
+
+class Trainer:
+    """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
+        train_dataset: Dataset[Any] | IterableDataset[Any] | Any | None = None,
+        eval_dataset: Dataset[Any] | dict[str, Dataset[Any]] | Any | None = None,
+        processing_class: Any = None,
+        model_init: Callable[..., nn.Module] | None = None,
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        compute_metrics: Callable[..., dict[str, float]] | None = None,
+        callbacks: list[TrainerCallback | type[TrainerCallback]] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
+        self.args = args if args is not None else TrainingArguments()
+        _check_constructor(self.args, model, model_init, optimizers, optimizer_cls_and_kwargs, eval_dataset)
+        self.strategy = build_strategy(self.args)
+        self._seed_everything()
+        self.model_init = model_init
+        self.model: nn.Module = model if model is not None else self.call_model_init()
+        self.model_wrapped: nn.Module = self.model
+        self.processing_class = processing_class
+        self.data_collator = data_collator if data_collator is not None else pick_collator(processing_class)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.compute_loss_func, self.compute_metrics = compute_loss_func, compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.optimizer, self.lr_scheduler = optimizers
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        self.precision = build_precision(self.args, self.strategy.device)
+        self.label_shift = shifts_labels(self.model)
+        self.label_names = self.args.label_names or _default_label_names(self.model)
+        self.state = TrainerState(
+            is_local_process_zero=self.strategy.is_local_main, is_world_process_zero=self.strategy.is_main
+        )
+        self.control = TrainerControl()
+        self.callback_handler = CallbackHandler(
+            build_callbacks(self.args, callbacks or []),
+            self.model,
+            processing_class,
+            self.optimizer,
+            self.lr_scheduler,
+        )
+        self._position: dict[str, int] = {"epoch": 0, "step_in_epoch": 0}
+        self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
+        self._overrides_old_compute_loss = (
+            "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
+        )
+        self.model = self.model.to(self.strategy.device)
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # -- building parts ----------------------------------------------------------------------------
+    def _seed_everything(self) -> None:
+        if self.args.full_determinism:
+            enable_full_determinism(self.args.seed)
+        else:
+            set_seed(self.args.seed)
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        if self.model_init is None:
+            raise ValueError("Trainer needs `model` or `model_init`; pass one of them.")
+        takes_trial = len(inspect.signature(self.model_init).parameters) >= 1
+        model = self.model_init(trial) if takes_trial else self.model_init()
+        if model is None:
+            raise ValueError("`model_init` returned None; it must return an nn.Module.")
+        return model
+
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            if self.optimizer_cls_and_kwargs is not None:
+                cls, kwargs = self.optimizer_cls_and_kwargs
+                self.optimizer = build_optimizer_from_cls(cls, kwargs, self.model, self.args)
+            else:
+                self.optimizer = build_optimizer(self.args, self.model)
+        return self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = build_scheduler(self.args, optimizer or self.create_optimizer(), num_training_steps)
+        return self.lr_scheduler
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self.create_scheduler(num_training_steps, self.create_optimizer())
+        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = (
+            self.optimizer,
+            self.lr_scheduler,
+        )
+
+    @property
+    def scheduler_waits_for_metrics(self) -> bool:
+        return isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def _prepare_dataset(self, dataset: Any, description: str) -> Any:
+        if self.args.remove_unused_columns:
+            return remove_unused_columns(dataset, self.model, self.label_names, description=description)
+        return dataset
+
+    def get_train_dataloader(self) -> Any:
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a `train_dataset`; pass it to Trainer(...).")
+        dataset = self._prepare_dataset(self.train_dataset, "training")
+        self._train_batch_sampler = None
+        if not _is_iterable(dataset):
+            self._train_batch_sampler = make_train_batch_sampler(
+                dataset, self.args, rank=self.strategy.rank, world_size=self.strategy.world_size
+            )
+        loader = build_train_dataloader(dataset, self.args, self.data_collator, self._train_batch_sampler)
+        self.callback_handler.train_dataloader = loader
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError(
+                "evaluate() needs an eval dataset: pass `eval_dataset` to Trainer(...) or evaluate()."
+            )
+        loader = build_eval_dataloader(
+            self._prepare_dataset(dataset, "evaluation"), self.args, self.data_collator
+        )
+        self.callback_handler.eval_dataloader = loader
+        return loader
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        return build_eval_dataloader(
+            self._prepare_dataset(test_dataset, "test"), self.args, self.data_collator
+        )
+
+    # -- training ------------------------------------------------------------------------------------
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        args, cb = self.args, self.callback_handler
+        self._start_time = time.perf_counter()
+        if self.model_init is not None:
+            # As transformers: a fresh model (seeded) per train() call, with a fresh optimizer.
+            self._seed_everything()
+            self.model = self.model_wrapped = self.call_model_init(trial).to(self.strategy.device)
+            self.callback_handler.model = self.model
+            self.optimizer, self.lr_scheduler = None, None
+        loader = self.get_train_dataloader()
+        plan = plan_steps(args, loader, self._train_batch_sampler)
+        model = self.model_wrapped = self.strategy.setup_model(self.model)
+        self.create_optimizer_and_scheduler(plan.max_steps)
+        self._begin_state(plan)
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+        model.train()
+        self.control = cb.on_train_begin(args, self.state, self.control)
+        if args.eval_on_start and self.state.global_step == 0:
+            self._evaluate(trial, ignore_keys_for_eval)
+        first_epoch = self._position["epoch"]
+        for epoch in range(first_epoch, plan.num_epochs):
+            self.control = cb.on_epoch_begin(args, self.state, self.control)
+            for micro_batches in loop.grouped(
+                self._epoch_batches(loader, epoch), args.gradient_accumulation_steps
+            ):
+                self.control = cb.on_step_begin(args, self.state, self.control)
+                step_loss, grad_norm = loop.run_optimizer_step(self, model, micro_batches)
+                self._loss.add(step_loss)
+                self._advance(epoch, micro_batches, plan)
+                self.control = cb.on_step_end(args, self.state, self.control)
+                self._maybe_log_save_evaluate(grad_norm, trial, ignore_keys_for_eval)
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            self._position = {"epoch": epoch + 1, "step_in_epoch": 0}
+            self.control = cb.on_epoch_end(args, self.state, self.control)
+            self._maybe_log_save_evaluate(None, trial, ignore_keys_for_eval)
+            if self.control.should_training_stop or self.state.global_step >= plan.max_steps:
+                break
+        return self._finish_training()
+
+    def _begin_state(self, plan: TrainPlan) -> None:
+        self.state = TrainerState(
+            max_steps=plan.max_steps,
+            num_train_epochs=plan.num_epochs,
+            train_batch_size=self.args.per_device_train_batch_size,
+            is_local_process_zero=self.strategy.is_local_main,
+            is_world_process_zero=self.strategy.is_main,
+        )
+        self.state.compute_steps(self.args, plan.max_steps)
+        self.state.epoch = 0.0
+        self.control = TrainerControl()
+        self._plan = plan
+        self._position = {"epoch": 0, "step_in_epoch": 0}
+        self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
+        self._last_logged_step = 0
+        self._tokens_seen_at_start = 0
+
+    def _epoch_batches(self, loader: Any, epoch: int) -> Any:
+        """This epoch's micro-batches, starting where a resumed run left off (O(1): no replay)."""
+        skip = self._position["step_in_epoch"] * self.args.gradient_accumulation_steps
+        if self._train_batch_sampler is not None:
+            self._train_batch_sampler.set_epoch(epoch)
+            if skip:
+                self._train_batch_sampler.skip_batches(skip)
+        elif hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(epoch)
+        self._position = {"epoch": epoch, "step_in_epoch": self._position["step_in_epoch"]}
+        return loader
+
+    def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: TrainPlan) -> None:
+        self.state.global_step += 1
+        self._position["step_in_epoch"] += 1
+        steps = plan.steps_per_epoch
+        self.state.epoch = epoch + (self._position["step_in_epoch"] / steps if steps else 0.0)
+        if self.args.include_num_input_tokens_seen not in ("no", False):
+            self.state.num_input_tokens_seen += self._count_input_tokens(micro_batches)
+
+    def _count_input_tokens(self, micro_batches: list[dict[str, Any]]) -> int:
+        non_padding = self.args.include_num_input_tokens_seen == "non_padding"
+        total = 0
+        for batch in micro_batches:
+            ids = batch.get("input_ids")
+            if isinstance(ids, torch.Tensor):
+                mask = batch.get("attention_mask")
+                total += int(mask.sum()) if non_padding and isinstance(mask, torch.Tensor) else ids.numel()
+        return int(self.strategy.all_reduce_sum(torch.tensor(total)))
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its (detached) share of the step loss."""
+        if not model.training:
+            model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.precision.autocast():
+            if self._overrides_old_compute_loss:
+                # An override without num_items_in_batch returns a per-micro-batch mean.
+                loss = self.compute_loss(model, inputs) / self.args.gradient_accumulation_steps
+            else:
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        self.strategy.backward(self.precision.scale(loss), model)
+        return loss.detach()
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """The micro-batch's loss, divided by the target count of the whole step when one is given.
+
+        With `num_items_in_batch` (the step's target count on all ranks) the result is
+        sum-of-target-losses / num_items_in_batch, so micro-batches add up to the exact step mean.
+        """
+        smoothing = self.args.label_smoothing_factor > 0
+        labels = (
+            inputs.pop("labels") if (smoothing or self.compute_loss_func) and "labels" in inputs else None
+        )
+        outputs = model(**inputs)
+        if labels is not None and self.compute_loss_func is not None:
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif labels is not None:
+            total = smoothed_loss_sum(
+                _logits(outputs), labels, self.args.label_smoothing_factor, self.label_shift
+            )
+            count = (
+                num_items_in_batch
+                if num_items_in_batch is not None
+                else count_targets({"labels": labels}, self.label_shift)
+            )
+            loss = total / count
+        else:
+            loss = _loss_from_outputs(outputs, inputs, self.label_names)
+            if num_items_in_batch is not None:
+                loss = loss * (count_targets(inputs, self.label_shift) / num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return to_device(inputs, self.strategy.device, non_blocking=True)
+
+    def _maybe_log_save_evaluate(
+        self, grad_norm: torch.Tensor | None, trial: Any, ignore_keys: list[str] | None
+    ) -> None:
+        if self.control.should_log and self.state.global_step > self._last_logged_step:
+            logs: dict[str, float] = {"loss": self._loss.pop_mean(self.strategy.all_reduce_sum)}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            logs["learning_rate"] = self._current_lr()
+            self._last_logged_step = self.state.global_step
+            self.log(logs)
+        metrics = None
+        if self.control.should_evaluate:
+            metrics = self._evaluate(trial, ignore_keys)
+            if self.args.save_strategy == "best":
+                self.control.should_save = self._is_new_best(metrics)
+        if self.control.should_save:
+            self._save_checkpoint(metrics)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
+
+    def _evaluate(self, trial: Any, ignore_keys: list[str] | None) -> dict[str, float]:
+        metrics = self.evaluate(ignore_keys=ignore_keys)
+        if self.scheduler_waits_for_metrics:
+            key = self.args.metric_for_best_model or "loss"
+            key = key if key.startswith("eval_") else f"eval_{key}"
+            if key not in metrics:
+                raise KeyError(
+                    f"ReduceLROnPlateau steps on `{key}`, which evaluate() did not return; "
+                    f"set metric_for_best_model to one of {sorted(metrics)}."
+                )
+            self.lr_scheduler.step(metrics[key])
+        return metrics
+
+    def _is_new_best(self, metrics: dict[str, float] | None) -> bool:
+        if not metrics or self.args.metric_for_best_model is None:
+            return False
+        key = self.args.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        if key not in metrics:
+            raise KeyError(
+                f"metric_for_best_model `{key}` is not among the eval metrics {sorted(metrics)}; "
+                "set metric_for_best_model to one of them."
+            )
+        value = float(metrics[key])
+        better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)
+        if self.state.best_metric is None or better(value, self.state.best_metric):
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+            return True
+        return False
+
+    def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
+        """Write `output_dir/checkpoint-N/` (model + trainer_state.json). Replaced by ember.checkpoint."""
+        if metrics is not None and self.args.save_strategy != "best":
+            self._is_new_best(metrics)
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.strategy.is_main:
+            self.save_model(str(folder), _internal_call=True)
+            self.state.save_to_json(str(folder / "trainer_state.json"))
+
+    def _resume(self, checkpoint: str | bool) -> None:
+        raise NotImplementedError("resume_from_checkpoint arrives with the checkpoint module")
+
+    def _finish_training(self) -> TrainOutput:
+        if self._loss.steps_since_log:
+            self._loss.pop_mean(self.strategy.all_reduce_sum)
+        train_loss = self._loss.total / max(self._loss.total_steps, 1)
+        plan = self._plan
+        metrics = speed_metrics(
+            "train",
+            self._start_time,
+            num_samples=plan.num_samples_seen(self.state.global_step),
+            num_steps=self.state.global_step,
+        )
+        metrics["total_flos"] = float(self.state.total_flos)
+        metrics["train_loss"] = train_loss
+        metrics["epoch"] = float(self.state.epoch or 0.0)
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        if self.args.include_num_input_tokens_seen not in ("no", False):
+            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def model_for_eval(self) -> nn.Module:
+        return self.model_wrapped if self.model_wrapped is not None else self.model
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, part in dataset.items():
+                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        start = time.perf_counter()
+        loader = self.get_eval_dataloader(dataset)
+        with torch.no_grad():
+            output = evaluation_loop(self, loader, "Evaluation", None, ignore_keys, metric_key_prefix)
+        metrics = output.metrics or {}
+        metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        self.model_wrapped.train()
+        return metrics
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        start = time.perf_counter()
+        loader = self.get_test_dataloader(test_dataset)
+        with torch.no_grad():
+            output: EvalLoopOutput = evaluation_loop(
+                self, loader, "Prediction", None, ignore_keys, metric_key_prefix
+            )
+        metrics = output.metrics or {}
+        metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=metrics)
+        return PredictionOutput(output.predictions, output.label_ids, metrics)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """(loss, logits, labels) of one batch, without gradients."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        inputs = self._prepare_inputs(inputs)
+        labels = _labels_of(inputs, self.label_names) if has_labels else None
+        ignore = ignore_keys if ignore_keys is not None else _ignore_keys_at_inference(model)
+        with torch.no_grad(), self.precision.autocast():
+            if has_labels:
+                loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
+                loss = loss.mean().detach()
+            else:
+                loss, outputs = None, model(**inputs)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, _logits_without(outputs, ignore), labels
+
+    # -- saving --------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from .checkpoint.model import save_model_files
+
+        folder = Path(output_dir or self.args.output_dir)
+        if self.strategy.is_main:
+            save_model_files(
+                self.strategy.unwrap(self.model_wrapped),
+                folder,
+                self.processing_class,
+                state_dict=self.strategy.model_state_dict(self.model_wrapped),
+            )
+
+    # -- callbacks -----------------------------------------------------------------------------------
+    def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> TrainerCallback | None:
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        self.callback_handler.remove_callback(callback)
+
+
+class TrainPlan:
+    """How long training runs: optimizer steps, epochs, and steps per epoch (None if unknown)."""
+
+    def __init__(self, max_steps: int, num_epochs: int, steps_per_epoch: int | None, batch_size: int) -> None:
+        self.max_steps, self.num_epochs, self.steps_per_epoch = max_steps, num_epochs, steps_per_epoch
+        self.samples_per_step = batch_size
+
+    def num_samples_seen(self, steps: int) -> int:
+        return steps * self.samples_per_step
+
+
+def plan_steps(args: TrainingArguments, loader: Any, batch_sampler: Any) -> TrainPlan:
+    """transformers' arithmetic: steps per epoch = ceil(micro-batches / GA); max_steps wins if set."""
+    ga = args.gradient_accumulation_steps
+    samples_per_step = args.per_device_train_batch_size * ga
+    if batch_sampler is None:  # an IterableDataset: length unknown
+        if args.max_steps <= 0:
+            raise ValueError(
+                "max_steps must be set (> 0) when train_dataset is an IterableDataset: "
+                "its length is unknown, so epochs cannot be counted."
+            )
+        return TrainPlan(args.max_steps, sys.maxsize, None, samples_per_step)
+    micro_batches = len(batch_sampler)
+    if micro_batches == 0:
+        raise ValueError(
+            "The training set yields no batch: it is smaller than per_device_train_batch_size "
+            "with dataloader_drop_last=True; lower the batch size or set dataloader_drop_last=False."
+        )
+    steps_per_epoch = max(math.ceil(micro_batches / ga), 1)
+    if args.max_steps > 0:
+        return TrainPlan(
+            args.max_steps, math.ceil(args.max_steps / steps_per_epoch), steps_per_epoch, samples_per_step
+        )
+    max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    return TrainPlan(max_steps, math.ceil(args.num_train_epochs), steps_per_epoch, samples_per_step)
+
+
+# -- small helpers -----------------------------------------------------------------------------------
+
+
+def _check_constructor(
+    args: Any, model: Any, model_init: Any, optimizers: Any, cls_kwargs: Any, eval_dataset: Any
+) -> None:
+    if model is None and model_init is None:
+        raise ValueError("Trainer needs `model` or `model_init`; pass one of them.")
+    if cls_kwargs is not None and optimizers[0] is not None:
+        raise ValueError("Pass either `optimizers` or `optimizer_cls_and_kwargs`, not both.")
+    check_eval_dataset(args, eval_dataset is not None)
+
+
+def _is_iterable(dataset: Any) -> bool:
+    return isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__")
+
+
+def _num_batches(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _default_label_names(model: nn.Module) -> list[str]:
+    from .data.columns import signature_columns
+
+    params = signature_columns(model) or []
+    if "start_positions" in params and "end_positions" in params:
+        return ["start_positions", "end_positions"]
+    return ["labels"]
+
+
+def _loss_from_outputs(outputs: Any, inputs: dict[str, Any], label_names: list[str]) -> torch.Tensor:
+    loss = None
+    if isinstance(outputs, dict):
+        loss = outputs.get("loss")
+    elif isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        loss = outputs[0] if outputs[0].dim() == 0 else None
+    elif isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+        loss = outputs
+    if loss is None:
+        present = sorted(k for k in inputs if k in label_names)
+        raise ValueError(
+            "The model returned no loss. Likely causes: the batch has no labels (keys: "
+            f"{sorted(inputs)}; label_names={label_names}, labels found={present}); labels under another "
+            "name (set `label_names`); or a model that computes no loss (override `compute_loss` or pass "
+            "`compute_loss_func`)."
+        )
+    return loss
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, dict):
+        return outputs["logits"]
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def _labels_of(inputs: dict[str, Any], names: list[str]) -> Any:
+    labels = tuple(inputs[k] for k in names)
+    return labels[0] if len(labels) == 1 else labels
+
+
+def _ignore_keys_at_inference(model: nn.Module) -> list[str]:
+    config = getattr(model, "config", None)
+    return list(getattr(config, "keys_to_ignore_at_inference", []) or [])
+
+
+def _is_tensors(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_is_tensors(v) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def _logits_without(outputs: Any, ignore: list[str]) -> Any:
+    if isinstance(outputs, dict):
+        # Caches (past_key_values) and other non-tensors are not predictions.
+        values = tuple(v for k, v in outputs.items() if k not in ignore and k != "loss" and _is_tensors(v))
+    elif isinstance(outputs, (tuple, list)):
+        values = tuple(outputs)
+        if values and isinstance(values[0], torch.Tensor) and values[0].dim() == 0:
+            values = values[1:]
+    else:
+        values = (outputs,)
+    return values[0] if len(values) == 1 else values
