@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset, IterableDataset
 from . import loop
 from .args import TrainingArguments, check_eval_dataset
 from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
+from .checkpoint.writer import CheckpointWriter
 from .data import (
     build_eval_dataloader,
     build_train_dataloader,
@@ -36,7 +38,8 @@ from .loss import count_targets, shifts_labels, smoothed_loss_sum
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import build_precision
-from .state import TrainerControl, TrainerState
+from .preemption import PreemptionWatcher, TrainingPreempted
+from .state import TrainerControl, TrainerState, export_callback_states, restore_callback_states
 from .utils import enable_full_determinism, set_seed, to_device
 
 logger = logging.getLogger("ember")
@@ -44,6 +47,10 @@ logger = logging.getLogger("ember")
 
 class Trainer:
     """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
+
+    #: Signals that make train() checkpoint at the end of the current step and exit; add
+    #: `signal.SIGUSR1` for schedulers that warn with it.
+    preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
 
     def __init__(
         self,
@@ -91,6 +98,9 @@ class Trainer:
         )
         self._position: dict[str, int] = {"epoch": 0, "step_in_epoch": 0}
         self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
+        self._checkpoint_writer = CheckpointWriter(async_=self.args.save_async)
+        self._train_batch_sampler: Any = None
+        self._last_logged_step = 0
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
@@ -126,7 +136,9 @@ class Trainer:
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> Any:
         if self.lr_scheduler is None:
-            self.lr_scheduler = build_scheduler(self.args, optimizer or self.create_optimizer(), num_training_steps)
+            self.lr_scheduler = build_scheduler(
+                self.args, optimizer or self.create_optimizer(), num_training_steps
+            )
         return self.lr_scheduler
 
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
@@ -201,25 +213,30 @@ class Trainer:
         self.control = cb.on_train_begin(args, self.state, self.control)
         if args.eval_on_start and self.state.global_step == 0:
             self._evaluate(trial, ignore_keys_for_eval)
-        first_epoch = self._position["epoch"]
-        for epoch in range(first_epoch, plan.num_epochs):
-            self.control = cb.on_epoch_begin(args, self.state, self.control)
-            for micro_batches in loop.grouped(
-                self._epoch_batches(loader, epoch), args.gradient_accumulation_steps
-            ):
-                self.control = cb.on_step_begin(args, self.state, self.control)
-                step_loss, grad_norm = loop.run_optimizer_step(self, model, micro_batches)
-                self._loss.add(step_loss)
-                self._advance(epoch, micro_batches, plan)
-                self.control = cb.on_step_end(args, self.state, self.control)
-                self._maybe_log_save_evaluate(grad_norm, trial, ignore_keys_for_eval)
-                if self.control.should_epoch_stop or self.control.should_training_stop:
+        with PreemptionWatcher(self.preemption_signals) as preemption:
+            for epoch in range(self._position["epoch"], plan.num_epochs):
+                if self.state.global_step >= plan.max_steps:
                     break
-            self._position = {"epoch": epoch + 1, "step_in_epoch": 0}
-            self.control = cb.on_epoch_end(args, self.state, self.control)
-            self._maybe_log_save_evaluate(None, trial, ignore_keys_for_eval)
-            if self.control.should_training_stop or self.state.global_step >= plan.max_steps:
-                break
+                self.control = cb.on_epoch_begin(args, self.state, self.control)
+                steps = loop.grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
+                for micro_batches in steps:
+                    self.control = cb.on_step_begin(args, self.state, self.control)
+                    step_loss, grad_norm = loop.run_optimizer_step(self, model, micro_batches)
+                    self._loss.add(step_loss)
+                    self._advance(epoch, micro_batches, plan)
+                    self.control = cb.on_step_end(args, self.state, self.control)
+                    if self.strategy.any_rank(preemption.requested):
+                        self.control.should_save = self.control.should_training_stop = True
+                    self._maybe_log_save_evaluate(grad_norm, trial, ignore_keys_for_eval)
+                    if self.control.should_epoch_stop or self.control.should_training_stop:
+                        break
+                if self.control.should_training_stop and self.strategy.any_rank(preemption.requested):
+                    self._exit_preempted()
+                self._position = {"epoch": epoch + 1, "step_in_epoch": 0}
+                self.control = cb.on_epoch_end(args, self.state, self.control)
+                self._maybe_log_save_evaluate(None, trial, ignore_keys_for_eval)
+                if self.control.should_training_stop:
+                    break
         return self._finish_training()
 
     def _begin_state(self, plan: TrainPlan) -> None:
@@ -336,8 +353,9 @@ class Trainer:
         metrics = None
         if self.control.should_evaluate:
             metrics = self._evaluate(trial, ignore_keys)
+            is_best = self._is_new_best(metrics)
             if self.args.save_strategy == "best":
-                self.control.should_save = self._is_new_best(metrics)
+                self.control.should_save = is_best
         if self.control.should_save:
             self._save_checkpoint(metrics)
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
@@ -377,18 +395,88 @@ class Trainer:
         return False
 
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
-        """Write `output_dir/checkpoint-N/` (model + trainer_state.json). Replaced by ember.checkpoint."""
-        if metrics is not None and self.args.save_strategy != "best":
-            self._is_new_best(metrics)
-        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        if self.strategy.is_main:
-            self.save_model(str(folder), _internal_call=True)
-            self.state.save_to_json(str(folder / "trainer_state.json"))
+        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
+        from .checkpoint import rotate_checkpoints, training
+
+        final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.state.best_global_step == self.state.global_step:
+            self.state.best_model_checkpoint = str(final)
+        self.state.stateful_callbacks = export_callback_states(self.callback_handler.callbacks, self.control)
+        snapshot = training.take_snapshot(self, copy=self.args.save_async)
+        limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
+        output_dir = Path(self.args.output_dir)
+
+        def rotate() -> None:
+            if self.strategy.is_main:
+                rotate_checkpoints(output_dir, limit, keep={Path(best)} if best else set())
+
+        self.strategy.write_checkpoint(
+            self._checkpoint_writer, final, lambda tmp: training.write_snapshot(snapshot, tmp), rotate
+        )
 
     def _resume(self, checkpoint: str | bool) -> None:
-        raise NotImplementedError("resume_from_checkpoint arrives with the checkpoint module")
+        from .checkpoint import find_resumable_checkpoint, load_checkpoint_dir, training
+
+        if checkpoint is True:
+            found = find_resumable_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint; "
+                    "start without resume_from_checkpoint or point it at a checkpoint folder."
+                )
+            folder = found
+        else:
+            folder = load_checkpoint_dir(str(checkpoint))
+        saved = TrainerState.load_from_json(str(folder / training.TRAINER_STATE_NAME))
+        for name in (
+            "epoch",
+            "global_step",
+            "log_history",
+            "best_metric",
+            "best_global_step",
+            "best_model_checkpoint",
+            "num_input_tokens_seen",
+            "total_flos",
+            "stateful_callbacks",
+        ):
+            setattr(self.state, name, getattr(saved, name))
+        training.restore_training_state(self, folder)
+        if self.args.restore_callback_states_from_checkpoint:
+            restore_callback_states(self.callback_handler.callbacks, saved.stateful_callbacks, self.control)
+        logger.info(
+            "Resumed from %s at step %d (epoch %d, step %d of it).",
+            folder,
+            self.state.global_step,
+            self._position["epoch"],
+            self._position["step_in_epoch"],
+        )
+
+    def _exit_preempted(self) -> None:
+        self._checkpoint_writer.wait()
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        logger.warning(
+            "ember: preempted at step %d; checkpoint written to %s. Run again with "
+            "resume_from_checkpoint=True to continue exactly.",
+            self.state.global_step,
+            folder,
+        )
+        self.strategy.barrier()
+        raise TrainingPreempted(self.state.global_step, str(folder))
 
     def _finish_training(self) -> TrainOutput:
+        self._checkpoint_writer.wait()
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            from .checkpoint.training import load_model_weights
+
+            logger.info(
+                "Loading the best model from %s (%s = %s).",
+                self.state.best_model_checkpoint,
+                self.args.metric_for_best_model,
+                self.state.best_metric,
+            )
+            load_model_weights(
+                self.strategy.unwrap(self.model_wrapped), Path(self.state.best_model_checkpoint)
+            )
         if self._loss.steps_since_log:
             self._loss.pop_mean(self.strategy.all_reduce_sum)
         train_loss = self._loss.total / max(self._loss.total_steps, 1)

@@ -41,12 +41,12 @@ def rotate_checkpoints(
     save_total_limit: int | None,
     keep: Iterable[str | os.PathLike[str]] = (),
 ) -> list[Path]:
-    """Delete the oldest complete checkpoints so at most `save_total_limit` remain; returns the deleted ones.
+    """Keep the newest `save_total_limit` complete checkpoints plus those in `keep`; return the deleted.
 
-    The newest complete checkpoint and every folder in `keep` (the best model) always survive, even
-    when that makes one more than the limit (limit 1 with an older best keeps two, as transformers
-    does). Incomplete `checkpoint-N` folders are neither counted nor deleted: they are not ours to
-    judge. `None` or a limit <= 0 keeps everything. Stale `*.tmp` folders are removed either way.
+    The best model (passed in `keep`) never counts against the limit, so a limit of N always leaves
+    the N newest checkpoints to resume from, plus the best one when it is older. Incomplete
+    `checkpoint-N` folders are neither counted nor deleted: they are not ours to judge. `None` or a
+    limit <= 0 keeps everything. Stale `*.tmp` folders are removed either way.
     """
     remove_stale_tmp(output_dir)
     if save_total_limit is None or save_total_limit <= 0:
@@ -55,11 +55,7 @@ def rotate_checkpoints(
     if len(complete) <= save_total_limit:
         return []
     kept_paths = {Path(p).resolve() for p in keep}
-    survivors = {complete[-1]} | {p for p in complete if p.resolve() in kept_paths}
-    for path in reversed(complete):
-        if len(survivors) >= save_total_limit:
-            break
-        survivors.add(path)
+    survivors = set(complete[-save_total_limit:]) | {p for p in complete if p.resolve() in kept_paths}
     deleted = [p for p in complete if p not in survivors]
     for path in deleted:
         logger.info("Deleting older checkpoint %s (save_total_limit=%d).", path, save_total_limit)

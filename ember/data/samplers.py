@@ -184,9 +184,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = _check_int("epoch", epoch, 0)
         self._cursor = 0
+        self._skip = 0
 
     def skip_batches(self, n: int) -> None:
-        """Start the next `__iter__` after `n` batches of the current epoch (once)."""
+        """Start iterations of the current epoch after `n` batches (until the next `set_epoch`)."""
         self._skip = _check_int("skip_batches(n)", n, 0)
 
     def _rank_indices(self, epoch: int) -> torch.Tensor:
@@ -207,9 +208,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return local
 
     def __iter__(self) -> Iterator[SeededBatch]:
-        # Read and clear the skip now, not at the first next(): a DataLoader creates the
-        # iterator eagerly and the trainer may set the next skip before consuming it.
-        start, self._skip = self._skip, 0
+        # The skip holds until the next set_epoch(): a multi-worker DataLoader calls iter() on its
+        # batch sampler twice when it starts (once in __init__, once in _reset), so clearing the
+        # skip at the first call would lose it.
+        start = self._skip
         self._cursor = min(start, self._num_batches)
         return self._batches(self.epoch, start)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +67,30 @@ class SingleDevice:
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The full (unsharded) state dict of the user's module, for saving."""
         return self.unwrap(model).state_dict()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any]:
+        """The optimizer state to save (sharded strategies gather or write it their own way)."""
+        return optimizer.state_dict() if optimizer is not None else {}
+
+    def load_model_and_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path
+    ) -> None:
+        from ..checkpoint.state_io import load_state
+        from ..checkpoint.training import OPTIMIZER, load_model_weights
+
+        load_model_weights(self.unwrap(model), folder)
+        if optimizer is not None and (folder / f"{OPTIMIZER}.json").exists():
+            optimizer.load_state_dict(load_state(folder, OPTIMIZER, map_location=str(self.device)))
+
+    def write_checkpoint(
+        self, writer: Any, final_dir: Path, write_fn: Callable[[Path], None], after: Callable[[], None] | None
+    ) -> None:
+        """Write one checkpoint atomically. Multi-process strategies make every rank write into the
+        same temporary folder and let rank 0 publish it once all are done."""
+        writer.save(final_dir, write_fn, after)
 
     # -- collectives -----------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -34,10 +34,11 @@ def test_sorted_checkpoints_is_numeric(tmp_path: Path) -> None:
     [
         (2, (), [3, 4]),
         (1, (), [4]),
-        (1, (2,), [2, 4]),  # best older than newest: both survive, as in transformers
+        (1, (2,), [2, 4]),  # best older than newest: both survive
         (1, (4,), [4]),
-        (2, (1,), [1, 4]),
-        (3, (1,), [1, 3, 4]),
+        # The best never counts against the limit: the N newest stay resumable, plus the best.
+        (2, (1,), [1, 3, 4]),
+        (3, (1,), [1, 2, 3, 4]),
         (None, (), [1, 2, 3, 4]),
         (0, (), [1, 2, 3, 4]),
         (10, (), [1, 2, 3, 4]),

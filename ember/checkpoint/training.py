@@ -1,0 +1,228 @@
+"""What a training checkpoint holds, and how the trainer's parts go in and come back out.
+
+Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never pickle)::
+
+    config.json, model.safetensors[.index.json], tokenizer files   # as save_pretrained writes them
+    trainer_state.json                                              # transformers' format
+    training_args.json
+    optimizer.{safetensors,json}                                    # optimizer.state_dict()
+    trainer.{safetensors,json}     # scheduler, precision (grad scaler), data position, loss totals
+    rank-<r>.{safetensors,json}    # per process: RNG states, its share of the running loss
+    manifest.json                  # written last: sizes and sha256 of every file above
+
+Every part is a `state_dict()`; this module only moves those dicts. A snapshot is taken on the
+training thread (copied to CPU when the write runs in the background), and the write touches only
+the snapshot, so training may go on while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .model import WEIGHTS_NAME, save_model_files
+from .rng import capture_rng_state, restore_rng_state
+from .state_io import load_state, save_state
+from .writer import snapshot_to_cpu
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_NAME = "trainer_state.json"
+ARGS_NAME = "training_args.json"
+OPTIMIZER = "optimizer"
+TRAINER = "trainer"
+
+
+def rank_name(rank: int) -> str:
+    return f"rank-{rank}"
+
+
+@dataclass
+class Snapshot:
+    """Everything one process writes for one checkpoint, detached from the live objects."""
+
+    rank: int
+    is_main: bool
+    model: Any
+    model_state: dict[str, torch.Tensor] | None
+    processing_class: Any
+    optimizer: dict[str, Any] | None
+    trainer: dict[str, Any] | None
+    rank_state: dict[str, Any] | None
+    trainer_state_json: str
+    args_json: str
+
+
+def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
+    """Gather the state dicts of every part; with `copy`, on CPU and independent of training."""
+    strategy = trainer.strategy
+    only_model = trainer.args.save_only_model
+    model_state = strategy.model_state_dict(trainer.model_wrapped) if strategy.is_main else None
+    optimizer = (
+        None
+        if only_model or not strategy.is_main
+        else strategy.optimizer_state_dict(trainer.model_wrapped, trainer.optimizer)
+    )
+    shared = None
+    if not only_model and strategy.is_main:
+        sampler = trainer._train_batch_sampler
+        shared = {
+            "scheduler": trainer.lr_scheduler.state_dict() if trainer.lr_scheduler is not None else {},
+            "precision": trainer.precision.state_dict(),
+            "position": dict(trainer._position),
+            "sampler": sampler.state_dict() if sampler is not None else {},
+            "loss": {"total": trainer._loss.total, "total_steps": trainer._loss.total_steps},
+            "last_logged_step": trainer._last_logged_step,
+            "world_size": strategy.world_size,
+        }
+    rank_state = None
+    if not only_model:
+        rank_state = {
+            "rng": capture_rng_state(),
+            "loss_since_log": float(trainer._loss.since_log),
+            "steps_since_log": trainer._loss.steps_since_log,
+        }
+    if copy:
+        model_state, optimizer, shared, rank_state = snapshot_to_cpu(
+            (model_state, optimizer, shared, rank_state)
+        )
+    return Snapshot(
+        rank=strategy.rank,
+        is_main=strategy.is_main,
+        model=strategy.unwrap(trainer.model_wrapped),
+        model_state=model_state,
+        processing_class=trainer.processing_class,
+        optimizer=optimizer,
+        trainer=shared,
+        rank_state=rank_state,
+        trainer_state_json=trainer.state.to_json_string(),
+        args_json=json.dumps(trainer.args.to_dict(), indent=2, sort_keys=True, default=str) + "\n",
+    )
+
+
+def write_snapshot(snap: Snapshot, folder: Path) -> None:
+    """Write `snap` into `folder` (the temporary folder of an atomic checkpoint)."""
+    if snap.is_main:
+        save_model_files(snap.model, folder, snap.processing_class, state_dict=snap.model_state)
+        (folder / TRAINER_STATE_NAME).write_text(snap.trainer_state_json, encoding="utf-8")
+        (folder / ARGS_NAME).write_text(snap.args_json, encoding="utf-8")
+        if snap.optimizer is not None:
+            save_state(snap.optimizer, folder, OPTIMIZER)
+        if snap.trainer is not None:
+            save_state(snap.trainer, folder, TRAINER)
+    if snap.rank_state is not None:
+        save_state(snap.rank_state, folder, rank_name(snap.rank))
+
+
+def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load the weights of a checkpoint folder into `model` (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(str(folder / shard)))
+    elif (folder / WEIGHTS_NAME).exists():
+        tensors = load_file(str(folder / WEIGHTS_NAME))
+    else:
+        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}; it is not a checkpoint of a model.")
+    result = model.load_state_dict(tensors, strict=False)
+    own = model.state_dict()
+    loaded = {_storage(own[k]) for k in tensors if k in own}
+    # Tied weights (e.g. lm_head = wte) are written once; their twins share storage and are filled.
+    missing = [k for k in result.missing_keys if _storage(own[k]) not in loaded]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"The weights in {folder} do not fit the model: missing {missing[:5]}, unexpected "
+            f"{list(result.unexpected_keys)[:5]}. Was the checkpoint written for another architecture?"
+        )
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    return (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+
+
+def restore_training_state(trainer: Trainer, folder: Path) -> None:
+    """Put every part of `trainer` back as it was when `folder` was written."""
+    strategy = trainer.strategy
+    if not (folder / f"{TRAINER}.json").exists():
+        raise ValueError(
+            f"{folder} was written with save_only_model=True: it holds the model but no optimizer, "
+            "scheduler or data position, so training cannot resume from it exactly. Load the model with "
+            "from_pretrained and start a new run, or resume from a full checkpoint."
+        )
+    strategy.load_model_and_optimizer(trainer.model_wrapped, trainer.optimizer, folder)
+    shared = load_state(folder, TRAINER)
+    _warn_on_changed_shape(trainer, folder, shared)
+    _warn_on_changed_sampler(trainer, shared.get("sampler") or {})
+    if trainer.lr_scheduler is not None and shared["scheduler"]:
+        trainer.lr_scheduler.load_state_dict(shared["scheduler"])
+    trainer.precision.load_state_dict(shared["precision"])
+    trainer._loss.total = float(shared["loss"]["total"])
+    trainer._loss.total_steps = int(shared["loss"]["total_steps"])
+    trainer._last_logged_step = int(shared["last_logged_step"])
+    position = {k: int(v) for k, v in shared["position"].items()}
+    if trainer.args.ignore_data_skip:
+        # transformers' meaning: keep the epoch count, but start that epoch's data from its beginning.
+        position["step_in_epoch"] = 0
+    trainer._position = position
+    rank_file = folder / f"{rank_name(strategy.rank)}.json"
+    if rank_file.exists():
+        mine = load_state(folder, rank_name(strategy.rank))
+        restore_rng_state(mine["rng"])
+        trainer._loss.since_log.fill_(float(mine["loss_since_log"]))
+        trainer._loss.steps_since_log = int(mine["steps_since_log"])
+    else:
+        logger.warning(
+            "%s has no random state for rank %d (saved with another world size); the "
+            "run continues, but not bit-exactly.",
+            folder,
+            strategy.rank,
+        )
+
+
+def _warn_on_changed_sampler(trainer: Trainer, saved: dict[str, Any]) -> None:
+    sampler = trainer._train_batch_sampler
+    if sampler is None or not saved:
+        return
+    now = sampler.state_dict()
+    keys = ("seed", "num_samples", "shuffle", "drop_last", "group_by_length")
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now.get(k)]
+    if changed:
+        logger.warning(
+            "The training data order differs from the checkpoint's (%s): the resumed run "
+            "sees other samples than an uninterrupted one would.",
+            "; ".join(changed),
+        )
+
+
+def _warn_on_changed_shape(trainer: Trainer, folder: Path, shared: dict[str, Any]) -> None:
+    try:
+        saved_args = json.loads((folder / ARGS_NAME).read_text())
+    except (OSError, ValueError):
+        return
+    now = trainer.args
+    changes = [
+        f"{name} {saved_args.get(name)} -> {getattr(now, name)}"
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps")
+        if saved_args.get(name) is not None and saved_args.get(name) != getattr(now, name)
+    ]
+    if int(shared.get("world_size", 1)) != trainer.strategy.world_size:
+        changes.append(f"world size {shared.get('world_size')} -> {trainer.strategy.world_size}")
+    if changes:
+        logger.warning(
+            "Resuming from %s with a different batch shape (%s): the data position is kept in optimizer "
+            "steps, so samples are skipped or repeated and the run will not match an uninterrupted one.",
+            folder,
+            "; ".join(changes),
+        )
