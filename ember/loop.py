@@ -50,7 +50,7 @@ def run_optimizer_step(
     for i, batch in enumerate(micro_batches):
         # A micro-batch with no target contributes nothing; its mean loss would be 0/0 = nan.
         if i < last and int(counts[i]) == 0:
-            cb.on_substep_end(args, state, trainer.control)
+            trainer.control = cb.on_substep_end(args, state, trainer.control)
             continue
         with strategy.no_sync(model, sync=i == last):
             step_loss += trainer.training_step(model, batch, total)

@@ -40,6 +40,7 @@ from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import build_precision
 from .preemption import PreemptionWatcher, TrainingPreempted
 from .state import TrainerControl, TrainerState, export_callback_states, restore_callback_states
+from .throughput import Throughput, device_peak_flops, model_flops_per_token
 from .utils import enable_full_determinism, set_seed, to_device
 
 logger = logging.getLogger("ember")
@@ -254,7 +255,12 @@ class Trainer:
         self._position = {"epoch": 0, "step_in_epoch": 0}
         self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
         self._last_logged_step = 0
-        self._tokens_seen_at_start = 0
+        model = self.strategy.unwrap(self.model_wrapped)
+        self._throughput = Throughput(
+            self.args.flops_per_token or model_flops_per_token(model),
+            self.args.device_peak_flops or device_peak_flops(self.strategy.device, self.precision.name),
+            self.strategy.world_size,
+        )
 
     def _epoch_batches(self, loader: Any, epoch: int) -> Any:
         """This epoch's micro-batches, starting where a resumed run left off (O(1): no replay)."""
@@ -271,6 +277,7 @@ class Trainer:
     def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: TrainPlan) -> None:
         self.state.global_step += 1
         self._position["step_in_epoch"] += 1
+        self._throughput.add(micro_batches)
         steps = plan.steps_per_epoch
         self.state.epoch = epoch + (self._position["step_in_epoch"] / steps if steps else 0.0)
         if self.args.include_num_input_tokens_seen not in ("no", False):
@@ -348,6 +355,7 @@ class Trainer:
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             logs["learning_rate"] = self._current_lr()
+            logs.update(self._throughput.rates(self.strategy.all_reduce_sum))
             self._last_logged_step = self.state.global_step
             self.log(logs)
         metrics = None

@@ -1,0 +1,54 @@
+"""Throughput figures in the logs, and MFU when FLOPs per token and the device peak are known."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from ember import Trainer, TrainingArguments
+from ember.throughput import Throughput, model_flops_per_token
+from tests.helpers import lm_examples, pad_lm_batch, tiny_gpt2
+
+
+def test_rates_follow_counts_and_time():
+    tp = Throughput(flops_per_token=600.0, peak_flops=1e6, world_size=1)
+    tp.add(
+        [
+            {"input_ids": torch.zeros(4, 10, dtype=torch.long)},
+            {"input_ids": torch.zeros(2, 5, dtype=torch.long)},
+        ]
+    )
+    tp.since = time.perf_counter() - 2.0
+    rates = tp.rates(lambda t: t)
+    assert rates["tokens_per_second"] == pytest.approx(25.0, rel=0.01)
+    assert rates["samples_per_second"] == pytest.approx(3.0, rel=0.01)
+    assert rates["mfu"] == pytest.approx(25.0 * 600.0 / 1e6, rel=0.01)
+    assert tp.tokens == 0 and tp.samples == 0  # reset for the next window
+
+
+def test_flops_per_token_of_a_transformers_model_is_six_n_without_embeddings():
+    model = tiny_gpt2()
+    assert model_flops_per_token(model) == 6.0 * model.num_parameters(exclude_embeddings=True)
+
+
+def test_trainer_logs_throughput_and_mfu(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        logging_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+        device_peak_flops=1e12,
+    )
+    trainer = Trainer(tiny_gpt2(), args, train_dataset=lm_examples(16), data_collator=pad_lm_batch)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert h["tokens_per_second"] > 0 and h["samples_per_second"] > 0
+        assert 0 < h["mfu"] < 1
