@@ -451,6 +451,13 @@ class Trainer:
         training.restore_training_state(self, folder)
         if self.args.restore_callback_states_from_checkpoint:
             restore_callback_states(self.callback_handler.callbacks, saved.stateful_callbacks, self.control)
+        elif set(saved.stateful_callbacks) - {"TrainerControl"}:
+            logger.warning(
+                "The checkpoint holds the state of %s, which starts fresh because "
+                "restore_callback_states_from_checkpoint=False (the transformers default); set it to True "
+                "for a resume that matches an uninterrupted run.",
+                ", ".join(sorted(set(saved.stateful_callbacks) - {"TrainerControl"})),
+            )
         logger.info(
             "Resumed from %s at step %d (epoch %d, step %d of it).",
             folder,

@@ -294,3 +294,37 @@ def test_label_smoothing_matches_its_formula_with_the_causal_shift(tmp_path):
     nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     expected = (((1 - eps) * nll - eps * logp.mean(-1)) * mask).sum() / mask.sum()
     assert smooth["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_eval_strategy_without_eval_dataset_is_a_clear_error_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="eval_strategy"):
+        Trainer(
+            RegressionModel(),
+            _args(tmp_path, eval_strategy="steps", eval_steps=2),
+            train_dataset=RegressionDataset(),
+        )
+    assert not (tmp_path / "checkpoint-2").exists()
+
+
+def test_optimizers_and_optimizer_cls_together_is_an_error(tmp_path):
+    model = RegressionModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        Trainer(
+            model,
+            _args(tmp_path),
+            optimizers=(opt, None),
+            optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}),
+        )
+
+
+def test_optimizer_cls_and_kwargs_is_used(tmp_path):
+    trainer = Trainer(
+        RegressionModel(),
+        _args(tmp_path, max_steps=2),
+        train_dataset=RegressionDataset(),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.02, "momentum": 0.5}),
+    )
+    trainer.train()
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert trainer.optimizer.param_groups[0]["momentum"] == 0.5

@@ -78,38 +78,96 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at, overrides):
     assert [h["loss"] for h in ref_logs] == [h["loss"] for h in new_logs]
 
 
-def test_resume_with_eval_and_early_stopping_state(tmp_path):
-    def build(out: Path) -> Trainer:
-        args = job_args(
-            str(out),
-            eval_strategy="steps",
-            eval_steps=2,
-            metric_for_best_model="loss",
-            load_best_model_at_end=True,
-            dataloader_num_workers=0,
-        )
-        return Trainer(
-            model_init=lambda: RegressionModel(dropout=0.2),
-            args=args,
-            train_dataset=AugmentedData(),
-            eval_dataset=RegressionDataset(12, seed=3),
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=50)],
-        )
+class Worsening:
+    """A metric that improves twice, then only gets worse: early stopping must fire mid-run."""
 
-    reference = build(tmp_path / "ref")
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, pred):
+        self.calls += 1
+        return {"score": float(self.calls) if self.calls <= 2 else 2.0 - self.calls}
+
+
+def _early_stopping_trainer(out: Path, restore: bool) -> Trainer:
+    args = job_args(
+        str(out),
+        eval_strategy="steps",
+        eval_steps=2,
+        metric_for_best_model="score",
+        greater_is_better=True,
+        load_best_model_at_end=True,
+        dataloader_num_workers=0,
+        restore_callback_states_from_checkpoint=restore,
+    )
+    metric = Worsening()
+    trainer = Trainer(
+        model_init=lambda: RegressionModel(dropout=0.2),
+        args=args,
+        train_dataset=AugmentedData(),
+        eval_dataset=RegressionDataset(12, seed=3),
+        compute_metrics=metric,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=3)],
+    )
+    trainer.metric = metric  # type: ignore[attr-defined]
+    return trainer
+
+
+def test_resume_with_eval_and_early_stopping_state(tmp_path):
+    reference = _early_stopping_trainer(tmp_path / "ref", restore=True)
     reference.train()
-    first = build(tmp_path / "run")
+    # Best at step 4; patience 3 runs out at step 10, well before the 18 steps of 3 epochs.
+    assert reference.state.global_step == 10
+    first = _early_stopping_trainer(tmp_path / "run", restore=True)
+    first.add_callback(CrashAfterSave(8))  # patience counter is 2 here
+    with pytest.raises(Crash):
+        first.train()
+    resumed = _early_stopping_trainer(tmp_path / "run", restore=True)
+    resumed.metric.calls = 4  # the metric object is the user's; it lives outside the checkpoint
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 10
+    _assert_same(final_state(reference), final_state(resumed))
+    assert resumed.state.best_metric == reference.state.best_metric == 2.0
+    assert Path(resumed.state.best_model_checkpoint).name == "checkpoint-4"
+
+
+def test_callback_states_stay_fresh_without_restore_flag_and_it_says_so(tmp_path, caplog):
+    first = _early_stopping_trainer(tmp_path, restore=False)
     first.add_callback(CrashAfterSave(8))
     with pytest.raises(Crash):
         first.train()
-    resumed = build(tmp_path / "run")
+    resumed = _early_stopping_trainer(tmp_path, restore=False)
+    resumed.metric.calls = 4
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "restore_callback_states_from_checkpoint" in caplog.text
+    # transformers' default: the patience counter restarts, so stopping comes later than step 10.
+    assert resumed.state.global_step > 10
+
+
+def test_changed_batch_size_on_resume_warns_with_the_numbers(tmp_path, caplog):
+    first = make_trainer(str(tmp_path), dataloader_num_workers=0)
+    first.add_callback(CrashAfterSave(4))
+    with pytest.raises(Crash):
+        first.train()
+    with caplog.at_level("WARNING"):
+        make_trainer(str(tmp_path), dataloader_num_workers=0, gradient_accumulation_steps=1).train(
+            resume_from_checkpoint=True
+        )
+    assert "gradient_accumulation_steps 2 -> 1" in caplog.text
+
+
+def test_ignore_data_skip_restarts_the_epoch_data(tmp_path):
+    first = make_trainer(str(tmp_path), dataloader_num_workers=0)
+    first.add_callback(CrashAfterSave(4))
+    with pytest.raises(Crash):
+        first.train()
+    resumed = make_trainer(str(tmp_path), dataloader_num_workers=0, ignore_data_skip=True)
     resumed.train(resume_from_checkpoint=True)
-    _assert_same(final_state(reference), final_state(resumed))
-    stopper = [c for c in resumed.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)][0]
-    ref_stopper = [c for c in reference.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)][0]
-    assert stopper.early_stopping_patience_counter == ref_stopper.early_stopping_patience_counter
-    assert resumed.state.best_metric == reference.state.best_metric
-    assert Path(resumed.state.best_model_checkpoint).name == Path(reference.state.best_model_checkpoint).name
+    # transformers' meaning: epoch 0's data starts over (6 steps) while max_steps stays 18, so the
+    # run ends 4 steps short of the end of epoch 2.
+    assert resumed.state.global_step == 18
+    assert resumed.state.epoch == pytest.approx(2 + 2 / 6)
 
 
 def test_layout_state_fields_and_from_pretrained(tmp_path):
