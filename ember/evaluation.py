@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .outputs import EvalLoopOutput, EvalPrediction
 
@@ -202,3 +203,32 @@ def speed_metrics(
     if num_tokens is not None:
         out[f"{prefix}_tokens_per_second"] = round(num_tokens / runtime, 3)
     return out
+
+
+def labels_of(inputs: dict[str, Any], names: list[str]) -> Any:
+    labels = tuple(inputs[k] for k in names)
+    return labels[0] if len(labels) == 1 else labels
+
+
+def ignore_keys_at_inference(model: nn.Module) -> list[str]:
+    config = getattr(model, "config", None)
+    return list(getattr(config, "keys_to_ignore_at_inference", []) or [])
+
+
+def _is_tensors(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_is_tensors(v) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def logits_without(outputs: Any, ignore: list[str]) -> Any:
+    if isinstance(outputs, dict):
+        # Caches (past_key_values) and other non-tensors are not predictions.
+        values = tuple(v for k, v in outputs.items() if k not in ignore and k != "loss" and _is_tensors(v))
+    elif isinstance(outputs, (tuple, list)):
+        values = tuple(outputs)
+        if values and isinstance(values[0], torch.Tensor) and values[0].dim() == 0:
+            values = values[1:]
+    else:
+        values = (outputs,)
+    return values[0] if len(values) == 1 else values

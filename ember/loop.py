@@ -8,6 +8,7 @@ never waits for the device inside a step.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -119,3 +120,40 @@ class LossTracker:
         self.total_steps = int(state["total_steps"])
         self.since_log.fill_(float(state["since_log"]))
         self.steps_since_log = int(state["steps_since_log"])
+
+
+class TrainPlan:
+    """How long training runs: optimizer steps, epochs, and steps per epoch (None if unknown)."""
+
+    def __init__(self, max_steps: int, num_epochs: int, steps_per_epoch: int | None, batch_size: int) -> None:
+        self.max_steps, self.num_epochs, self.steps_per_epoch = max_steps, num_epochs, steps_per_epoch
+        self.samples_per_step = batch_size
+
+    def num_samples_seen(self, steps: int) -> int:
+        return steps * self.samples_per_step
+
+
+def plan_steps(args: Any, loader: Any, batch_sampler: Any) -> TrainPlan:
+    """transformers' arithmetic: steps per epoch = ceil(micro-batches / GA); max_steps wins if set."""
+    ga = args.gradient_accumulation_steps
+    samples_per_step = args.per_device_train_batch_size * ga
+    if batch_sampler is None:  # an IterableDataset: length unknown
+        if args.max_steps <= 0:
+            raise ValueError(
+                "max_steps must be set (> 0) when train_dataset is an IterableDataset: "
+                "its length is unknown, so epochs cannot be counted."
+            )
+        return TrainPlan(args.max_steps, sys.maxsize, None, samples_per_step)
+    micro_batches = len(batch_sampler)
+    if micro_batches == 0:
+        raise ValueError(
+            "The training set yields no batch: it is smaller than per_device_train_batch_size "
+            "with dataloader_drop_last=True; lower the batch size or set dataloader_drop_last=False."
+        )
+    steps_per_epoch = max(math.ceil(micro_batches / ga), 1)
+    if args.max_steps > 0:
+        return TrainPlan(
+            args.max_steps, math.ceil(args.max_steps / steps_per_epoch), steps_per_epoch, samples_per_step
+        )
+    max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    return TrainPlan(max_steps, math.ceil(args.num_train_epochs), steps_per_epoch, samples_per_step)

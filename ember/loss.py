@@ -84,3 +84,28 @@ def smoothed_loss_sum(
     uniform = -log_probs.mean(dim=-1)
     per_target = (1.0 - epsilon) * nll + epsilon * uniform
     return (per_target * mask).sum()
+
+
+def loss_from_outputs(outputs: Any, inputs: dict[str, Any], label_names: list[str]) -> torch.Tensor:
+    loss = None
+    if isinstance(outputs, dict):
+        loss = outputs.get("loss")
+    elif isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        loss = outputs[0] if outputs[0].dim() == 0 else None
+    elif isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
+        loss = outputs
+    if loss is None:
+        present = sorted(k for k in inputs if k in label_names)
+        raise ValueError(
+            "The model returned no loss. Likely causes: the batch has no labels (keys: "
+            f"{sorted(inputs)}; label_names={label_names}, labels found={present}); labels under another "
+            "name (set `label_names`); or a model that computes no loss (override `compute_loss` or pass "
+            "`compute_loss_func`)."
+        )
+    return loss
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, dict):
+        return outputs["logits"]
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs

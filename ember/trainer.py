@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +31,13 @@ from .data import (
     remove_unused_columns,
 )
 from .distributed import build_strategy
-from .evaluation import evaluation_loop, speed_metrics
-from .loss import count_targets, shifts_labels, smoothed_loss_sum
+from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
+from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import build_precision
 from .preemption import PreemptionWatcher, TrainingPreempted
-from .state import TrainerControl, TrainerState, export_callback_states, restore_callback_states
+from .state import TrainerControl, TrainerState
 from .throughput import Throughput, device_peak_flops, model_flops_per_token
 from .utils import enable_full_determinism, set_seed, to_device
 
@@ -204,7 +202,7 @@ class Trainer:
             self.callback_handler.model = self.model
             self.optimizer, self.lr_scheduler = None, None
         loader = self.get_train_dataloader()
-        plan = plan_steps(args, loader, self._train_batch_sampler)
+        plan = loop.plan_steps(args, loader, self._train_batch_sampler)
         model = self.model_wrapped = self.strategy.setup_model(self.model)
         self.create_optimizer_and_scheduler(plan.max_steps)
         self._begin_state(plan)
@@ -240,7 +238,7 @@ class Trainer:
                     break
         return self._finish_training()
 
-    def _begin_state(self, plan: TrainPlan) -> None:
+    def _begin_state(self, plan: loop.TrainPlan) -> None:
         self.state = TrainerState(
             max_steps=plan.max_steps,
             num_train_epochs=plan.num_epochs,
@@ -274,7 +272,7 @@ class Trainer:
         self._position = {"epoch": epoch, "step_in_epoch": self._position["step_in_epoch"]}
         return loader
 
-    def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: TrainPlan) -> None:
+    def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: loop.TrainPlan) -> None:
         self.state.global_step += 1
         self._position["step_in_epoch"] += 1
         self._throughput.add(micro_batches)
@@ -330,7 +328,7 @@ class Trainer:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif labels is not None:
             total = smoothed_loss_sum(
-                _logits(outputs), labels, self.args.label_smoothing_factor, self.label_shift
+                logits_of(outputs), labels, self.args.label_smoothing_factor, self.label_shift
             )
             count = (
                 num_items_in_batch
@@ -339,7 +337,7 @@ class Trainer:
             )
             loss = total / count
         else:
-            loss = _loss_from_outputs(outputs, inputs, self.label_names)
+            loss = loss_from_outputs(outputs, inputs, self.label_names)
             if num_items_in_batch is not None:
                 loss = loss * (count_targets(inputs, self.label_shift) / num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
@@ -404,67 +402,14 @@ class Trainer:
 
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
-        from .checkpoint import rotate_checkpoints, training
+        from .checkpoint.training import save_checkpoint
 
-        final = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        if self.state.best_global_step == self.state.global_step:
-            self.state.best_model_checkpoint = str(final)
-        self.state.stateful_callbacks = export_callback_states(self.callback_handler.callbacks, self.control)
-        snapshot = training.take_snapshot(self, copy=self.args.save_async)
-        limit, best = self.args.save_total_limit, self.state.best_model_checkpoint
-        output_dir = Path(self.args.output_dir)
-
-        def rotate() -> None:
-            if self.strategy.is_main:
-                rotate_checkpoints(output_dir, limit, keep={Path(best)} if best else set())
-
-        self.strategy.write_checkpoint(
-            self._checkpoint_writer, final, lambda tmp: training.write_snapshot(snapshot, tmp), rotate
-        )
+        save_checkpoint(self)
 
     def _resume(self, checkpoint: str | bool) -> None:
-        from .checkpoint import find_resumable_checkpoint, load_checkpoint_dir, training
+        from .checkpoint.training import resume
 
-        if checkpoint is True:
-            found = find_resumable_checkpoint(self.args.output_dir)
-            if found is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint; "
-                    "start without resume_from_checkpoint or point it at a checkpoint folder."
-                )
-            folder = found
-        else:
-            folder = load_checkpoint_dir(str(checkpoint))
-        saved = TrainerState.load_from_json(str(folder / training.TRAINER_STATE_NAME))
-        for name in (
-            "epoch",
-            "global_step",
-            "log_history",
-            "best_metric",
-            "best_global_step",
-            "best_model_checkpoint",
-            "num_input_tokens_seen",
-            "total_flos",
-            "stateful_callbacks",
-        ):
-            setattr(self.state, name, getattr(saved, name))
-        training.restore_training_state(self, folder)
-        if self.args.restore_callback_states_from_checkpoint:
-            restore_callback_states(self.callback_handler.callbacks, saved.stateful_callbacks, self.control)
-        elif set(saved.stateful_callbacks) - {"TrainerControl"}:
-            logger.warning(
-                "The checkpoint holds the state of %s, which starts fresh because "
-                "restore_callback_states_from_checkpoint=False (the transformers default); set it to True "
-                "for a resume that matches an uninterrupted run.",
-                ", ".join(sorted(set(saved.stateful_callbacks) - {"TrainerControl"})),
-            )
-        logger.info(
-            "Resumed from %s at step %d (epoch %d, step %d of it).",
-            folder,
-            self.state.global_step,
-            self._position["epoch"],
-            self._position["step_in_epoch"],
-        )
+        resume(self, checkpoint)
 
     def _exit_preempted(self) -> None:
         self._checkpoint_writer.wait()
@@ -565,8 +510,8 @@ class Trainer:
         """(loss, logits, labels) of one batch, without gradients."""
         has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
         inputs = self._prepare_inputs(inputs)
-        labels = _labels_of(inputs, self.label_names) if has_labels else None
-        ignore = ignore_keys if ignore_keys is not None else _ignore_keys_at_inference(model)
+        labels = labels_of(inputs, self.label_names) if has_labels else None
+        ignore = ignore_keys if ignore_keys is not None else ignore_keys_at_inference(model)
         with torch.no_grad(), self.precision.autocast():
             if has_labels:
                 loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
@@ -575,7 +520,7 @@ class Trainer:
                 loss, outputs = None, model(**inputs)
         if prediction_loss_only:
             return loss, None, None
-        return loss, _logits_without(outputs, ignore), labels
+        return loss, logits_without(outputs, ignore), labels
 
     # -- saving --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -599,43 +544,6 @@ class Trainer:
 
     def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         self.callback_handler.remove_callback(callback)
-
-
-class TrainPlan:
-    """How long training runs: optimizer steps, epochs, and steps per epoch (None if unknown)."""
-
-    def __init__(self, max_steps: int, num_epochs: int, steps_per_epoch: int | None, batch_size: int) -> None:
-        self.max_steps, self.num_epochs, self.steps_per_epoch = max_steps, num_epochs, steps_per_epoch
-        self.samples_per_step = batch_size
-
-    def num_samples_seen(self, steps: int) -> int:
-        return steps * self.samples_per_step
-
-
-def plan_steps(args: TrainingArguments, loader: Any, batch_sampler: Any) -> TrainPlan:
-    """transformers' arithmetic: steps per epoch = ceil(micro-batches / GA); max_steps wins if set."""
-    ga = args.gradient_accumulation_steps
-    samples_per_step = args.per_device_train_batch_size * ga
-    if batch_sampler is None:  # an IterableDataset: length unknown
-        if args.max_steps <= 0:
-            raise ValueError(
-                "max_steps must be set (> 0) when train_dataset is an IterableDataset: "
-                "its length is unknown, so epochs cannot be counted."
-            )
-        return TrainPlan(args.max_steps, sys.maxsize, None, samples_per_step)
-    micro_batches = len(batch_sampler)
-    if micro_batches == 0:
-        raise ValueError(
-            "The training set yields no batch: it is smaller than per_device_train_batch_size "
-            "with dataloader_drop_last=True; lower the batch size or set dataloader_drop_last=False."
-        )
-    steps_per_epoch = max(math.ceil(micro_batches / ga), 1)
-    if args.max_steps > 0:
-        return TrainPlan(
-            args.max_steps, math.ceil(args.max_steps / steps_per_epoch), steps_per_epoch, samples_per_step
-        )
-    max_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-    return TrainPlan(max_steps, math.ceil(args.num_train_epochs), steps_per_epoch, samples_per_step)
 
 
 # -- small helpers -----------------------------------------------------------------------------------
@@ -669,57 +577,3 @@ def _default_label_names(model: nn.Module) -> list[str]:
     if "start_positions" in params and "end_positions" in params:
         return ["start_positions", "end_positions"]
     return ["labels"]
-
-
-def _loss_from_outputs(outputs: Any, inputs: dict[str, Any], label_names: list[str]) -> torch.Tensor:
-    loss = None
-    if isinstance(outputs, dict):
-        loss = outputs.get("loss")
-    elif isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
-        loss = outputs[0] if outputs[0].dim() == 0 else None
-    elif isinstance(outputs, torch.Tensor) and outputs.dim() == 0:
-        loss = outputs
-    if loss is None:
-        present = sorted(k for k in inputs if k in label_names)
-        raise ValueError(
-            "The model returned no loss. Likely causes: the batch has no labels (keys: "
-            f"{sorted(inputs)}; label_names={label_names}, labels found={present}); labels under another "
-            "name (set `label_names`); or a model that computes no loss (override `compute_loss` or pass "
-            "`compute_loss_func`)."
-        )
-    return loss
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, dict):
-        return outputs["logits"]
-    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-
-
-def _labels_of(inputs: dict[str, Any], names: list[str]) -> Any:
-    labels = tuple(inputs[k] for k in names)
-    return labels[0] if len(labels) == 1 else labels
-
-
-def _ignore_keys_at_inference(model: nn.Module) -> list[str]:
-    config = getattr(model, "config", None)
-    return list(getattr(config, "keys_to_ignore_at_inference", []) or [])
-
-
-def _is_tensors(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return bool(value) and all(_is_tensors(v) for v in value)
-    return isinstance(value, torch.Tensor)
-
-
-def _logits_without(outputs: Any, ignore: list[str]) -> Any:
-    if isinstance(outputs, dict):
-        # Caches (past_key_values) and other non-tensors are not predictions.
-        values = tuple(v for k, v in outputs.items() if k not in ignore and k != "loss" and _is_tensors(v))
-    elif isinstance(outputs, (tuple, list)):
-        values = tuple(outputs)
-        if values and isinstance(values[0], torch.Tensor) and values[0].dim() == 0:
-            values = values[1:]
-    else:
-        values = (outputs,)
-    return values[0] if len(values) == 1 else values

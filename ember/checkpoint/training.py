@@ -25,8 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..state import TrainerState, export_callback_states, restore_callback_states
+from .atomic import find_resumable_checkpoint, load_checkpoint_dir
 from .model import WEIGHTS_NAME, save_model_files
 from .rng import capture_rng_state, restore_rng_state
+from .rotation import rotate_checkpoints
 from .state_io import load_state, save_state
 from .writer import snapshot_to_cpu
 
@@ -226,3 +229,68 @@ def _warn_on_changed_shape(trainer: Trainer, folder: Path, shared: dict[str, Any
             folder,
             "; ".join(changes),
         )
+
+
+def save_checkpoint(trainer: Trainer) -> None:
+    """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
+    final = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if trainer.state.best_global_step == trainer.state.global_step:
+        trainer.state.best_model_checkpoint = str(final)
+    trainer.state.stateful_callbacks = export_callback_states(
+        trainer.callback_handler.callbacks, trainer.control
+    )
+    snapshot = take_snapshot(trainer, copy=trainer.args.save_async)
+    limit, best = trainer.args.save_total_limit, trainer.state.best_model_checkpoint
+    output_dir = Path(trainer.args.output_dir)
+
+    def rotate() -> None:
+        if trainer.strategy.is_main:
+            rotate_checkpoints(output_dir, limit, keep={Path(best)} if best else set())
+
+    trainer.strategy.write_checkpoint(
+        trainer._checkpoint_writer, final, lambda tmp: write_snapshot(snapshot, tmp), rotate
+    )
+
+
+def resume(trainer: Trainer, checkpoint: str | bool) -> None:
+    """Load `checkpoint` (or, with True, the newest complete one in output_dir) into `trainer`."""
+    if checkpoint is True:
+        found = find_resumable_checkpoint(trainer.args.output_dir)
+        if found is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no complete checkpoint; "
+                "start without resume_from_checkpoint or point it at a checkpoint folder."
+            )
+        folder = found
+    else:
+        folder = load_checkpoint_dir(str(checkpoint))
+    saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))
+    for name in (
+        "epoch",
+        "global_step",
+        "log_history",
+        "best_metric",
+        "best_global_step",
+        "best_model_checkpoint",
+        "num_input_tokens_seen",
+        "total_flos",
+        "stateful_callbacks",
+    ):
+        setattr(trainer.state, name, getattr(saved, name))
+    restore_training_state(trainer, folder)
+    if trainer.args.restore_callback_states_from_checkpoint:
+        restore_callback_states(trainer.callback_handler.callbacks, saved.stateful_callbacks, trainer.control)
+    elif set(saved.stateful_callbacks) - {"TrainerControl"}:
+        logger.warning(
+            "The checkpoint holds the state of %s, which starts fresh because "
+            "restore_callback_states_from_checkpoint=False (the transformers default); set it to True "
+            "for a resume that matches an uninterrupted run.",
+            ", ".join(sorted(set(saved.stateful_callbacks) - {"TrainerControl"})),
+        )
+    logger.info(
+        "Resumed from %s at step %d (epoch %d, step %d of it).",
+        folder,
+        trainer.state.global_step,
+        trainer._position["epoch"],
+        trainer._position["step_in_epoch"],
+    )
