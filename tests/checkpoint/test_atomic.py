@@ -169,9 +169,14 @@ def test_load_checkpoint_dir(tmp_path: Path) -> None:
     assert load_checkpoint_dir(good) == good
     data = bad / "model.safetensors"
     data.write_bytes(data.read_bytes()[::-1])
+    # Same size, other bytes: only the (opt-in) deep check sees it.
+    assert load_checkpoint_dir(bad) == bad
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint_dir(bad)
+        load_checkpoint_dir(bad, deep=True)
     msg = str(info.value)
     assert "checkpoint-2" in msg and "hash mismatch" in msg and "checkpoint-1" in msg
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint_dir(tmp_path / "checkpoint-9")
+    data.write_bytes(data.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint_dir(bad)
