@@ -159,6 +159,40 @@ def atomic_checkpoint(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def begin_checkpoint(final_dir: str | os.PathLike[str]) -> Path:
+    """Create a fresh `<final_dir>.tmp/` and return it: the first half of `atomic_checkpoint`, for
+    writers (several processes) that fill the folder from more than one place."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(final_dir.name + TMP_SUFFIX)
+    try:
+        _rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise _write_error(final_dir, "creating the temporary folder", exc) from exc
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, final_dir: str | os.PathLike[str]) -> None:
+    """Write the manifest of a filled `tmp` folder and rename it to `final_dir` (the second half)."""
+    final_dir = Path(final_dir)
+    try:
+        write_manifest(tmp)
+        _publish(tmp, final_dir)
+    except Exception as exc:
+        _rmtree(tmp)
+        raise _write_error(final_dir, "writing", exc) from exc
+
+
+def abort_checkpoint(
+    tmp: Path | None, final_dir: str | os.PathLike[str], exc: BaseException, action: str = "writing"
+) -> CheckpointWriteError:
+    """Remove a half-written `tmp` folder (None: another process does); the error to raise, which
+    names the newest intact checkpoint."""
+    if tmp is not None:
+        _rmtree(tmp)
+    return _write_error(Path(final_dir), action, exc)
+
+
 def _write_error(final_dir: Path, action: str, exc: BaseException) -> CheckpointWriteError:
     if isinstance(exc, OSError) and exc.errno is not None:
         what = f"[Errno {exc.errno}] {os.strerror(exc.errno)}"
@@ -239,10 +273,15 @@ def find_resumable_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None
     return None
 
 
-def load_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
-    """Check a checkpoint named by the user fully (sizes and hashes) before anything reads it."""
+def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Path:
+    """Check a checkpoint named by the user before anything reads it.
+
+    By default the manifest and every file's size are checked: that catches incomplete writes and
+    truncation in about a millisecond. `deep=True` also re-hashes every byte (sha256, ~1 GB/s here),
+    which at billions of parameters takes minutes, so it is opt-in (`verify_checkpoint(path)`).
+    """
     path = Path(path)
-    reason = verify_checkpoint(path, deep=True)
+    reason = verify_checkpoint(path, deep=deep)
     if reason is None:
         return path
     fallback = _newest_complete(path.parent, exclude=path)
