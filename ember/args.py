@@ -86,13 +86,12 @@ REPORT_TO_BACKENDS: tuple[str, ...] = ("jsonl",)
 UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset({
     "accelerator_config", "activation_checkpointing", "activation_checkpointing_kwargs",
     "auto_find_batch_size", "average_tokens_across_devices", "bf16_full_eval", "dataloader_in_order",
-    "dataloader_multiprocessing_context", "ddp_backend", "ddp_broadcast_buffers", "ddp_bucket_cap_mb",
-    "ddp_find_unused_parameters", "ddp_static_graph", "ddp_timeout", "debug", "deepspeed",
-    "enable_jit_checkpoint", "eval_do_concat_batches", "eval_use_gather_object", "fp16_full_eval", "fsdp",
-    "fsdp_config", "gradient_checkpointing", "gradient_checkpointing_kwargs", "hub_always_push",
-    "hub_model_id", "hub_private_repo", "hub_revision", "hub_strategy", "hub_token", "liger_kernel_config",
-    "log_level", "log_level_replica", "log_on_each_node", "neftune_noise_alpha", "optim_target_modules",
-    "parallelism_config", "project", "push_to_hub", "save_on_each_node", "skip_memory_metrics",
+    "dataloader_multiprocessing_context", "ddp_static_graph", "debug", "enable_jit_checkpoint",
+    "eval_do_concat_batches", "eval_use_gather_object", "fp16_full_eval", "gradient_checkpointing",
+    "gradient_checkpointing_kwargs", "hub_always_push", "hub_model_id", "hub_private_repo", "hub_revision",
+    "hub_strategy", "hub_token", "liger_kernel_config", "log_level", "log_level_replica", "log_on_each_node",
+    "neftune_noise_alpha", "optim_target_modules", "parallelism_config", "project", "push_to_hub",
+    "save_on_each_node", "skip_memory_metrics",
     "torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps",
     "trackio_bucket_id", "trackio_space_id", "trackio_static_space_id", "use_cache", "use_liger_kernel",
 })
@@ -224,6 +223,15 @@ class TrainingArguments:
     data_seed: int | None = _f(None, "Seed of the data order (default: seed).")
     # --- Hardware ---
     use_cpu: bool = _f(False, "Train on the CPU even when a GPU is present.")
+    # --- Distributed (launch with torchrun; see ember/distributed) ---
+    ddp_backend: str | None = _f(None, "Process-group backend; unset: nccl (+gloo) on GPUs, gloo on CPU.")
+    ddp_timeout: int = _f(1800, "Seconds a collective waits for the other ranks before failing.")
+    ddp_find_unused_parameters: bool | None = _f(None, "DDP find_unused_parameters; unset means False.")
+    ddp_bucket_cap_mb: int | None = _f(None, "DDP gradient bucket size in MB; unset: torch's 25.")
+    ddp_broadcast_buffers: bool | None = _f(None, "DDP broadcast_buffers; unset means True.")
+    fsdp: bool | str | None = _f(None, "Shard the model with FSDP2 (True, or e.g. 'full_shard offload').")
+    fsdp_config: dict[str, Any] | str | None = _f(None, "FSDP options: a dict or the path of a JSON file.")
+    deepspeed: dict[str, Any] | str | None = _f(None, "DeepSpeed config: a dict or a JSON file path.")
     # --- Data loading ---
     dataloader_drop_last: bool = _f(False, "Drop the last, smaller batch of each epoch.")
     dataloader_num_workers: int = _f(0, "Data-loading worker processes; 0 loads in the main process.")
@@ -254,17 +262,18 @@ class TrainingArguments:
     def __post_init__(self) -> None:
         validate(self)
 
+    # The launcher's view (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK); one process when unset.
     @property
     def world_size(self) -> int:
-        return 1
+        return int(os.environ.get("WORLD_SIZE") or 1)
 
     @property
     def process_index(self) -> int:
-        return 0
+        return int(os.environ.get("RANK") or 0)
 
     @property
     def local_process_index(self) -> int:
-        return 0
+        return int(os.environ.get("LOCAL_RANK") or (self.local_rank if self.local_rank >= 0 else 0))
 
     @property
     def should_log(self) -> bool:
@@ -288,7 +297,8 @@ class TrainingArguments:
 
         if self.use_cpu or not torch.cuda.is_available():
             return torch.device("cpu")
-        return torch.device("cuda", self.local_rank) if self.local_rank >= 0 else torch.device("cuda")
+        launched = "LOCAL_RANK" in os.environ or self.local_rank >= 0
+        return torch.device("cuda", self.local_process_index) if launched else torch.device("cuda")
 
     @property
     def n_gpu(self) -> int:
@@ -340,6 +350,9 @@ def validate(args: TrainingArguments) -> None:
     _check_best_model(args)
     _check_dataloader(args)
     _check_hardware(args)
+    from .distributed.options import check_distributed_args
+
+    check_distributed_args(args)
 
 
 @cache

@@ -185,6 +185,8 @@ def _convert(spec: _Spec, text: str) -> Any:
         if spec.kind == "float":
             return float(text)
         if spec.kind == "dict":
+            if text.strip().lower().endswith(".json"):
+                return text  # a config file (deepspeed, fsdp_config): the field's own check reads it
             value = json.loads(text)
             if not isinstance(value, dict):
                 raise ValueError("expected a JSON object")

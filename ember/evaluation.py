@@ -104,24 +104,38 @@ def evaluation_loop(
     num_samples = 0
     metrics: dict[str, Any] = {}
     has_loss = False
-    for is_last, batch in _with_last(dataloader):
+    # Several ranks: batches from `padding_from` on only even out the ranks' batch counts; gathered
+    # rows beyond the dataset size are their copies and are cut (see distributed/sampling.py).
+    sampler = getattr(dataloader, "batch_sampler", None)
+    padding_from = getattr(sampler, "padding_from", None)
+    rows_left = getattr(sampler, "num_samples", None) if padding_from is not None else None
+    for step, (is_last, batch) in enumerate(_with_last(dataloader)):
         batch_size = _batch_size(batch)
+        padding = padding_from is not None and step >= padding_from
         loss, logits, batch_labels = trainer.prediction_step(model, batch, loss_only, ignore_keys)
         if loss is not None:
             # transformers weights each batch's mean loss by its sample count; so do we.
-            loss_sum += loss.detach().double() * batch_size
+            if not padding:
+                loss_sum += loss.detach().double() * batch_size
             has_loss = True
-        num_samples += batch_size
+        num_samples += 0 if padding else batch_size
         logits = _gather(strategy, logits)
         batch_labels = _gather(strategy, batch_labels)
-        if logits is not None and trainer.preprocess_logits_for_metrics is not None:
-            logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         batch_inputs = _gather(strategy, batch.get("input_ids")) if want_inputs else None
         batch_losses = (
             _gather(strategy, loss.detach().reshape(1).repeat(batch_size))
             if want_losses and loss is not None
             else None
         )
+        rows = _rows(logits, batch_labels, batch_inputs, batch_losses)
+        if rows_left is not None and rows >= 0:
+            keep = min(rows, rows_left)
+            rows_left -= keep
+            logits, batch_labels, batch_inputs, batch_losses = (
+                _first_rows(v, keep) for v in (logits, batch_labels, batch_inputs, batch_losses)
+            )
+        if logits is not None and trainer.preprocess_logits_for_metrics is not None:
+            logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         if batch_metrics:
             pred = EvalPrediction(
                 _to_numpy(logits), _to_numpy(batch_labels), _to_numpy(batch_inputs), _to_numpy(batch_losses)
@@ -173,6 +187,24 @@ def _gather(strategy: Any, value: Any) -> Any:
     if value is None or strategy.world_size == 1:
         return value
     return _map(strategy.gather_padded, value)
+
+
+def _rows(*values: Any) -> int:
+    """Length of dim 0 of the first tensor found in `values` (nested tuples/dicts allowed)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0]) if value.dim() else 1
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, (tuple, list)) and value:
+            rows = _rows(*value)
+            if rows >= 0:
+                return rows
+    return -1
+
+
+def _first_rows(value: Any, n: int) -> Any:
+    return None if value is None else _map(lambda t: t[:n] if t.dim() else t, value)
 
 
 def _batch_size(batch: Any) -> int:

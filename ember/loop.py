@@ -74,52 +74,58 @@ def run_optimizer_step(
 
 
 class LossTracker:
-    """Running loss for logging, on the device, with transformers' NaN/inf filter.
+    """Running loss for logging, kept on the device until a log line needs it.
 
-    A non-finite step loss is replaced by the mean of the finite ones since the last log, computed
-    with tensor ops so no step waits for the device. `total` is what `train_loss` reports and what a
-    checkpoint stores, so a resumed run logs the same train_loss as an uninterrupted one.
+    Each step only appends its (detached) loss to a list: no kernel, no sync. At log time the
+    step losses are stacked, summed across ranks, and averaged; with transformers' NaN/inf
+    filter on, a non-finite step counts as the mean of the finite ones. `total` is what
+    `train_loss` reports and what a checkpoint stores, so a resumed run logs the same train_loss as
+    an uninterrupted one.
     """
 
     def __init__(self, device: torch.device, filter_nan_inf: bool) -> None:
+        self.device = device
         self.filter = filter_nan_inf
-        self.since_log = torch.zeros((), device=device, dtype=torch.float64)
-        self.steps_since_log = 0
+        self.pending: list[torch.Tensor] = []
         self.total = 0.0
         self.total_steps = 0
 
+    @property
+    def steps_since_log(self) -> int:
+        return len(self.pending)
+
     def add(self, step_loss: torch.Tensor) -> None:
-        value = step_loss.detach().to(torch.float64)
-        if self.filter:
-            mean_so_far = self.since_log / (1 + self.steps_since_log)
-            value = torch.where(torch.isfinite(value), value, mean_so_far)
-        self.since_log += value
-        self.steps_since_log += 1
+        self.pending.append(step_loss.detach())
 
     def pop_mean(self, all_reduce_sum: Any) -> float:
         """Mean step loss since the last call (global across ranks); folds it into `total`."""
-        summed = float(all_reduce_sum(self.since_log.clone()))
-        steps = self.steps_since_log
-        self.total += summed
+        if not self.pending:
+            return math.nan
+        losses = all_reduce_sum(torch.stack(self.pending).double())
+        steps = len(self.pending)
+        self.pending = []
+        if self.filter:
+            finite = torch.isfinite(losses)
+            count = int(finite.sum())
+            mean = float(torch.where(finite, losses, 0.0).sum()) / count if count else math.nan
+        else:
+            mean = float(losses.mean())
+        self.total += mean * steps
         self.total_steps += steps
-        self.since_log.zero_()
-        self.steps_since_log = 0
-        return summed / steps if steps else math.nan
+        return mean
 
     def state_dict(self) -> dict[str, Any]:
-        # Local (per-rank) values: each rank restores its own share of the running sum.
+        # `pending` is this rank's share of the steps not yet logged; each rank restores its own.
         return {
             "total": self.total,
             "total_steps": self.total_steps,
-            "since_log": float(self.since_log),
-            "steps_since_log": self.steps_since_log,
+            "pending": [float(x) for x in self.pending],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total = float(state["total"])
         self.total_steps = int(state["total_steps"])
-        self.since_log.fill_(float(state["since_log"]))
-        self.steps_since_log = int(state["steps_since_log"])
+        self.pending = [torch.tensor(x, device=self.device) for x in state.get("pending", [])]
 
 
 class TrainPlan:
@@ -136,7 +142,7 @@ class TrainPlan:
 def plan_steps(args: Any, loader: Any, batch_sampler: Any) -> TrainPlan:
     """transformers' arithmetic: steps per epoch = ceil(micro-batches / GA); max_steps wins if set."""
     ga = args.gradient_accumulation_steps
-    samples_per_step = args.per_device_train_batch_size * ga
+    samples_per_step = args.per_device_train_batch_size * ga * args.world_size  # all ranks, as transformers
     if batch_sampler is None:  # an IterableDataset: length unknown
         if args.max_steps <= 0:
             raise ValueError(

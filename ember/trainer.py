@@ -165,7 +165,14 @@ class Trainer:
             self._train_batch_sampler = make_train_batch_sampler(
                 dataset, self.args, rank=self.strategy.rank, world_size=self.strategy.world_size
             )
-        loader = build_train_dataloader(dataset, self.args, self.data_collator, self._train_batch_sampler)
+        loader = build_train_dataloader(
+            dataset,
+            self.args,
+            self.data_collator,
+            self._train_batch_sampler,
+            rank=self.strategy.rank,
+            world_size=self.strategy.world_size,
+        )
         self.callback_handler.train_dataloader = loader
         return loader
 
@@ -176,14 +183,22 @@ class Trainer:
                 "evaluate() needs an eval dataset: pass `eval_dataset` to Trainer(...) or evaluate()."
             )
         loader = build_eval_dataloader(
-            self._prepare_dataset(dataset, "evaluation"), self.args, self.data_collator
+            self._prepare_dataset(dataset, "evaluation"),
+            self.args,
+            self.data_collator,
+            rank=self.strategy.rank,
+            world_size=self.strategy.world_size,
         )
         self.callback_handler.eval_dataloader = loader
         return loader
 
     def get_test_dataloader(self, test_dataset: Any) -> Any:
         return build_eval_dataloader(
-            self._prepare_dataset(test_dataset, "test"), self.args, self.data_collator
+            self._prepare_dataset(test_dataset, "test"),
+            self.args,
+            self.data_collator,
+            rank=self.strategy.rank,
+            world_size=self.strategy.world_size,
         )
 
     # -- training ------------------------------------------------------------------------------------
@@ -205,6 +220,9 @@ class Trainer:
         plan = loop.plan_steps(args, loader, self._train_batch_sampler)
         model = self.model_wrapped = self.strategy.setup_model(self.model)
         self.create_optimizer_and_scheduler(plan.max_steps)
+        model, self.optimizer = self.strategy.setup_optimizer(model, self.optimizer)
+        self.model_wrapped = model
+        self.callback_handler.optimizer = self.optimizer
         self._begin_state(plan)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
@@ -426,17 +444,13 @@ class Trainer:
     def _finish_training(self) -> TrainOutput:
         self._checkpoint_writer.wait()
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
-            from .checkpoint.training import load_model_weights
-
             logger.info(
                 "Loading the best model from %s (%s = %s).",
                 self.state.best_model_checkpoint,
                 self.args.metric_for_best_model,
                 self.state.best_metric,
             )
-            load_model_weights(
-                self.strategy.unwrap(self.model_wrapped), Path(self.state.best_model_checkpoint)
-            )
+            self.strategy.load_model_weights(self.model_wrapped, Path(self.state.best_model_checkpoint))
         if self._loss.steps_since_log:
             self._loss.pop_mean(self.strategy.all_reduce_sum)
         train_loss = self._loss.total / max(self._loss.total_steps, 1)
@@ -478,7 +492,9 @@ class Trainer:
         start = time.perf_counter()
         loader = self.get_eval_dataloader(dataset)
         with torch.no_grad():
-            output = evaluation_loop(self, loader, "Evaluation", None, ignore_keys, metric_key_prefix)
+            # As transformers: without compute_metrics there is nothing to keep logits for.
+            loss_only = True if self.compute_metrics is None else None
+            output = evaluation_loop(self, loader, "Evaluation", loss_only, ignore_keys, metric_key_prefix)
         metrics = output.metrics or {}
         metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
         self.log(metrics)
@@ -527,12 +543,11 @@ class Trainer:
         from .checkpoint.model import save_model_files
 
         folder = Path(output_dir or self.args.output_dir)
+        # Every rank calls model_state_dict: gathering a sharded model is a collective.
+        state_dict = self.strategy.model_state_dict(self.model_wrapped)
         if self.strategy.is_main:
             save_model_files(
-                self.strategy.unwrap(self.model_wrapped),
-                folder,
-                self.processing_class,
-                state_dict=self.strategy.model_state_dict(self.model_wrapped),
+                self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
             )
 
     # -- callbacks -----------------------------------------------------------------------------------

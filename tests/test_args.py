@@ -139,7 +139,7 @@ def test_renamed_transformers_field_gets_a_pointer() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["push_to_hub", "fsdp", "deepspeed", "torch_compile", "gradient_checkpointing"]
+    "name", ["push_to_hub", "ddp_static_graph", "torch_compile", "gradient_checkpointing"]
 )
 def test_unsupported_transformers_field(name: str) -> None:
     with pytest.raises(UnsupportedFieldError, match=f"`{name}`"):

@@ -12,11 +12,21 @@ from tests.helpers import RegressionDataset, RegressionModel
 def _run(tmp_path, **kw) -> list[str]:
     recorder = EventRecorder()
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, report_to="none",
-        disable_tqdm=True, use_cpu=True, **kw,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        **kw,
     )
-    trainer = Trainer(RegressionModel(), args, train_dataset=RegressionDataset(20),
-                      eval_dataset=RegressionDataset(6), callbacks=[recorder])
+    trainer = Trainer(
+        RegressionModel(),
+        args,
+        train_dataset=RegressionDataset(20),
+        eval_dataset=RegressionDataset(6),
+        callbacks=[recorder],
+    )
     trainer.train()
     trainer.evaluate()
     trainer.predict(RegressionDataset(5))
@@ -26,8 +36,14 @@ def _run(tmp_path, **kw) -> list[str]:
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(gradient_accumulation_steps=2, logging_steps=1, eval_strategy="steps", eval_steps=2,
-             save_strategy="steps", save_steps=3),
+        dict(
+            gradient_accumulation_steps=2,
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="steps",
+            save_steps=3,
+        ),
         dict(logging_strategy="epoch", eval_strategy="epoch", save_strategy="epoch", eval_on_start=True),
         dict(gradient_accumulation_steps=3, logging_first_step=True, save_strategy="no", max_steps=3),
     ],

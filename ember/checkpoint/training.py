@@ -68,7 +68,9 @@ def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
     """Gather the state dicts of every part; with `copy`, on CPU and independent of training."""
     strategy = trainer.strategy
     only_model = trainer.args.save_only_model
-    model_state = strategy.model_state_dict(trainer.model_wrapped) if strategy.is_main else None
+    # Every rank asks (gathering a sharded model is a collective); only the main process keeps it.
+    full_model = strategy.model_state_dict(trainer.model_wrapped)
+    model_state = full_model if strategy.is_main else None
     optimizer = (
         None
         if only_model or not strategy.is_main
@@ -90,8 +92,7 @@ def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
     if not only_model:
         rank_state = {
             "rng": capture_rng_state(),
-            "loss_since_log": float(trainer._loss.since_log),
-            "steps_since_log": trainer._loss.steps_since_log,
+            "loss_pending": [float(x) for x in trainer._loss.pending],
         }
     if copy:
         model_state, optimizer, shared, rank_state = snapshot_to_cpu(
@@ -183,8 +184,8 @@ def restore_training_state(trainer: Trainer, folder: Path) -> None:
     if rank_file.exists():
         mine = load_state(folder, rank_name(strategy.rank))
         restore_rng_state(mine["rng"])
-        trainer._loss.since_log.fill_(float(mine["loss_since_log"]))
-        trainer._loss.steps_since_log = int(mine["steps_since_log"])
+        device = trainer._loss.device
+        trainer._loss.pending = [torch.tensor(x, device=device) for x in mine["loss_pending"]]
     else:
         logger.warning(
             "%s has no random state for rank %d (saved with another world size); the "

@@ -78,6 +78,17 @@ class CheckpointWriter:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-checkpoint")
         self._pending = self._executor.submit(_write, final_dir, write_fn, after)
 
+    def run(self, job: Callable[[], None]) -> None:
+        """Run `job` now, or in async mode on the writer thread, with the same ordering and error
+        rules as `save()`; for writers that need more than one atomic folder (several processes)."""
+        self.wait()
+        if not self.async_:
+            job()
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ember-checkpoint")
+        self._pending = self._executor.submit(job)
+
     def wait(self) -> None:
         """Block until the background save (if any) is done; raise its error if it failed."""
         pending, self._pending = self._pending, None

