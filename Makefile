@@ -29,5 +29,11 @@ lint: setup
 	$(BIN)/ruff check ember tests bench examples
 	$(BIN)/mypy ember
 
+bench: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.compare --workloads a,b --reps 3
+
+bench-smoke: setup
+	$(BIN)/python -m bench.compare --smoke --workloads a
+
 clean:
 	rm -rf $(VENV) runs
