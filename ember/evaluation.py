@@ -119,33 +119,26 @@ def evaluation_loop(
                 loss_sum += loss.detach().double() * batch_size
             has_loss = True
         num_samples += 0 if padding else batch_size
-        logits = _gather(strategy, logits)
-        batch_labels = _gather(strategy, batch_labels)
-        batch_inputs = _gather(strategy, batch.get("input_ids")) if want_inputs else None
-        batch_losses = (
-            _gather(strategy, loss.detach().reshape(1).repeat(batch_size))
-            if want_losses and loss is not None
-            else None
+        outputs, rows_left = _gathered(
+            strategy,
+            (
+                logits,
+                batch_labels,
+                batch.get("input_ids") if want_inputs else None,
+                loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None,
+            ),
+            rows_left,
         )
-        rows = _rows(logits, batch_labels, batch_inputs, batch_losses)
-        if rows_left is not None and rows >= 0:
-            keep = min(rows, rows_left)
-            rows_left -= keep
-            logits, batch_labels, batch_inputs, batch_losses = (
-                _first_rows(v, keep) for v in (logits, batch_labels, batch_inputs, batch_losses)
-            )
+        logits, batch_labels, batch_inputs, batch_losses = outputs
         if logits is not None and trainer.preprocess_logits_for_metrics is not None:
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
+        outputs = (logits, batch_labels, batch_inputs, batch_losses)
         if batch_metrics:
-            pred = EvalPrediction(
-                _to_numpy(logits), _to_numpy(batch_labels), _to_numpy(batch_inputs), _to_numpy(batch_losses)
-            )
+            pred = EvalPrediction(*(_to_numpy(v) for v in outputs))
             metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
         elif not loss_only:
-            preds.add(logits)
-            labels.add(batch_labels)
-            inputs_acc.add(batch_inputs)
-            losses_acc.add(batch_losses)
+            for acc, value in zip((preds, labels, inputs_acc, losses_acc), outputs):
+                acc.add(value)
         trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
 
     all_preds, all_labels = preds.result(), labels.result()
@@ -157,17 +150,33 @@ def evaluation_loop(
     ):
         pred = EvalPrediction(all_preds, all_labels, inputs_acc.result(), losses_acc.result())
         metrics = trainer.compute_metrics(pred)
-    metrics = {
+    num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))
+    mean_loss = float(strategy.all_reduce_sum(loss_sum)) / num_samples if has_loss and num_samples else None
+    metrics = _prefixed(metrics, mean_loss, metric_key_prefix)
+    return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+
+def _gathered(
+    strategy: Any, values: tuple[Any, ...], rows_left: int | None
+) -> tuple[tuple[Any, ...], int | None]:
+    """Gather a batch's outputs from every rank; cut the rows that only pad the last batches."""
+    values = tuple(_gather(strategy, v) for v in values)
+    rows = _rows(*values)
+    if rows_left is not None and rows >= 0:
+        keep = min(rows, rows_left)
+        rows_left -= keep
+        values = tuple(_first_rows(v, keep) for v in values)
+    return values, rows_left
+
+
+def _prefixed(metrics: dict[str, Any] | None, loss: float | None, prefix: str) -> dict[str, Any]:
+    """Plain numbers, the mean loss, and every key under `prefix_` as transformers names them."""
+    out = {
         k: (v.item() if isinstance(v, (np.generic, torch.Tensor)) else v) for k, v in (metrics or {}).items()
     }
-    num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))
-    if has_loss and num_samples:
-        metrics["loss"] = float(strategy.all_reduce_sum(loss_sum)) / num_samples
-    metrics = {
-        (k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}"): v
-        for k, v in metrics.items()
-    }
-    return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+    if loss is not None:
+        out["loss"] = loss
+    return {(k if k.startswith(f"{prefix}_") else f"{prefix}_{k}"): v for k, v in out.items()}
 
 
 def _with_last(iterable: Iterable[Any]) -> Iterable[tuple[bool, Any]]:
