@@ -11,7 +11,7 @@ from .atomic import (
     load_checkpoint_dir,
     verify_checkpoint,
 )
-from .model import load_plain_module, save_model_files
+from .model import save_model_files
 from .rng import capture_rng_state, restore_rng_state
 from .rotation import remove_stale_tmp, rotate_checkpoints, sorted_checkpoints
 from .state_io import load_state, save_state
@@ -26,7 +26,6 @@ __all__ = [
     "find_resumable_checkpoint",
     "is_complete_checkpoint",
     "load_checkpoint_dir",
-    "load_plain_module",
     "load_state",
     "remove_stale_tmp",
     "restore_rng_state",

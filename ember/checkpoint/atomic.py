@@ -140,23 +140,15 @@ def atomic_checkpoint(final_dir: str | os.PathLike[str]) -> Iterator[Path]:
     alone and raises `CheckpointWriteError` chained to the cause. Ctrl-C also cleans up, and
     propagates unchanged.
     """
-    final_dir = Path(final_dir)
-    tmp = final_dir.with_name(final_dir.name + TMP_SUFFIX)
-    try:
-        _rmtree(tmp)
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise _write_error(final_dir, "creating the temporary folder", exc) from exc
+    tmp = begin_checkpoint(final_dir)
     try:
         yield tmp
-        write_manifest(tmp)
-        _publish(tmp, final_dir)
     except Exception as exc:
-        _rmtree(tmp)
-        raise _write_error(final_dir, "writing", exc) from exc
+        raise abort_checkpoint(tmp, final_dir, exc) from exc
     except BaseException:
         _rmtree(tmp)
         raise
+    commit_checkpoint(tmp, final_dir)
 
 
 def begin_checkpoint(final_dir: str | os.PathLike[str]) -> Path:

@@ -41,26 +41,6 @@ def save_plain_module(
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def load_plain_module(model: nn.Module, folder: str | Path) -> None:
-    """Load `model.safetensors` written by `save_plain_module`.
-
-    A tied weight was written under one name only; its twins share storage in `model`, so loading
-    the written name fills them. Any other missing or unexpected key is an error.
-    """
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(Path(folder) / WEIGHTS_NAME))
-    result = model.load_state_dict(tensors, strict=False)
-    own = model.state_dict()
-    loaded = {_storage_key(own[k]) for k in tensors if k in own}
-    missing = [k for k in result.missing_keys if _storage_key(own[k]) not in loaded]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"{folder}/{WEIGHTS_NAME} does not match the model: missing {missing}, "
-            f"unexpected {list(result.unexpected_keys)}."
-        )
-
-
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
     return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
 
