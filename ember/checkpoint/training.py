@@ -31,7 +31,7 @@ from .model import WEIGHTS_NAME, save_model_files
 from .rng import capture_rng_state, restore_rng_state
 from .rotation import rotate_checkpoints
 from .state_io import load_state, save_state
-from .writer import snapshot_to_cpu
+from .writer import StagingBuffers
 
 if TYPE_CHECKING:
     from ..trainer import Trainer
@@ -95,7 +95,10 @@ def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
             "loss_pending": [float(x) for x in trainer._loss.pending],
         }
     if copy:
-        model_state, optimizer, shared, rank_state = snapshot_to_cpu(
+        # The previous snapshot's buffers are reused, so its write must be over (save_checkpoint
+        # waits for it before calling this).
+        staging = trainer.__dict__.setdefault("_staging_buffers", StagingBuffers())
+        model_state, optimizer, shared, rank_state = staging.snapshot(
             (model_state, optimizer, shared, rank_state)
         )
     return Snapshot(
@@ -240,6 +243,8 @@ def save_checkpoint(trainer: Trainer) -> None:
     trainer.state.stateful_callbacks = export_callback_states(
         trainer.callback_handler.callbacks, trainer.control
     )
+    if trainer.args.save_async:
+        trainer._checkpoint_writer.wait()
     snapshot = take_snapshot(trainer, copy=trainer.args.save_async)
     limit, best = trainer.args.save_total_limit, trainer.state.best_model_checkpoint
     output_dir = Path(trainer.args.output_dir)

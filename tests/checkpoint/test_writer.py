@@ -124,3 +124,19 @@ def test_snapshot_to_cpu_is_a_deep_copy() -> None:
     t.add_(10)
     assert snap["a"].tolist() == [0.0, 1.0, 2.0] and snap["b"][1][0].tolist() == [0.0, 1.0, 2.0]
     assert isinstance(snap["b"][1], tuple) and snap["c"] == "x"
+
+
+def test_staging_buffers_reuse_memory_and_copy_values() -> None:
+    from ember.checkpoint.writer import StagingBuffers
+
+    staging = StagingBuffers()
+    live = {"w": torch.ones(3, 4), "step": torch.tensor(1.0), "meta": {"n": 2}}
+    first = staging.snapshot(live)
+    pointer = first["w"].data_ptr()
+    live["w"].add_(1.0)  # training goes on: the snapshot must not move
+    assert torch.equal(first["w"], torch.ones(3, 4))
+    second = staging.snapshot(live)
+    assert second["w"].data_ptr() == pointer  # same buffer, no new allocation
+    assert torch.equal(second["w"], torch.full((3, 4), 2.0)) and second["meta"] == {"n": 2}
+    live["w"] = torch.zeros(5)  # a new shape gets a fresh buffer
+    assert staging.snapshot(live)["w"].shape == (5,)
