@@ -22,20 +22,14 @@ IGNORE_INDEX = -100
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    from .utils import unwrap_model
-
-    model = unwrap_model(model)
-    get_base = getattr(model, "get_base_model", None)  # PEFT wrappers
-    return get_base() if callable(get_base) else model
-
-
 def shifts_labels(model: nn.Module) -> bool:
     """Whether `model` shifts `labels` by one position inside forward (a causal LM).
 
     A plain module can say so itself with an attribute `shifts_labels = True`.
     """
-    base = _base_model(model)
+    from .utils import base_model
+
+    base = base_model(model)
     declared = getattr(base, "shifts_labels", None)
     if isinstance(declared, bool):
         return declared

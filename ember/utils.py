@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def set_seed(seed: int, deterministic: bool = False) -> None:
@@ -49,31 +45,15 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
 
 
 def get_last_checkpoint(folder: str | os.PathLike[str]) -> str | None:
-    """The newest `checkpoint-N` folder in `folder`, or None.
+    """The newest complete `checkpoint-N` folder in `folder`, or None.
 
-    Only complete checkpoints count: a folder still being written (`checkpoint-N.tmp`) never
-    matches, and when the checkpoint module is present a folder whose manifest fails is skipped.
+    The same choice as `resume_from_checkpoint=True`: folders still being written or whose
+    manifest does not check out are skipped (with a warning naming them).
     """
-    root = Path(folder)
-    if not root.is_dir():
-        return None
-    found = []
-    for child in root.iterdir():
-        m = _CHECKPOINT_RE.match(child.name)
-        if m and child.is_dir():
-            found.append((int(m.group(1)), child))
-    for _, path in sorted(found, reverse=True):
-        if _is_complete(path):
-            return str(path)
-    return None
+    from .checkpoint import find_resumable_checkpoint
 
-
-def _is_complete(path: Path) -> bool:
-    try:
-        from .checkpoint import is_complete_checkpoint
-    except ImportError:  # the checkpoint module is optional for this helper
-        return True
-    return is_complete_checkpoint(path)
+    found = find_resumable_checkpoint(folder)
+    return str(found) if found is not None else None
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -83,3 +63,22 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+def base_model(model: Any) -> Any:
+    """The model whose `forward` defines the inputs: strips DDP/FSDP-like `.module`,
+    `torch.compile`'s `_orig_mod` and PEFT-like `get_base_model()` wrappers.
+
+    Unlike `unwrap_model` this also looks through PEFT, so it is for reading the architecture
+    (signature, causal shift), not for saving.
+    """
+    for _ in range(16):
+        if callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        elif getattr(model, "_orig_mod", None) is not None:
+            model = model._orig_mod
+        elif getattr(model, "module", None) is not None and hasattr(model.module, "forward"):
+            model = model.module
+        else:
+            break
+    return model

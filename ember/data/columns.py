@@ -9,6 +9,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset
 
+from ..utils import base_model as unwrap_model
 from .samplers import fork_rng
 
 __all__ = [
@@ -25,21 +26,6 @@ _LABEL_COLUMNS = ("label", "label_ids")
 # (id(dataset), description, dropped) already reported: the trainer rebuilds eval loaders at
 # every evaluation and the message should appear once, not once per evaluation.
 _reported: set[tuple[int, str, tuple[str, ...]]] = set()
-
-
-def unwrap_model(model: Any) -> Any:
-    """The model whose `forward` defines the inputs: strips DDP/FSDP-like `.module`,
-    `torch.compile`'s `_orig_mod` and PEFT-like `get_base_model()` wrappers."""
-    for _ in range(16):
-        if callable(getattr(model, "get_base_model", None)):
-            model = model.get_base_model()
-        elif getattr(model, "_orig_mod", None) is not None:
-            model = model._orig_mod
-        elif getattr(model, "module", None) is not None and hasattr(model.module, "forward"):
-            model = model.module
-        else:
-            break
-    return model
 
 
 def signature_columns(model: Any) -> list[str] | None:
