@@ -23,7 +23,7 @@ demo: setup
 	OMP_NUM_THREADS=2 $(BIN)/ember train examples/shakespeare.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check ember tests bench examples
