@@ -69,8 +69,8 @@ class SchedulerType(str, Enum):
     WARMUP_STABLE_DECAY = "warmup_stable_decay"
 
 
-class ParallelMode(str, Enum):
-    """How this run is spread over devices; values as transformers' ParallelMode, so the two compare equal.
+class ParallelMode(Enum):
+    """How this run is spread over devices, with the members and values of transformers' ParallelMode.
 
     ember never uses single-process multi-GPU (DataParallel), so it is DISTRIBUTED or NOT_PARALLEL.
     """
@@ -78,6 +78,16 @@ class ParallelMode(str, Enum):
     NOT_PARALLEL = "not_parallel"
     NOT_DISTRIBUTED = "not_distributed"
     DISTRIBUTED = "distributed"
+
+    # Scripts compare `args.parallel_mode == ParallelMode.DISTRIBUTED` with transformers' enum imported;
+    # a member equals the member of any enum named ParallelMode with the same value.
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Enum) and type(other).__name__ == "ParallelMode":
+            return bool(self.value == other.value)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.value)
 
 
 class OptimizerNames(str, Enum):

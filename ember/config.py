@@ -299,6 +299,15 @@ class ArgParser(argparse.ArgumentParser, Generic[T]):
             metavar = {"int": "INT", "float": "FLOAT", "dict": "JSON"}.get(spec.kind, "STR")
             kwargs.update(metavar=metavar, type=_arg_type(spec))
         self.add_argument(f"--{spec.name}", **kwargs)
+        if spec.kind == "bool" and spec.default is True:
+            # HfArgumentParser's spelling for turning off a flag that defaults to true
+            self.add_argument(
+                f"--no_{spec.name}",
+                dest=spec.name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help=f"Set {spec.name} to false.",
+            )
 
     def error(self, message: str) -> typing.NoReturn:
         # Raise instead of exiting, so library callers can catch it; `ember` CLI prints it.
