@@ -9,7 +9,10 @@ This module imports nothing heavy: torch is imported only when a check or proper
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import datetime
 import difflib
 import json
 import logging
@@ -18,7 +21,7 @@ import numbers
 import os
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from functools import cache
@@ -28,11 +31,14 @@ if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
 
+_logger = logging.getLogger("ember.args")
+
 # fmt: off
 __all__ = [
-    "FieldNameError", "IntervalStrategy", "OptimizerNames", "SaveStrategy", "SchedulerType",
-    "TrainingArguments", "UNSUPPORTED_HF_FIELDS", "UnknownFieldError", "UnsupportedFieldError",
-    "check_eval_dataset", "check_field_names", "validate",
+    "FieldNameError", "HF_ONLY_FIELDS", "IntervalStrategy", "OptimizerNames", "ParallelMode", "SaveStrategy",
+    "SchedulerType", "TrainingArguments", "UNSUPPORTED_HF_FIELDS", "UnknownFieldError",
+    "UnsupportedFieldError", "check_eval_dataset", "check_field_names", "check_supported_values",
+    "field_value_types", "validate",
 ]
 # fmt: on
 
@@ -63,6 +69,27 @@ class SchedulerType(str, Enum):
     WARMUP_STABLE_DECAY = "warmup_stable_decay"
 
 
+class ParallelMode(Enum):
+    """How this run is spread over devices, with the members and values of transformers' ParallelMode.
+
+    ember never uses single-process multi-GPU (DataParallel), so it is DISTRIBUTED or NOT_PARALLEL.
+    """
+
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+
+    # Scripts compare `args.parallel_mode == ParallelMode.DISTRIBUTED` with transformers' enum imported;
+    # a member equals the member of any enum named ParallelMode with the same value.
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Enum) and type(other).__name__ == "ParallelMode":
+            return bool(self.value == other.value)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
 class OptimizerNames(str, Enum):
     ADAMW_TORCH = "adamw_torch"
     ADAMW_TORCH_FUSED = "adamw_torch_fused"
@@ -80,22 +107,85 @@ TRAIN_SAMPLING_STRATEGIES: tuple[str, ...] = ("random", "sequential", "group_by_
 TOKENS_SEEN_MODES: tuple[str, ...] = ("no", "all", "non_padding")
 REPORT_TO_BACKENDS: tuple[str, ...] = ("jsonl",)
 
-# Fields of transformers 5.24's TrainingArguments that ember does not implement yet. Supporting one means
-# moving its name from here into the dataclass below.
+# Fields of transformers 5.24's TrainingArguments that ember does not implement, each with what to do instead.
+# They are real dataclass fields at transformers' defaults (declared at the end of the class), so that a
+# transformers script's `HfArgumentParser`, `args.push_to_hub` reads and `TrainingArguments(**hf.to_dict())`
+# all work; `validate` refuses any other value with `UnsupportedFieldError`. Supporting one means deleting
+# its entry here and implementing it. tests/test_args.py compares the defaults with installed transformers.
+_GENERIC_FIX = "leave it at its default"
 # fmt: off
-UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset({
-    "accelerator_config", "activation_checkpointing", "activation_checkpointing_kwargs",
-    "auto_find_batch_size", "average_tokens_across_devices", "bf16_full_eval", "dataloader_in_order",
-    "dataloader_multiprocessing_context", "ddp_static_graph", "debug", "enable_jit_checkpoint",
-    "eval_do_concat_batches", "eval_use_gather_object", "fp16_full_eval", "gradient_checkpointing",
-    "gradient_checkpointing_kwargs", "hub_always_push", "hub_model_id", "hub_private_repo", "hub_revision",
-    "hub_strategy", "hub_token", "liger_kernel_config", "log_level", "log_level_replica", "log_on_each_node",
-    "neftune_noise_alpha", "optim_target_modules", "parallelism_config", "project", "push_to_hub",
-    "save_on_each_node", "skip_memory_metrics",
-    "torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps",
-    "trackio_bucket_id", "trackio_space_id", "trackio_static_space_id", "use_cache", "use_liger_kernel",
-})
+HF_ONLY_FIELDS: dict[str, str] = {
+    "optim_target_modules": "use an optimizer that needs no target modules",
+    "average_tokens_across_devices": "ember always normalises the loss by the tokens of all ranks",
+    "bf16_full_eval": "evaluation runs under the training precision (bf16=True autocasts it)",
+    "fp16_full_eval": "evaluation runs under the training precision",
+    "activation_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
+    "activation_checkpointing_kwargs": "pass the options to model.gradient_checkpointing_enable() yourself",
+    "gradient_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
+    "gradient_checkpointing_kwargs": "pass the options to model.gradient_checkpointing_enable() yourself",
+    "torch_compile": "compile the model yourself (model.compile()) before building the Trainer",
+    "torch_compile_backend": "compile the model yourself (model.compile(backend=...))",
+    "torch_compile_mode": "compile the model yourself (model.compile(mode=...))",
+    "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
+    "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
+    "use_cache": "set model.config.use_cache yourself",
+    "neftune_noise_alpha": "add NEFTune noise in the model's embedding forward yourself",
+    "torch_empty_cache_steps": "call torch.cuda.empty_cache() from a callback's on_step_end",
+    "auto_find_batch_size": "pick per_device_train_batch_size yourself",
+    "project": "name the project in your tracker's own settings",
+    "trackio_space_id": "trackio is not a report_to backend of ember",
+    "trackio_bucket_id": "trackio is not a report_to backend of ember",
+    "trackio_static_space_id": "trackio is not a report_to backend of ember",
+    "eval_do_concat_batches": "use batch_eval_metrics=True to avoid holding all predictions",
+    "eval_use_gather_object": "ember gathers tensors only",
+    "save_on_each_node": "ember saves on the global main process only; use a shared file system",
+    "enable_jit_checkpoint": "ember saves a checkpoint on SIGTERM by itself (see ember/preemption.py)",
+    "push_to_hub": "upload output_dir with huggingface_hub's upload_folder after training",
+    "hub_token": "upload output_dir with huggingface_hub after training",
+    "hub_private_repo": "upload output_dir with huggingface_hub after training",
+    "hub_model_id": "upload output_dir with huggingface_hub after training",
+    "hub_strategy": "upload output_dir with huggingface_hub after training",
+    "hub_always_push": "upload output_dir with huggingface_hub after training",
+    "hub_revision": "upload output_dir with huggingface_hub after training",
+    "accelerator_config": "ember does not use accelerate; its loop has no such options",
+    "parallelism_config": "use fsdp/fsdp_config or ddp_* fields",
+    "dataloader_multiprocessing_context": "set torch.multiprocessing's start method in your script",
+    "dataloader_in_order": "ember's samplers always yield batches in order",
+    "ddp_static_graph": "ember wraps DDP without static_graph",
+    "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
+    "skip_memory_metrics": "ember does not report memory metrics",
+}
 # fmt: on
+UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
+
+# Other values that mean "the default", as transformers' own `to_dict()` writes them: it resolves
+# gradient_checkpointing None -> False, debug "" -> [], accelerator_config None -> a dict of its defaults,
+# and masks tokens. They are accepted and stored as the declared default.
+_DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {
+    "activation_checkpointing": (False,),
+    "gradient_checkpointing": (False,),
+    "debug": ([], None),
+    "hub_token": ("<HUB_TOKEN>",),
+    "accelerator_config": (
+        {
+            "split_batches": False,
+            "dispatch_batches": None,
+            "even_batches": True,
+            "use_seedable_sampler": True,
+            "non_blocking": False,
+            "gradient_accumulation_kwargs": None,
+        },
+    ),
+}
+
+# transformers' log level names; "passive" leaves the level as it is.
+# fmt: off
+LOG_LEVELS: dict[str, int] = {
+    "detail": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+    "error": logging.ERROR, "critical": logging.CRITICAL, "passive": -1,
+}
+# fmt: on
+LOG_LEVEL_NAMES: tuple[str, ...] = tuple(LOG_LEVELS)
 
 # Names that older transformers releases accepted; difflib alone would point users somewhere odd.
 _MOVED_FIELDS: dict[str, str] = {
@@ -138,11 +228,6 @@ def check_field_names(names: Iterable[str], cls: type | None = None) -> None:
     for name in names:
         if name in known:
             continue
-        if name in UNSUPPORTED_HF_FIELDS and issubclass(cls, TrainingArguments):
-            raise UnsupportedFieldError(
-                f"ember does not support `{name}` yet (it is a transformers TrainingArguments field); "
-                "remove it from your arguments."
-            )
         hint = f" {_MOVED_FIELDS[name]}." if name in _MOVED_FIELDS else _suggest(name, known)
         raise UnknownFieldError(f"`{name}` is not a field of {cls.__name__}.{hint}")
 
@@ -187,11 +272,18 @@ class TrainingArguments:
     logging_steps: float = _f(500, "Steps between logs; a value < 1 is a ratio of all steps.")
     logging_first_step: bool = _f(False, "Also log after the first optimizer step.")
     logging_nan_inf_filter: bool = _f(True, "Leave NaN/inf losses out of the logged loss.")
-    include_num_input_tokens_seen: str | bool = _f(
-        "no", "Count input tokens seen (true means 'all').", choices=TOKENS_SEEN_MODES
+    include_num_input_tokens_seen: str = _f(
+        "no", "Count input tokens seen: 'no', 'all', 'non_padding' (true means 'all', false 'no')."
     )
+    log_level: str = _f(
+        "passive", "Level of the 'ember' logger on the main process.", choices=LOG_LEVEL_NAMES
+    )
+    log_level_replica: str = _f(
+        "warning", "Level of the 'ember' logger on other ranks.", choices=LOG_LEVEL_NAMES
+    )
+    log_on_each_node: bool = _f(True, "should_log on each machine's main process, not only on rank 0.")
     disable_tqdm: bool | None = _f(None, "Print logs instead of progress bars; unset means bars.")
-    report_to: str | list[str] | None = _f("none", "Log backends: 'none', 'all', or a list such as 'jsonl'.")
+    report_to: list[str] | None = _f("none", "Log backends: 'none', 'all', or a list such as 'jsonl'.")
     run_name: str | None = _f(None, "Name of the run, shown by logging backends.")
     # --- Evaluation ---
     eval_strategy: str = _f("no", "When to evaluate during training.", choices=INTERVAL_STRATEGIES)
@@ -229,7 +321,9 @@ class TrainingArguments:
     ddp_find_unused_parameters: bool | None = _f(None, "DDP find_unused_parameters; unset means False.")
     ddp_bucket_cap_mb: int | None = _f(None, "DDP gradient bucket size in MB; unset: torch's 25.")
     ddp_broadcast_buffers: bool | None = _f(None, "DDP broadcast_buffers; unset means True.")
-    fsdp: bool | str | None = _f(None, "Shard the model with FSDP2 (True, or e.g. 'full_shard offload').")
+    fsdp: str | None = _f(
+        None, "Shard the model with FSDP2 (True, or e.g. 'full_shard offload').", nargs="?", const=True
+    )
     fsdp_config: dict[str, Any] | str | None = _f(None, "FSDP options: a dict or the path of a JSON file.")
     deepspeed: dict[str, Any] | str | None = _f(None, "DeepSpeed config: a dict or a JSON file path.")
     # --- Data loading ---
@@ -252,6 +346,56 @@ class TrainingArguments:
     save_async: bool = _f(False, "Write checkpoints in a background thread while training goes on.")
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
+    # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
+    optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
+    average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
+    bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
+    fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
+    activation_checkpointing: bool | None = _f(
+        None, "Not supported by ember; leave unset.", nargs="?", const=True
+    )
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = _f(
+        None, "Not supported by ember; leave unset."
+    )
+    gradient_checkpointing: bool | None = _f(
+        None, "Not supported by ember; leave unset.", nargs="?", const=True
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = _f(
+        None, "Not supported by ember; leave unset."
+    )
+    torch_compile: bool = _f(False, "Not supported by ember (compile the model yourself); leave False.")
+    torch_compile_backend: str | None = _f(None, "Not supported by ember; leave unset.")
+    torch_compile_mode: str | None = _f(None, "Not supported by ember; leave unset.")
+    use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
+    liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
+    use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")
+    neftune_noise_alpha: float | None = _f(None, "Not supported by ember; leave unset.")
+    torch_empty_cache_steps: int | None = _f(None, "Not supported by ember; leave unset.")
+    auto_find_batch_size: bool = _f(False, "Not supported by ember; leave False.")
+    project: str = _f("huggingface", "Not supported by ember; leave 'huggingface'.")
+    trackio_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
+    trackio_bucket_id: str | None = _f(None, "Not supported by ember; leave unset.")
+    trackio_static_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
+    eval_do_concat_batches: bool = _f(True, "Not supported by ember; leave True.")
+    eval_use_gather_object: bool = _f(False, "Not supported by ember; leave False.")
+    save_on_each_node: bool = _f(False, "Not supported by ember (saves on the main process); leave False.")
+    enable_jit_checkpoint: bool = _f(False, "Not supported by ember; leave False.")
+    push_to_hub: bool = _f(False, "Not supported by ember (upload output_dir yourself); leave False.")
+    hub_token: str | None = _f(None, "Not supported by ember; leave unset.")
+    hub_private_repo: bool | None = _f(None, "Not supported by ember; leave unset.")
+    hub_model_id: str | None = _f(None, "Not supported by ember; leave unset.")
+    hub_strategy: str = _f("every_save", "Not supported by ember; leave 'every_save'.")
+    hub_always_push: bool = _f(False, "Not supported by ember; leave False.")
+    hub_revision: str | None = _f(None, "Not supported by ember; leave unset.")
+    accelerator_config: dict[str, Any] | str | None = _f(None, "Not supported by ember; leave unset.")
+    # transformers types it as accelerate's ParallelismConfig; `str | None` keeps argparse working without
+    # importing accelerate, and only None is accepted anyway.
+    parallelism_config: str | None = _f(None, "Not supported by ember; leave unset.")
+    dataloader_multiprocessing_context: str | None = _f(None, "Not supported by ember; leave unset.")
+    dataloader_in_order: bool = _f(True, "Not supported by ember (always in order); leave True.")
+    ddp_static_graph: bool | None = _f(None, "Not supported by ember; leave unset.")
+    debug: str | list[str] = _f("", "Not supported by ember; leave empty.")
+    skip_memory_metrics: bool = _f(True, "Not supported by ember (no memory metrics); leave True.")
 
     # Check keyword names before the generated __init__ so a typo gets a suggestion, also in subclasses.
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
@@ -261,6 +405,9 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         validate(self)
+        # As transformers' Trainer does with its own logger; "passive" leaves the level alone.
+        if LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica] != -1:
+            logging.getLogger("ember").setLevel(self.get_process_log_level())
 
     # The launcher's view (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK); one process when unset.
     @property
@@ -277,7 +424,7 @@ class TrainingArguments:
 
     @property
     def should_log(self) -> bool:
-        return self.process_index == 0
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
 
     @property
     def should_save(self) -> bool:
@@ -304,6 +451,46 @@ class TrainingArguments:
     def n_gpu(self) -> int:
         return 1 if self.device.type == "cuda" else 0
 
+    @property
+    def parallel_mode(self) -> ParallelMode:
+        return ParallelMode.DISTRIBUTED if self.world_size > 1 else ParallelMode.NOT_PARALLEL
+
+    @property
+    def ddp_timeout_delta(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.ddp_timeout)
+
+    def get_process_log_level(self) -> int:
+        """The `logging` level for this process (log_level on the main one, else log_level_replica).
+
+        "passive" means the 'ember' logger's current level. Scripts pass the result to
+        `logging`/`datasets`/`transformers` verbosity setters.
+        """
+        level = LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica]
+        return logging.getLogger("ember").getEffectiveLevel() if level == -1 else level
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work") -> Iterator[None]:
+        """Run the body on the main process first (each machine's if `local`), the other ranks after it.
+
+        For work that caches its result, like `datasets.map`. The others wait on a barrier of the default
+        process group; without one (a single process, or before the group is set up) this does nothing.
+        """
+        import torch.distributed as dist
+
+        if self.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            yield
+            return
+        is_main = (self.local_process_index if local else self.process_index) == 0
+        if not is_main:
+            _logger.debug("rank %d waits for the main process to do %s", self.process_index, desc)
+            dist.barrier()
+        try:
+            yield
+        finally:
+            if is_main:
+                _logger.debug("rank %d finished %s; releasing the other ranks", self.process_index, desc)
+                dist.barrier()
+
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup length in steps: `warmup_steps` itself when >= 1, else that ratio of the run, rounded up."""
         if self.warmup_steps >= 1:
@@ -321,6 +508,194 @@ class TrainingArguments:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """`to_dict()` plus the batch sizes, with every value a bool/int/float/str (for hparams tables)."""
+        d = {
+            **self.to_dict(),
+            "train_batch_size": self.train_batch_size,
+            "eval_batch_size": self.eval_batch_size,
+        }
+        return {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in d.items()}
+
+    # Grouped setters, as transformers' (same parameters and defaults, same fields set). Each one builds
+    # a validated copy first, so a bad value raises and leaves these arguments unchanged.
+    def _update(self, **changes: Any) -> Self:
+        checked = dataclasses.replace(self, **changes)
+        self.__dict__.update(checked.__dict__)
+        return self
+
+    def set_training(
+        self,
+        learning_rate: float = 5e-5,
+        batch_size: int = 8,
+        weight_decay: float = 0,
+        num_epochs: float = 3,
+        max_steps: int = -1,
+        gradient_accumulation_steps: int = 1,
+        seed: int = 42,
+        activation_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = None,
+    ) -> Self:
+        if gradient_checkpointing is not None:  # transformers' old name wins when given
+            activation_checkpointing = gradient_checkpointing
+        return self._update(
+            do_train=True,
+            learning_rate=learning_rate,
+            per_device_train_batch_size=batch_size,
+            weight_decay=weight_decay,
+            num_train_epochs=num_epochs,
+            max_steps=max_steps,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            seed=seed,
+            activation_checkpointing=activation_checkpointing,
+            gradient_checkpointing=activation_checkpointing,
+        )
+
+    def set_evaluate(
+        self,
+        strategy: str | IntervalStrategy = "no",
+        steps: int = 500,
+        batch_size: int = 8,
+        accumulation_steps: int | None = None,
+        delay: float | None = None,
+        loss_only: bool = False,
+    ) -> Self:
+        strategy = IntervalStrategy(strategy).value if isinstance(strategy, str) else strategy
+        return self._update(
+            eval_strategy=strategy,
+            do_eval=strategy != IntervalStrategy.NO,
+            eval_steps=steps,
+            per_device_eval_batch_size=batch_size,
+            eval_accumulation_steps=accumulation_steps,
+            eval_delay=0 if delay is None else delay,  # transformers stores None and reads it as 0
+            prediction_loss_only=loss_only,
+        )
+
+    def set_testing(self, batch_size: int = 8, loss_only: bool = False) -> Self:
+        return self._update(
+            do_predict=True, per_device_eval_batch_size=batch_size, prediction_loss_only=loss_only
+        )
+
+    def set_save(
+        self,
+        strategy: str | SaveStrategy = "steps",
+        steps: int = 500,
+        total_limit: int | None = None,
+        on_each_node: bool = False,
+    ) -> Self:
+        return self._update(
+            save_strategy=strategy,
+            save_steps=steps,
+            save_total_limit=total_limit,
+            save_on_each_node=on_each_node,
+        )
+
+    def set_logging(
+        self,
+        strategy: str | IntervalStrategy = "steps",
+        steps: int = 500,
+        report_to: str | list[str] = "none",
+        level: str = "passive",
+        first_step: bool = False,
+        nan_inf_filter: bool = False,
+        on_each_node: bool = False,
+        replica_level: str = "passive",
+    ) -> Self:
+        return self._update(
+            logging_strategy=strategy,
+            logging_steps=steps,
+            report_to=report_to,
+            log_level=level,
+            logging_first_step=first_step,
+            logging_nan_inf_filter=nan_inf_filter,
+            log_on_each_node=on_each_node,
+            log_level_replica=replica_level,
+        )
+
+    def set_push_to_hub(
+        self,
+        model_id: str,
+        strategy: str = "every_save",
+        token: str | None = None,
+        private_repo: bool | None = None,
+        always_push: bool = False,
+        revision: str | None = None,
+    ) -> Self:
+        """Refused with the push_to_hub explanation: ember does not push to the Hub."""
+        return self._update(
+            push_to_hub=True,
+            hub_model_id=model_id,
+            hub_strategy=strategy,
+            hub_token=token,
+            hub_private_repo=private_repo,
+            hub_always_push=always_push,
+            hub_revision=revision,
+        )
+
+    def set_optimizer(
+        self,
+        name: str | OptimizerNames = "adamw_torch",
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        epsilon: float = 1e-8,
+        args: str | None = None,
+    ) -> Self:
+        return self._update(
+            optim=name,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            adam_beta1=beta1,
+            adam_beta2=beta2,
+            adam_epsilon=epsilon,
+            optim_args=args,
+        )
+
+    def set_lr_scheduler(
+        self,
+        name: str | SchedulerType = "linear",
+        num_epochs: float = 3.0,
+        max_steps: int = -1,
+        warmup_steps: float = 0,
+    ) -> Self:
+        return self._update(
+            lr_scheduler_type=name,
+            num_train_epochs=num_epochs,
+            max_steps=max_steps,
+            warmup_steps=warmup_steps,
+        )
+
+    def set_dataloader(
+        self,
+        train_batch_size: int = 8,
+        eval_batch_size: int = 8,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        prefetch_factor: int | None = None,
+        multiprocessing_context: str | None = None,
+        in_order: bool = True,
+        auto_find_batch_size: bool = False,
+        ignore_data_skip: bool = False,
+        sampler_seed: int | None = None,
+    ) -> Self:
+        return self._update(
+            per_device_train_batch_size=train_batch_size,
+            per_device_eval_batch_size=eval_batch_size,
+            dataloader_drop_last=drop_last,
+            dataloader_num_workers=num_workers,
+            dataloader_pin_memory=pin_memory,
+            dataloader_persistent_workers=persistent_workers,
+            dataloader_prefetch_factor=prefetch_factor,
+            dataloader_multiprocessing_context=multiprocessing_context,
+            dataloader_in_order=in_order,
+            auto_find_batch_size=auto_find_batch_size,
+            ignore_data_skip=ignore_data_skip,
+            data_seed=sampler_seed,
+        )
 
 
 def check_eval_dataset(args: TrainingArguments, has_eval_dataset: bool) -> None:
@@ -341,6 +716,7 @@ def validate(args: TrainingArguments) -> None:
 
     Raises ValueError (naming the field and the fix) for any bad value. Runs from `__post_init__`.
     """
+    _check_hf_only(args)
     _check_types(args)
     _normalise(args)
     _check_choices(args)
@@ -349,15 +725,76 @@ def validate(args: TrainingArguments) -> None:
     _check_intervals(args)
     _check_best_model(args)
     _check_dataloader(args)
+    _check_log_levels(args)
     _check_hardware(args)
     from .distributed.options import check_distributed_args
 
     check_distributed_args(args)
 
 
+# What a Python caller may pass, where it is wider than the annotation. Annotations are what command-line
+# parsers read (HfArgumentParser takes one type per flag: `str | None` plus nargs='?' for fsdp, a list for
+# report_to); Python callers and config files may also pass fsdp=True or report_to="jsonl".
+_VALUE_TYPES: dict[str, Any] = {
+    "report_to": str | list[str] | None,
+    "fsdp": bool | str | None,
+    "include_num_input_tokens_seen": str | bool,
+}
+
+
+def field_value_types(cls: type) -> dict[str, Any]:
+    """The type of value each field of `cls` takes: its annotation, widened where `_VALUE_TYPES` says."""
+    hints = typing.get_type_hints(cls)
+    return {name: _VALUE_TYPES.get(name, hint) for name, hint in hints.items()}
+
+
 @cache
 def _field_hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainingArguments)
+    return field_value_types(TrainingArguments)
+
+
+def _is_hf_default(name: str, value: Any, default: Any) -> bool:
+    spellings = (default, *_DEFAULT_SPELLINGS.get(name, ()))
+    # Compare types too, so 0 does not pass for False nor 1 for True.
+    return any(value is s or (type(value) is type(s) and value == s) for s in spellings)
+
+
+def unsupported_value_error(name: str, value: Any) -> UnsupportedFieldError:
+    """The one message for a transformers-only field set away from its default, on every entry path."""
+    default = TrainingArguments.__dataclass_fields__[name].default
+    return UnsupportedFieldError(
+        f"`{name}`={value!r}: ember does not implement this transformers TrainingArguments option. "
+        f"Leave it at its default ({default!r}) or remove it; instead, {HF_ONLY_FIELDS[name]}."
+    )
+
+
+def check_supported_values(values: Mapping[str, Any], cls: type | None = None) -> None:
+    """Raise `UnsupportedFieldError` if a mapping of field values sets a transformers-only field."""
+    cls = TrainingArguments if cls is None else cls
+    for name, value in values.items():
+        if _is_inherited_hf_only(cls, name):
+            default = TrainingArguments.__dataclass_fields__[name].default
+            if not _is_hf_default(name, value, default):
+                raise unsupported_value_error(name, value)
+
+
+def _is_inherited_hf_only(cls: type, name: str) -> bool:
+    # A subclass that declares the field again implements it, so it is not checked.
+    if name not in HF_ONLY_FIELDS or not issubclass(cls, TrainingArguments):
+        return False
+    own = getattr(cls, "__dataclass_fields__", {}).get(name)
+    return own is TrainingArguments.__dataclass_fields__[name]
+
+
+def _check_hf_only(args: TrainingArguments) -> None:
+    for name in HF_ONLY_FIELDS:
+        if not _is_inherited_hf_only(type(args), name):
+            continue
+        value = getattr(args, name)
+        default = TrainingArguments.__dataclass_fields__[name].default
+        if not _is_hf_default(name, value, default):
+            raise unsupported_value_error(name, value)
+        setattr(args, name, default)
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -417,8 +854,16 @@ def _normalise(args: TrainingArguments) -> None:
         args.lr_scheduler_kwargs = _parse_json_object("lr_scheduler_kwargs", args.lr_scheduler_kwargs)
     elif isinstance(args.lr_scheduler_kwargs, Mapping):
         args.lr_scheduler_kwargs = dict(args.lr_scheduler_kwargs)
-    if isinstance(args.include_num_input_tokens_seen, bool):
-        args.include_num_input_tokens_seen = "all" if args.include_num_input_tokens_seen else "no"
+    # A command line gives these as strings: a JSON object is the value itself, anything else a file path.
+    for name in ("fsdp_config", "deepspeed"):
+        value = getattr(args, name)
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            setattr(args, name, _parse_json_object(name, value))
+    tokens_seen: str | bool = args.include_num_input_tokens_seen
+    if isinstance(tokens_seen, str) and tokens_seen.lower() in ("true", "false"):
+        tokens_seen = tokens_seen.lower() == "true"  # from a command line, as transformers' bool flag
+    if isinstance(tokens_seen, bool):
+        args.include_num_input_tokens_seen = "all" if tokens_seen else "no"
     if args.disable_tqdm is None:
         args.disable_tqdm = logging.getLogger("ember").getEffectiveLevel() > logging.WARNING
     args.report_to = _normalise_report_to(args.report_to)
@@ -485,6 +930,13 @@ def _fill_derived(args: TrainingArguments) -> None:
         args.metric_for_best_model = "loss"
     if args.greater_is_better is None and args.metric_for_best_model is not None:
         args.greater_is_better = not args.metric_for_best_model.endswith("loss")
+    # transformers refuses this only when the Trainer is built; here it fails before any work starts.
+    if args.save_strategy == SaveStrategy.BEST and args.metric_for_best_model is None:
+        raise ValueError(
+            "save_strategy='best' saves when `metric_for_best_model` improves, but metric_for_best_model is "
+            "unset; set metric_for_best_model (e.g. 'loss' or 'eval_accuracy'), or set "
+            "load_best_model_at_end=True to rank by 'loss'."
+        )
 
 
 def _at_least(args: TrainingArguments, name: str, low: float, fix: str, optional: bool = False) -> None:
@@ -593,6 +1045,11 @@ def _check_dataloader(args: TrainingArguments) -> None:
         raise ValueError(
             "`dataloader_persistent_workers` needs dataloader_num_workers > 0; set both or neither."
         )
+
+
+def _check_log_levels(args: TrainingArguments) -> None:
+    _choose("log_level", args.log_level, LOG_LEVEL_NAMES, "a log level")
+    _choose("log_level_replica", args.log_level_replica, LOG_LEVEL_NAMES, "a log level")
 
 
 def _cuda_available() -> bool:

@@ -29,7 +29,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from ember.args import FieldNameError, TrainingArguments, check_field_names
+from ember.args import (
+    FieldNameError,
+    TrainingArguments,
+    check_field_names,
+    check_supported_values,
+    field_value_types,
+)
 
 __all__ = ["ArgParser", "ConfigError", "args_from_dict", "dataclass_from_dict", "parse_cli", "parse_config"]
 
@@ -146,7 +152,7 @@ _SPECS: dict[type, dict[str, _Spec]] = {}
 def _specs(cls: type) -> dict[str, _Spec]:
     if cls in _SPECS:
         return _SPECS[cls]
-    hints = typing.get_type_hints(cls)
+    hints = field_value_types(cls)  # fsdp takes true or a string, report_to a list, ...
     specs = {}
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -223,7 +229,7 @@ def dataclass_from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
             except ConfigError as err:
                 raise ConfigError(f"`{name}`: {err}") from None
         elif spec.kind == "list" and isinstance(value, str):
-            value = [value]
+            value = [value] if value else []
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -242,6 +248,7 @@ def _load_source(source: ConfigSource, cls: type) -> dict[str, Any]:
     values = parse_config(source)
     try:
         check_field_names(values, cls)
+        check_supported_values(values, cls)
     except FieldNameError as err:
         raise type(err)(f"{source}: {err}") from None
     return values
@@ -292,6 +299,15 @@ class ArgParser(argparse.ArgumentParser, Generic[T]):
             metavar = {"int": "INT", "float": "FLOAT", "dict": "JSON"}.get(spec.kind, "STR")
             kwargs.update(metavar=metavar, type=_arg_type(spec))
         self.add_argument(f"--{spec.name}", **kwargs)
+        if spec.kind == "bool" and spec.default is True:
+            # HfArgumentParser's spelling for turning off a flag that defaults to true
+            self.add_argument(
+                f"--no_{spec.name}",
+                dest=spec.name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help=f"Set {spec.name} to false.",
+            )
 
     def error(self, message: str) -> typing.NoReturn:
         # Raise instead of exiting, so library callers can catch it; `ember` CLI prints it.
