@@ -50,6 +50,9 @@ class Trainer:
     #: Signals that make train() checkpoint at the end of the current step and exit; add
     #: `signal.SIGUSR1` for schedulers that warn with it.
     preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
+    #: Set while hyperparameter_search runs ("optuna"), and the objective of the current trial.
+    hp_search_backend: str | None = None
+    objective: Any = None
 
     def __init__(
         self,
@@ -549,6 +552,27 @@ class Trainer:
             save_model_files(
                 self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
             )
+
+    # -- hyperparameter search -----------------------------------------------------------------------
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], Any] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
+        with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
+        `direction` is a list). `kwargs` go to the backend (optuna: `create_study` and `optimize`).
+        See `ember.search`."""
+        from .search import hyperparameter_search
+
+        return hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )
 
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
