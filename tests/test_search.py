@@ -159,6 +159,9 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> N
     assert states == [complete, fail, fail, complete]
     assert best.run_id in ("0", "3")
     assert not (tmp_path / "run-1" / "logs.jsonl").exists()  # failed before training
+    # catch=() restores optuna's (and transformers') default: the first error ends the search.
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.hyperparameter_search(hp_space=lr_space, n_trials=4, catch=())
 
 
 def test_each_trial_starts_fresh_with_its_own_arguments(tmp_path: Path) -> None:
