@@ -9,8 +9,9 @@ One trial, whatever the backend:
       each evaluate -> objective -> backend.report(objective, step) -> maybe stop early (pruned)
     objective = the last evaluation's (or one more evaluate() when training never evaluated)
 
-The backend (a module named in `SEARCH_BACKENDS`) owns the study; this module owns what a trial
-does to the trainer, so a second backend reuses it. Only one process runs a search.
+The backend (a module named in `SEARCH_BACKENDS`: optuna, Ray Tune) owns the study; this module
+owns what a trial does to the trainer, so every backend shares it. Only one process runs a search
+(Ray's trials run in its workers, each on a copy of the trainer).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -35,6 +36,7 @@ __all__ = [
     "SearchSpaceError",
     "TrialResult",
     "TrialRun",
+    "check_space_names",
     "default_compute_objective",
     "default_hp_space_optuna",
     "hyperparameter_search",
@@ -45,9 +47,11 @@ __all__ = [
 logger = logging.getLogger("ember")
 
 # Backend name -> module with `run(search: TrialRun, n_trials, direction, **kwargs)`.
-SEARCH_BACKENDS: dict[str, str] = {"optuna": "ember.integrations.optuna_search"}
+SEARCH_BACKENDS: dict[str, str] = {
+    "optuna": "ember.integrations.optuna_search",
+    "ray": "ember.integrations.ray_search",
+}
 _NOT_SHIPPED = {
-    "ray": "ember has no Ray Tune backend yet",
     "wandb": "ember has no W&B sweeps backend yet",
     "sigopt": "SigOpt was retired",
 }
@@ -96,6 +100,14 @@ def default_hp_space_optuna(trial: Any) -> dict[str, Any]:
     }
 
 
+def check_space_names(names: Iterable[str], args: TrainingArguments) -> None:
+    """SearchSpaceError naming the first search-space key that is not a TrainingArguments field."""
+    try:
+        check_field_names(names, type(args))
+    except ValueError as err:
+        raise SearchSpaceError(f"hp_space: {err}") from None
+
+
 def trial_arguments(base: TrainingArguments, params: Mapping[str, Any], output_dir: str) -> TrainingArguments:
     """`base` with the trial's values and `output_dir`, checked as a new TrainingArguments would be.
 
@@ -105,10 +117,7 @@ def trial_arguments(base: TrainingArguments, params: Mapping[str, Any], output_d
         raise SearchSpaceError(
             f"hp_space must return a dict of TrainingArguments fields, got {type(params).__name__}."
         )
-    try:
-        check_field_names(params, type(base))
-    except ValueError as err:
-        raise SearchSpaceError(f"hp_space: {err}") from None
+    check_space_names(params, base)
     values = {name: _like(getattr(base, name), value) for name, value in params.items()}
     try:
         return dataclasses.replace(base, **values, output_dir=output_dir)
@@ -117,15 +126,15 @@ def trial_arguments(base: TrainingArguments, params: Mapping[str, Any], output_d
 
 
 def _like(current: Any, value: Any) -> Any:
-    # Samplers that only draw floats (e.g. a uniform seed) still fit an integer field.
-    whole_float = isinstance(value, float) and value.is_integer()
-    if isinstance(current, int) and not isinstance(current, bool) and whole_float:
+    # As transformers: a float drawn for an integer field (Ray's default space draws the seed
+    # from tune.uniform(1, 40)) is truncated to an int.
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
         return int(value)
     return value
 
 
 class Reporter(Protocol):
-    def __call__(self, objective: float, step: int) -> bool:
+    def __call__(self, objective: float, step: int, metrics: dict[str, float]) -> bool:
         """Send an intermediate objective to the backend; True means stop this trial (pruned)."""
 
 
@@ -141,7 +150,7 @@ class _TrialCallback(TrainerCallback):
         if not metrics:
             return
         self.objective = self.compute_objective(dict(metrics))
-        if self.report is not None and self.report(float(self.objective), state.global_step):
+        if self.report is not None and self.report(float(self.objective), state.global_step, dict(metrics)):
             self.pruned_at = state.global_step
             control.should_training_stop = True
 
@@ -165,6 +174,7 @@ class TrialResult:
     pruned_at: int | None
     global_step: int
     output_dir: str
+    reported: bool  # whether the objective was reported during training (it evaluated)
 
 
 def run_trial(search: TrialRun, trial: Any, number: int | str, report: Reporter | None = None) -> TrialResult:
@@ -180,11 +190,11 @@ def run_trial(search: TrialRun, trial: Any, number: int | str, report: Reporter 
     try:
         trainer.train(trial=trial)
         trainer.remove_callback(watcher)
-        objective = watcher.objective
-        if objective is None:  # as transformers: evaluate once when training never did
+        objective, reported = watcher.objective, watcher.objective is not None
+        if not reported:  # as transformers: evaluate once when training never did
             objective = search.compute_objective(trainer.evaluate())
         trainer.objective = objective
-        return TrialResult(objective, watcher.pruned_at, trainer.state.global_step, run_dir)
+        return TrialResult(objective, watcher.pruned_at, trainer.state.global_step, run_dir, reported)
     finally:
         trainer.remove_callback(watcher)
         _use_arguments(trainer, base)
@@ -240,7 +250,7 @@ def _check_search(trainer: Trainer, n_trials: int, direction: Any, backend: str 
         )
     name = str(getattr(backend, "value", backend) or "optuna")
     if name in _NOT_SHIPPED:
-        raise ValueError(f"backend={name!r}: {_NOT_SHIPPED[name]}; use backend='optuna'.")
+        raise ValueError(f"backend={name!r}: {_NOT_SHIPPED[name]}; use backend='optuna' or 'ray'.")
     if name not in SEARCH_BACKENDS:
         raise ValueError(
             f"backend={name!r} is not a search backend; choose one of {sorted(SEARCH_BACKENDS)}."

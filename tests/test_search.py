@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from ember import Trainer, TrainerCallback, TrainingArguments
-from ember.search import BestRun, SearchSpaceError, default_compute_objective, default_hp_space_optuna
+from ember.search import (
+    BestRun,
+    SearchSpaceError,
+    default_compute_objective,
+    default_hp_space_optuna,
+    trial_arguments,
+)
 from tests.helpers import RegressionDataset, RegressionModel
 
 optuna = pytest.importorskip("optuna")
@@ -273,9 +279,22 @@ def test_search_without_model_init_or_with_an_unknown_backend_is_an_error(tmp_pa
     with pytest.raises(RuntimeError, match="model_init"):
         trainer.hyperparameter_search(n_trials=2)
     trainer = make_trainer(tmp_path)
-    with pytest.raises(ValueError, match="backend='ray'.*optuna"):
-        trainer.hyperparameter_search(backend="ray")
+    with pytest.raises(ValueError, match="backend='wandb'.*'optuna' or 'ray'"):
+        trainer.hyperparameter_search(backend="wandb")
+    with pytest.raises(ValueError, match="backend='tpe' is not a search backend"):
+        trainer.hyperparameter_search(backend="tpe")
     with pytest.raises(ValueError, match="direction"):
         trainer.hyperparameter_search(direction="min")
     with pytest.raises(ValueError, match="n_jobs"):
         trainer.hyperparameter_search(n_jobs=2)
+
+
+def test_trial_arguments_are_validated_copies(tmp_path: Path) -> None:
+    base = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=10)
+    args = trial_arguments(base, {"seed": 23.7, "learning_rate": 0.1}, str(tmp_path / "run-3"))
+    assert (args.seed, args.learning_rate, args.output_dir) == (23, 0.1, str(tmp_path / "run-3"))
+    assert (base.seed, base.learning_rate) == (42, 5e-5)  # the base is untouched
+    with pytest.raises(SearchSpaceError, match="lr_scheduler_type"):
+        trial_arguments(base, {"lr_scheduler_type": "cosine_wobble"}, str(tmp_path))
+    with pytest.raises(SearchSpaceError, match="dict"):
+        trial_arguments(base, [("learning_rate", 0.1)], str(tmp_path))  # type: ignore[arg-type]

@@ -75,7 +75,7 @@ def run(
 
 
 def _reporter(trial: Any) -> Reporter:
-    def report(objective: float, step: int) -> bool:
+    def report(objective: float, step: int, metrics: dict[str, float]) -> bool:
         trial.report(objective, step)
         return bool(trial.should_prune())
 
