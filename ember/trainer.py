@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from .preemption import PreemptionWatcher, TrainingPreempted
 from .state import TrainerControl, TrainerState
 from .throughput import Throughput, device_peak_flops, model_flops_per_token
 from .utils import enable_full_determinism, set_seed, to_device
+
+if TYPE_CHECKING:
+    from .search import BestRun
 
 logger = logging.getLogger("ember")
 
@@ -563,11 +566,11 @@ class Trainer:
         backend: str | None = None,
         hp_name: Callable[[Any], str] | None = None,
         **kwargs: Any,
-    ) -> Any:
+    ) -> BestRun | list[BestRun]:
         """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
         with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
-        `direction` is a list). `kwargs` go to the backend (optuna: `create_study` and `optimize`).
-        See `ember.search`."""
+        `direction` is a list). `backend`: "optuna" (default) or "ray". `kwargs` go to the backend
+        (optuna: `create_study` and `optimize`; ray: `tune.run`). See `ember.search`."""
         from .search import hyperparameter_search
 
         return hyperparameter_search(
