@@ -186,6 +186,7 @@ def run_trial(search: TrialRun, trial: Any, number: int | str, report: Reporter 
     args = trial_arguments(base, search.hp_space(trial), run_dir)
     watcher = _TrialCallback(search.compute_objective, report)
     trainer.add_callback(watcher)
+    label_names = trainer.label_names
     _use_arguments(trainer, args)
     try:
         trainer.train(trial=trial)
@@ -198,6 +199,7 @@ def run_trial(search: TrialRun, trial: Any, number: int | str, report: Reporter 
     finally:
         trainer.remove_callback(watcher)
         _use_arguments(trainer, base)
+        trainer.label_names = label_names
 
 
 def _use_arguments(trainer: Trainer, args: TrainingArguments) -> None:
