@@ -222,9 +222,10 @@ def test_model_init_receives_the_trial(tmp_path: Path) -> None:
         return model
 
     trainer = make_trainer(tmp_path, model_init=model_init, max_steps=10)
-    best = trainer.hyperparameter_search(hp_space=lr_space, n_trials=2)
+    best = trainer.hyperparameter_search(hp_space=lr_space, n_trials=2, hp_name=lambda t: f"trial-{t.number}")
     assert isinstance(best, BestRun) and set(best.hyperparameters) == {"learning_rate", "width"}
     assert -1 in widths and len(widths) == 3  # once at construction, then once per trial
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial-0", "trial-1"]  # hp_name names the runs
 
 
 def test_multi_objective_returns_the_pareto_front(tmp_path: Path) -> None:
