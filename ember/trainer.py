@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from .state import TrainerControl, TrainerState
 from .throughput import Throughput, device_peak_flops, model_flops_per_token
 from .utils import enable_full_determinism, set_seed, to_device
 
+if TYPE_CHECKING:
+    from .search import BestRun
+
 logger = logging.getLogger("ember")
 
 
@@ -50,6 +53,9 @@ class Trainer:
     #: Signals that make train() checkpoint at the end of the current step and exit; add
     #: `signal.SIGUSR1` for schedulers that warn with it.
     preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
+    #: Set while hyperparameter_search runs ("optuna"), and the objective of the current trial.
+    hp_search_backend: str | None = None
+    objective: Any = None
 
     def __init__(
         self,
@@ -549,6 +555,27 @@ class Trainer:
             save_model_files(
                 self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
             )
+
+    # -- hyperparameter search -----------------------------------------------------------------------
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], Any] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> BestRun | list[BestRun]:
+        """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
+        with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
+        `direction` is a list). `backend`: "optuna" (default) or "ray". `kwargs` go to the backend
+        (optuna: `create_study` and `optimize`; ray: `tune.run`). See `ember.search`."""
+        from .search import hyperparameter_search
+
+        return hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )
 
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
