@@ -9,7 +9,7 @@ updated batch by batch and memory stays flat in the dataset size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,7 +66,7 @@ class _Accumulator:
         self.offload()
         if not self.cpu_parts:
             return None
-        return _map(lambda *ts: concat_padded(list(ts)).numpy(), *self.cpu_parts)
+        return _map(lambda *ts: _numpy(concat_padded(list(ts))), *self.cpu_parts)
 
 
 def _map(fn: Callable[..., Any], *values: Any) -> Any:
@@ -74,13 +74,17 @@ def _map(fn: Callable[..., Any], *values: Any) -> Any:
     first = values[0]
     if isinstance(first, (tuple, list)):
         return type(first)(_map(fn, *inner) for inner in zip(*values))
-    if isinstance(first, dict):
+    if isinstance(first, Mapping):
         return {k: _map(fn, *(v[k] for v in values)) for k in first}
     return fn(*values)
 
 
-def _to_numpy(value: Any) -> Any:
-    return _map(lambda t: t.detach().cpu().numpy(), value) if value is not None else None
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """`t` as a numpy array; dtypes numpy lacks (bfloat16, float8) become float32 first."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()
+    return t.numpy()
 
 
 def evaluation_loop(
@@ -134,8 +138,16 @@ def evaluation_loop(
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         outputs = (logits, batch_labels, batch_inputs, batch_losses)
         if batch_metrics:
-            pred = EvalPrediction(*(_to_numpy(v) for v in outputs))
-            metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+            # As transformers: the batch's tensors as they are (torch metric code runs on them), and
+            # `inputs` is the whole batch; no call for a batch without logits or labels.
+            if logits is not None and batch_labels is not None:
+                pred = EvalPrediction(
+                    logits,
+                    batch_labels,
+                    batch if want_inputs else None,
+                    batch_losses if want_losses else None,
+                )
+                metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
         elif not loss_only:
             for acc, value in zip((preds, labels, inputs_acc, losses_acc), outputs):
                 acc.add(value)
@@ -203,7 +215,7 @@ def _rows(*values: Any) -> int:
     for value in values:
         if isinstance(value, torch.Tensor):
             return int(value.shape[0]) if value.dim() else 1
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             value = list(value.values())
         if isinstance(value, (tuple, list)) and value:
             rows = _rows(*value)
@@ -217,7 +229,7 @@ def _first_rows(value: Any, n: int) -> Any:
 
 
 def _batch_size(batch: Any) -> int:
-    for value in batch.values() if isinstance(batch, dict) else batch:
+    for value in batch.values() if isinstance(batch, Mapping) else batch:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
         if isinstance(value, list):
@@ -263,7 +275,7 @@ def _is_tensors(value: Any) -> bool:
 
 
 def logits_without(outputs: Any, ignore: list[str]) -> Any:
-    if isinstance(outputs, dict):
+    if isinstance(outputs, Mapping):
         # Caches (past_key_values) and other non-tensors are not predictions.
         values = tuple(v for k, v in outputs.items() if k not in ignore and k != "loss" and _is_tensors(v))
     elif isinstance(outputs, (tuple, list)):
