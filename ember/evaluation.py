@@ -104,7 +104,8 @@ def evaluation_loop(
     model.eval()
 
     preds, labels, inputs_acc, losses_acc = (_Accumulator(args.eval_accumulation_steps) for _ in range(4))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=strategy.device)
+    # [sum of all losses, sum of finite losses, samples with a finite loss], each sample-weighted.
+    loss_sums = torch.zeros(3, dtype=torch.float64, device=strategy.device)
     num_samples = 0
     metrics: dict[str, Any] = {}
     has_loss = False
@@ -120,7 +121,11 @@ def evaluation_loop(
         if loss is not None:
             # transformers weights each batch's mean loss by its sample count; so do we.
             if not padding:
-                loss_sum += loss.detach().double() * batch_size
+                weighted = loss.detach().double() * batch_size
+                finite = torch.isfinite(weighted)
+                loss_sums += torch.stack(
+                    [weighted, torch.where(finite, weighted, 0.0), finite.double() * batch_size]
+                )
             has_loss = True
         num_samples += 0 if padding else batch_size
         outputs, rows_left = _gathered(
@@ -163,9 +168,19 @@ def evaluation_loop(
         pred = EvalPrediction(all_preds, all_labels, inputs_acc.result(), losses_acc.result())
         metrics = trainer.compute_metrics(pred)
     num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))
-    mean_loss = float(strategy.all_reduce_sum(loss_sum)) / num_samples if has_loss and num_samples else None
+    mean_loss = _mean_loss(strategy.all_reduce_sum(loss_sums), num_samples, args.logging_nan_inf_filter)
+    mean_loss = mean_loss if has_loss else None
     metrics = _prefixed(metrics, mean_loss, metric_key_prefix)
     return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+
+def _mean_loss(sums: torch.Tensor, num_samples: int, filter_nan_inf: bool) -> float | None:
+    """The sample-weighted mean loss; with the NaN/inf filter, over the finite batches only
+    (when there is one), as transformers computes `eval_loss`."""
+    total, finite_total, finite_samples = (float(x) for x in sums)
+    if filter_nan_inf and finite_samples > 0:
+        return finite_total / finite_samples
+    return total / num_samples if num_samples else None
 
 
 def _gathered(

@@ -378,10 +378,10 @@ class Trainer:
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
             logs["learning_rate"] = self._step_lr
-            rates = self._throughput.rates(self.strategy.all_reduce_sum)
+            self._transient_logs = self._throughput.rates(self.strategy.all_reduce_sum)
             self._last_logged_step = self.state.global_step
             self.store_flos()
-            self._log(logs, transient=rates)
+            self.log(logs)
         metrics = None
         if self.control.should_evaluate:
             metrics = self._evaluate(trial, ignore_keys)
@@ -486,15 +486,13 @@ class Trainer:
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        self._log(logs)
+        """Record `logs` in `state.log_history` and hand them to the callbacks' `on_log`.
 
-    def _log(self, logs: dict[str, float], transient: dict[str, float] | None = None) -> None:
-        """Record `logs` in `state.log_history` and hand them, plus `transient`, to `on_log`.
-
-        `transient` holds the wall-clock figures of a step log (samples/s, tokens/s, MFU): trackers
-        and the progress bar show them, but the history keeps only what two identical runs (or a
-        resumed and an uninterrupted one) agree on.
+        A step log's wall-clock figures (samples/s, tokens/s, MFU; set aside by the loop) go to
+        `on_log` only: trackers and the progress bar show them, while the history keeps what two
+        identical runs, or a resumed and an uninterrupted one, agree on.
         """
+        transient = self.__dict__.pop("_transient_logs", None)
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         if self.args.include_num_input_tokens_seen not in ("no", False):

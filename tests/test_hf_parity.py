@@ -498,3 +498,29 @@ def test_create_model_card_writes_a_local_readme(tmp_path):
     assert table[0].split("|")[1].strip() == "Training Loss" and "Validation Loss" in table[0]
     assert len(table) == 2 + 2  # header, rule, evaluations at steps 2 and 4
     assert "Runtime" not in card
+
+
+class EvalLossScript(nn.Module):
+    """Each eval forward returns the next scripted loss: nan batches test eval_loss's filter."""
+
+    def __init__(self, script: list[float]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.script, self.calls = script, 0
+
+    def forward(self, input_x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        value = self.script[self.calls % len(self.script)]
+        self.calls += 1
+        return (self.w.sum() * 0.0 + torch.tensor(value), input_x)
+
+
+@pytest.mark.parametrize("script", [[1.0, math.nan, 3.0], [math.nan, math.inf, math.nan]])
+def test_eval_loss_skips_non_finite_batches_as_transformers(tmp_path, script):
+    hf, em = _pair(
+        tmp_path, lambda: EvalLossScript(script), eval_=RegressionDataset(10), per_device_eval_batch_size=4
+    )
+    want, got = hf.evaluate()["eval_loss"], em.evaluate()["eval_loss"]
+    if math.isfinite(want):
+        assert got == pytest.approx(want)
+    else:
+        assert not math.isfinite(got)
