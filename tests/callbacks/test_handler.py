@@ -299,14 +299,12 @@ def test_grammar_only_names_known_events():
 def test_build_callbacks_defaults_then_user():
     user = EarlyStoppingCallback()
     cbs = build_callbacks(_args(disable_tqdm=False, report_to="none"), [user])
-    # JSONL stays on with report_to="none": it is the embedded tracker.
-    assert [type(cb) for cb in cbs] == [
-        DefaultFlowCallback,
-        ProgressCallback,
-        JsonlLoggerCallback,
-        EarlyStoppingCallback,
-    ]
-    assert cbs[3] is user
+    # As transformers: report_to="none" means flow + progress and nothing else.
+    assert [type(cb) for cb in cbs] == [DefaultFlowCallback, ProgressCallback, EarlyStoppingCallback]
+    assert cbs[2] is user
+    for report_to in ("jsonl", "all", ["jsonl"]):
+        cbs = build_callbacks(_args(disable_tqdm=True, report_to=report_to), [])
+        assert [type(cb) for cb in cbs] == [DefaultFlowCallback, PrinterCallback, JsonlLoggerCallback]
 
 
 def test_build_callbacks_printer_and_no_duplicate_jsonl():
