@@ -454,8 +454,17 @@ def profile_save(cfg: Config, work: Path, trainer: Any) -> dict[str, float]:
     from ember.checkpoint import atomic, training
     from ember.checkpoint.model import save_model_files
     from ember.checkpoint.state_io import save_state
+    from ember.checkpoint.writer import StagingBuffers
 
-    snap = training.take_snapshot(trainer, copy=True)
+    staging = StagingBuffers()
+
+    def snapshot(copy: bool) -> training.Snapshot:
+        parts, args = trainer._stateful_parts(), trainer.args
+        return training.take_snapshot(
+            parts, trainer.strategy, args, trainer.state, trainer.processing_class, staging if copy else None
+        )
+
+    snap = snapshot(copy=True)
     tmp = work / "profile-save"
 
     def fresh() -> None:
@@ -473,8 +482,8 @@ def profile_save(cfg: Config, work: Path, trainer: Any) -> dict[str, float]:
         return sorted(p for p in tmp.iterdir() if p.name != "manifest.json")
 
     steps: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = [
-        ("take_snapshot_copy", lambda: training.take_snapshot(trainer, copy=True), None),
-        ("take_snapshot_nocopy", lambda: training.take_snapshot(trainer, copy=False), None),
+        ("take_snapshot_copy", lambda: snapshot(copy=True), None),
+        ("take_snapshot_nocopy", lambda: snapshot(copy=False), None),
         ("save_model_files", lambda: save_model_files(snap.model, tmp, None, snap.model_state), fresh),
         ("save_state_optimizer", lambda: save_state(snap.optimizer or {}, tmp, "optimizer"), fresh),
         ("write_snapshot", write_all, fresh),

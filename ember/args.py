@@ -727,7 +727,7 @@ def validate(args: TrainingArguments) -> None:
     _check_dataloader(args)
     _check_log_levels(args)
     _check_hardware(args)
-    from .distributed.options import check_distributed_args
+    from .args_distributed import check_distributed_args
 
     check_distributed_args(args)
 

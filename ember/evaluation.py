@@ -10,18 +10,42 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from .loss import IGNORE_INDEX
 from .outputs import EvalLoopOutput, EvalPrediction
 
 if TYPE_CHECKING:
-    from .trainer import Trainer
+    from .args import TrainingArguments
+    from .distributed.base import Strategy
+    from .state import TrainerControl, TrainerState
 
-PAD_INDEX = -100
+
+class EvalHost(Protocol):
+    """What the evaluation loop needs from its owner (the Trainer is one)."""
+
+    args: TrainingArguments
+    state: TrainerState
+    control: TrainerControl
+    strategy: Strategy
+    compute_metrics: Callable[..., Any] | None
+    preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None
+
+    def model_for_eval(self) -> nn.Module: ...
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, Any, Any]: ...
+
+    def _fire(self, event: str, **kwargs: Any) -> None: ...
 
 
 def _pad_to(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
@@ -29,7 +53,7 @@ def _pad_to(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
         return t
     pad_shape = list(t.shape)
     pad_shape[dim] = length - t.shape[dim]
-    return torch.cat([t, t.new_full(pad_shape, PAD_INDEX)], dim=dim)
+    return torch.cat([t, t.new_full(pad_shape, IGNORE_INDEX)], dim=dim)
 
 
 def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -87,90 +111,116 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+class _LossSums:
+    """Sample-weighted loss sums of the batches seen: all, finite only, and the finite batches'
+    samples (for the NaN/inf filter), kept on the device until the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.seen = False
+
+    def add(self, loss: torch.Tensor, batch_size: int) -> None:
+        # transformers weights each batch's mean loss by its sample count; so do we.
+        weighted = loss.detach().double() * batch_size
+        finite = torch.isfinite(weighted)
+        self.sums += torch.stack([weighted, torch.where(finite, weighted, 0.0), finite.double() * batch_size])
+
+
 def evaluation_loop(
-    trainer: Trainer,
+    host: EvalHost,
     dataloader: Iterable[dict[str, Any]],
     description: str,
     prediction_loss_only: bool | None = None,
     ignore_keys: list[str] | None = None,
     metric_key_prefix: str = "eval",
 ) -> EvalLoopOutput:
-    args, strategy = trainer.args, trainer.strategy
+    args, strategy = host.args, host.strategy
     loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
     want_inputs = "inputs" in args.include_for_metrics
     want_losses = "loss" in args.include_for_metrics
-    batch_metrics = args.batch_eval_metrics and trainer.compute_metrics is not None
-    model = trainer.model_for_eval()
+    batch_metrics = args.batch_eval_metrics and host.compute_metrics is not None
+    model = host.model_for_eval()
     model.eval()
 
-    preds, labels, inputs_acc, losses_acc = (_Accumulator(args.eval_accumulation_steps) for _ in range(4))
-    # [sum of all losses, sum of finite losses, samples with a finite loss], each sample-weighted.
-    loss_sums = torch.zeros(3, dtype=torch.float64, device=strategy.device)
+    accumulators = tuple(_Accumulator(args.eval_accumulation_steps) for _ in range(4))
+    loss_sums = _LossSums(strategy.device)
     num_samples = 0
     metrics: dict[str, Any] = {}
-    has_loss = False
     # Several ranks: batches from `padding_from` on only even out the ranks' batch counts; gathered
-    # rows beyond the dataset size are their copies and are cut (see distributed/sampling.py).
+    # rows beyond the dataset size are their copies and are cut (see data/sharding.py).
     sampler = getattr(dataloader, "batch_sampler", None)
     padding_from = getattr(sampler, "padding_from", None)
     rows_left = getattr(sampler, "num_samples", None) if padding_from is not None else None
     for step, (is_last, batch) in enumerate(_with_last(dataloader)):
         batch_size = _batch_size(batch)
         padding = padding_from is not None and step >= padding_from
-        loss, logits, batch_labels = trainer.prediction_step(model, batch, loss_only, ignore_keys)
+        loss, logits, batch_labels = host.prediction_step(model, batch, loss_only, ignore_keys)
         if loss is not None:
-            # transformers weights each batch's mean loss by its sample count; so do we.
+            loss_sums.seen = True
             if not padding:
-                weighted = loss.detach().double() * batch_size
-                finite = torch.isfinite(weighted)
-                loss_sums += torch.stack(
-                    [weighted, torch.where(finite, weighted, 0.0), finite.double() * batch_size]
-                )
-            has_loss = True
+                loss_sums.add(loss, batch_size)
         num_samples += 0 if padding else batch_size
+        batch_losses = (
+            loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None
+        )
         outputs, rows_left = _gathered(
             strategy,
-            (
-                logits,
-                batch_labels,
-                batch.get("input_ids") if want_inputs else None,
-                loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None,
-            ),
+            (logits, batch_labels, batch.get("input_ids") if want_inputs else None, batch_losses),
             rows_left,
         )
-        logits, batch_labels, batch_inputs, batch_losses = outputs
-        if logits is not None and trainer.preprocess_logits_for_metrics is not None:
-            logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
-        outputs = (logits, batch_labels, batch_inputs, batch_losses)
+        if outputs[0] is not None and host.preprocess_logits_for_metrics is not None:
+            outputs = (host.preprocess_logits_for_metrics(outputs[0], outputs[1]), *outputs[1:])
         if batch_metrics:
-            # As transformers: the batch's tensors as they are (torch metric code runs on them), and
-            # `inputs` is the whole batch; no call for a batch without logits or labels.
-            if logits is not None and batch_labels is not None:
-                pred = EvalPrediction(
-                    logits,
-                    batch_labels,
-                    batch if want_inputs else None,
-                    batch_losses if want_losses else None,
-                )
-                metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+            metrics = _batch_metrics(host, outputs, batch, is_last) or metrics
         elif not loss_only:
-            for acc, value in zip((preds, labels, inputs_acc, losses_acc), outputs):
+            for acc, value in zip(accumulators, outputs):
                 acc.add(value)
-        trainer.control = trainer.callback_handler.on_prediction_step(args, trainer.state, trainer.control)
+        host._fire("on_prediction_step")
+    return _finish(host, accumulators, batch_metrics, metrics, loss_sums, num_samples, metric_key_prefix)
 
+
+def _batch_metrics(
+    host: EvalHost, outputs: tuple[Any, ...], batch: Any, is_last: bool
+) -> dict[str, Any] | None:
+    """As transformers: the batch's tensors as they are (torch metric code runs on them), and
+    `inputs` is the whole batch; no call for a batch without logits or labels."""
+    logits, labels, _, losses = outputs
+    if logits is None or labels is None:
+        return None
+    want = host.args.include_for_metrics
+    pred = EvalPrediction(
+        logits, labels, batch if "inputs" in want else None, losses if "loss" in want else None
+    )
+    return host.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+
+
+def _finish(
+    host: EvalHost,
+    accumulators: tuple[_Accumulator, ...],
+    batch_metrics: bool,
+    metrics: dict[str, Any],
+    loss_sums: _LossSums,
+    num_samples: int,
+    prefix: str,
+) -> EvalLoopOutput:
+    """Metrics over everything kept, and the mean loss over every rank's samples."""
+    preds, labels, inputs, losses = accumulators
     all_preds, all_labels = preds.result(), labels.result()
     if (
-        trainer.compute_metrics is not None
+        host.compute_metrics is not None
         and not batch_metrics
         and all_preds is not None
         and all_labels is not None
     ):
-        pred = EvalPrediction(all_preds, all_labels, inputs_acc.result(), losses_acc.result())
-        metrics = trainer.compute_metrics(pred)
+        metrics = host.compute_metrics(
+            EvalPrediction(all_preds, all_labels, inputs.result(), losses.result())
+        )
+    strategy = host.strategy
     num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))
-    mean_loss = _mean_loss(strategy.all_reduce_sum(loss_sums), num_samples, args.logging_nan_inf_filter)
-    mean_loss = mean_loss if has_loss else None
-    metrics = _prefixed(metrics, mean_loss, metric_key_prefix)
+    mean_loss = _mean_loss(
+        strategy.all_reduce_sum(loss_sums.sums), num_samples, host.args.logging_nan_inf_filter
+    )
+    metrics = _prefixed(metrics, mean_loss if loss_sums.seen else None, prefix)
     return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
 
 
@@ -184,7 +234,7 @@ def _mean_loss(sums: torch.Tensor, num_samples: int, filter_nan_inf: bool) -> fl
 
 
 def _gathered(
-    strategy: Any, values: tuple[Any, ...], rows_left: int | None
+    strategy: Strategy, values: tuple[Any, ...], rows_left: int | None
 ) -> tuple[tuple[Any, ...], int | None]:
     """Gather a batch's outputs from every rank; cut the rows that only pad the last batches."""
     values = tuple(_gather(strategy, v) for v in values)
@@ -219,10 +269,8 @@ def _with_last(iterable: Iterable[Any]) -> Iterable[tuple[bool, Any]]:
     yield True, current
 
 
-def _gather(strategy: Any, value: Any) -> Any:
-    if value is None or strategy.world_size == 1:
-        return value
-    return _map(strategy.gather_padded, value)
+def _gather(strategy: Strategy, value: Any) -> Any:
+    return None if value is None else _map(strategy.gather, value)
 
 
 def _rows(*values: Any) -> int:

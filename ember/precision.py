@@ -1,23 +1,32 @@
 """Precision objects: autocast, loss scaling and their state, so the loop never asks which dtype runs.
 
-`FullPrecision` does nothing; `Bf16Precision` autocasts (CPU or CUDA); `Fp16Precision` autocasts and
-scales the loss with a GradScaler (CUDA only). Each has `state_dict`/`load_state_dict` so the scaler
-survives a checkpoint.
+`Precision` is the interface; `FullPrecision` does nothing; `Bf16Precision` autocasts (CPU or
+CUDA); `Fp16Precision` autocasts and scales the loss with a GradScaler (CUDA only). Each has
+`state_dict`/`load_state_dict` so the scaler survives a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from .args import TrainingArguments
 
-class FullPrecision:
-    """fp32 (or whatever dtype the model has): every hook is a no-op."""
+
+class Precision:
+    """The interface, and fp32 (or whatever dtype the model has): every hook is a no-op.
+
+    `dtype` is the compute dtype of autocast (None: none); the strategies derive their own
+    settings from it (FSDP's MixedPrecisionPolicy, DeepSpeed's bf16 section), so the precision is
+    decided once, here.
+    """
 
     name = "fp32"
+    dtype: torch.dtype | None = None
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -45,10 +54,15 @@ class FullPrecision:
         pass
 
 
-class Bf16Precision(FullPrecision):
+class FullPrecision(Precision):
+    """fp32: the model's own dtype, no autocast, no scaling."""
+
+
+class Bf16Precision(Precision):
     """bf16 autocast: same range as fp32, so no loss scaling is needed."""
 
     name = "bf16"
+    dtype = torch.bfloat16
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -56,10 +70,11 @@ class Bf16Precision(FullPrecision):
             yield
 
 
-class Fp16Precision(FullPrecision):
+class Fp16Precision(Precision):
     """fp16 autocast with dynamic loss scaling; a step whose gradients overflowed is skipped."""
 
     name = "fp16"
+    dtype = torch.float16
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
@@ -94,9 +109,9 @@ class Fp16Precision(FullPrecision):
             self.scaler.load_state_dict(state)
 
 
-def build_precision(args: Any, device: torch.device) -> FullPrecision:
+def build_precision(args: TrainingArguments, device: torch.device) -> Precision:
     """The precision object for `args.bf16` / `args.fp16`, and tf32 switched on or off as asked."""
-    if getattr(args, "tf32", None) is not None and torch.cuda.is_available():
+    if args.tf32 is not None and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
         torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     if args.fp16:

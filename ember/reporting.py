@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+# The Trainer, typed loosely: trainer.py imports this module, which must not import it back
+# (not even for types: the import graph of ember/ has no cycle).
+Trainer = Any
 
 # Keys of an eval log entry that describe the machine, not the model.
 _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_tokens_per_second")

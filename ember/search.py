@@ -21,13 +21,14 @@ import importlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ember.args import TrainingArguments, check_field_names
 from ember.callbacks.events import TrainerCallback
 
-if TYPE_CHECKING:
-    from ember.trainer import Trainer
+# The Trainer, typed loosely: trainer.py imports this module, which must not import it back
+# (not even for types: the import graph of ember/ has no cycle).
+Trainer = Any
 
 __all__ = [
     "SEARCH_BACKENDS",

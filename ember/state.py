@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +251,21 @@ def restore_callback_states(
             "The checkpoint has state for callbacks that are not attached; ignoring: %s", ", ".join(missing)
         )
     return restored
+
+
+class CallbackStates:
+    """The stateful callbacks and the control flags as one part of a checkpoint, stored in
+    `TrainerState.stateful_callbacks` as transformers stores them."""
+
+    def __init__(self, callbacks: Callable[[], Iterable[Any]], control: TrainerControl) -> None:
+        # A callable: callbacks may be added or removed after this part is made.
+        self.callbacks, self.control = callbacks, control
+
+    def state_dict(self) -> dict[str, Any]:
+        return export_callback_states(self.callbacks(), self.control)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_callback_states(self.callbacks(), state, self.control)
 
 
 def _restore_one(obj: Any, state: dict[str, Any]) -> None:

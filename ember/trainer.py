@@ -28,6 +28,7 @@ from .checkpoint.writer import CheckpointWriter
 from .data import (
     build_eval_dataloader,
     build_train_dataloader,
+    is_iterable_dataset,
     make_train_batch_sampler,
     pick_collator,
     remove_unused_columns,
@@ -37,13 +38,15 @@ from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, lo
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
-from .precision import build_precision
+from .precision import Precision
 from .preemption import PreemptionWatcher, TrainingPreempted
-from .state import TrainerControl, TrainerState
+from .progress import LossTracker, RunProgress, TrainPlan, plan_steps
+from .state import CallbackStates, TrainerControl, TrainerState
 from .throughput import Throughput, count_parameters, device_peak_flops, model_flops_per_token
 from .utils import enable_full_determinism, set_seed, to_device
 
 if TYPE_CHECKING:
+    from .checkpoint.training import Parts
     from .search import BestRun
 
 logger = logging.getLogger("ember")
@@ -89,7 +92,6 @@ class Trainer:
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
-        self.precision = build_precision(self.args, self.strategy.device)
         self.label_shift = shifts_labels(self.model)
         self.label_names = self.args.label_names or _default_label_names(self.model)
         self.state = TrainerState(
@@ -103,18 +105,33 @@ class Trainer:
             self.optimizer,
             self.lr_scheduler,
         )
-        self._position: dict[str, int] = {"epoch": 0, "step_in_epoch": 0}
-        self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
+        self._progress = self._new_progress()
         self._checkpoint_writer = CheckpointWriter(async_=self.args.save_async)
         self._train_batch_sampler: Any = None
-        self._last_logged_step = 0
         self._current_flos = 0.0
         self._step_lr = 0.0
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
-        self.model = self.model.to(self.strategy.device)
-        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+        self.model = self.model_wrapped = self.strategy.place_model(self.model)
+        self._fire("on_init_end")
+
+    @property
+    def precision(self) -> Precision:
+        """The run's precision object; the strategy holds it (its dtype settings derive from it)."""
+        return self.strategy.precision
+
+    @precision.setter
+    def precision(self, value: Precision) -> None:
+        self.strategy.precision = value
+
+    def _fire(self, event: str, **kwargs: Any) -> None:
+        """Fire a callback event; a callback may hand back a new control object, which is kept."""
+        handler = getattr(self.callback_handler, event)
+        self.control = handler(self.args, self.state, self.control, **kwargs)
+
+    def _new_progress(self) -> RunProgress:
+        return RunProgress(LossTracker(self.strategy.device, self.args.logging_nan_inf_filter))
 
     # -- building parts ----------------------------------------------------------------------------
     def _seed_everything(self) -> None:
@@ -171,17 +188,17 @@ class Trainer:
             raise ValueError("Trainer.train() needs a `train_dataset`; pass it to Trainer(...).")
         dataset = self._prepare_dataset(self.train_dataset, "training")
         self._train_batch_sampler = None
-        if not _is_iterable(dataset):
+        if not is_iterable_dataset(dataset):
             self._train_batch_sampler = make_train_batch_sampler(
-                dataset, self.args, rank=self.strategy.rank, world_size=self.strategy.world_size
+                dataset, self.args, rank=self.strategy.dp_rank, world_size=self.strategy.dp_world_size
             )
         loader = build_train_dataloader(
             dataset,
             self.args,
             self.data_collator,
             self._train_batch_sampler,
-            rank=self.strategy.rank,
-            world_size=self.strategy.world_size,
+            rank=self.strategy.dp_rank,
+            world_size=self.strategy.dp_world_size,
         )
         self.callback_handler.train_dataloader = loader
         return loader
@@ -196,8 +213,8 @@ class Trainer:
             self._prepare_dataset(dataset, "evaluation"),
             self.args,
             self.data_collator,
-            rank=self.strategy.rank,
-            world_size=self.strategy.world_size,
+            rank=self.strategy.dp_rank,
+            world_size=self.strategy.dp_world_size,
         )
         self.callback_handler.eval_dataloader = loader
         return loader
@@ -207,8 +224,8 @@ class Trainer:
             self._prepare_dataset(test_dataset, "test"),
             self.args,
             self.data_collator,
-            rank=self.strategy.rank,
-            world_size=self.strategy.world_size,
+            rank=self.strategy.dp_rank,
+            world_size=self.strategy.dp_world_size,
         )
 
     # -- training ------------------------------------------------------------------------------------
@@ -218,16 +235,16 @@ class Trainer:
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
-        args, cb = self.args, self.callback_handler
+        args = self.args
         self._start_time = time.perf_counter()
         if self.model_init is not None:
             # As transformers: a fresh model (seeded) per train() call, with a fresh optimizer.
             self._seed_everything()
-            self.model = self.model_wrapped = self.call_model_init(trial).to(self.strategy.device)
+            self.model = self.model_wrapped = self.strategy.place_model(self.call_model_init(trial))
             self.callback_handler.model = self.model
             self.optimizer, self.lr_scheduler = None, None
         loader = self.get_train_dataloader()
-        plan = loop.plan_steps(args, loader, self._train_batch_sampler)
+        plan = plan_steps(args, self._train_batch_sampler, self.strategy.dp_world_size)
         model = self.model_wrapped = self.strategy.setup_model(self.model)
         self.create_optimizer_and_scheduler(plan.max_steps)
         model, self.optimizer = self.strategy.setup_optimizer(model, self.optimizer)
@@ -237,36 +254,37 @@ class Trainer:
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
         model.train()
-        self.control = cb.on_train_begin(args, self.state, self.control)
+        self._fire("on_train_begin")
         if args.eval_on_start and self.state.global_step == 0:
-            self._evaluate(trial, ignore_keys_for_eval)
+            self._evaluate(ignore_keys_for_eval)
         with PreemptionWatcher(self.preemption_signals) as preemption:
-            for epoch in range(self._position["epoch"], plan.num_epochs):
+            for epoch in range(self._progress.epoch, plan.num_epochs):
                 if self.state.global_step >= plan.max_steps:
                     break
-                self.control = cb.on_epoch_begin(args, self.state, self.control)
+                self._fire("on_epoch_begin")
                 steps = loop.grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
                 for micro_batches in steps:
-                    self.control = cb.on_step_begin(args, self.state, self.control)
-                    step_loss, grad_norm = loop.run_optimizer_step(self, model, micro_batches)
-                    self._loss.add(step_loss)
+                    self._fire("on_step_begin")
+                    step = loop.run_optimizer_step(self, model, micro_batches)
+                    self._progress.loss.add(step.loss)
+                    self._step_lr = step.learning_rate
                     self._advance(epoch, micro_batches, plan)
-                    self.control = cb.on_step_end(args, self.state, self.control)
+                    self._fire("on_step_end")
                     if self.strategy.any_rank(preemption.requested):
                         self.control.should_save = self.control.should_training_stop = True
-                    self._maybe_log_save_evaluate(grad_norm, trial, ignore_keys_for_eval)
+                    self._maybe_log_save_evaluate(step.grad_norm, ignore_keys_for_eval)
                     if self.control.should_epoch_stop or self.control.should_training_stop:
                         break
                 if self.control.should_training_stop and self.strategy.any_rank(preemption.requested):
                     self._exit_preempted()
-                self._position = {"epoch": epoch + 1, "step_in_epoch": 0}
-                self.control = cb.on_epoch_end(args, self.state, self.control)
-                self._maybe_log_save_evaluate(None, trial, ignore_keys_for_eval)
+                self._progress.end_epoch()
+                self._fire("on_epoch_end")
+                self._maybe_log_save_evaluate(None, ignore_keys_for_eval)
                 if self.control.should_training_stop:
                     break
         return self._finish_training()
 
-    def _begin_state(self, plan: loop.TrainPlan) -> None:
+    def _begin_state(self, plan: TrainPlan) -> None:
         self.state = TrainerState(
             max_steps=plan.max_steps,
             num_train_epochs=plan.num_epochs,
@@ -278,9 +296,7 @@ class Trainer:
         self.state.epoch = 0.0
         self.control = TrainerControl()
         self._plan = plan
-        self._position = {"epoch": 0, "step_in_epoch": 0}
-        self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
-        self._last_logged_step = 0
+        self._progress = self._new_progress()
         self._current_flos = 0.0
         model = self.strategy.unwrap(self.model_wrapped)
         self._throughput = Throughput(
@@ -291,23 +307,23 @@ class Trainer:
 
     def _epoch_batches(self, loader: Any, epoch: int) -> Any:
         """This epoch's micro-batches, starting where a resumed run left off (O(1): no replay)."""
-        skip = self._position["step_in_epoch"] * self.args.gradient_accumulation_steps
+        self._progress.start_epoch(epoch)
+        skip = self._progress.step_in_epoch * self.args.gradient_accumulation_steps
         if self._train_batch_sampler is not None:
             self._train_batch_sampler.set_epoch(epoch)
             if skip:
                 self._train_batch_sampler.skip_batches(skip)
         elif hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
-        self._position = {"epoch": epoch, "step_in_epoch": self._position["step_in_epoch"]}
         return loader
 
-    def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: loop.TrainPlan) -> None:
+    def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: TrainPlan) -> None:
         self.state.global_step += 1
-        self._position["step_in_epoch"] += 1
+        self._progress.advance()
         self._throughput.add(micro_batches)
         self._current_flos += float(sum(self.floating_point_ops(b) for b in micro_batches))
         steps = plan.steps_per_epoch
-        self.state.epoch = epoch + (self._position["step_in_epoch"] / steps if steps else 0.0)
+        self.state.epoch = epoch + (self._progress.step_in_epoch / steps if steps else 0.0)
         if self.args.include_num_input_tokens_seen not in ("no", False):
             self.state.num_input_tokens_seen += self._count_input_tokens(micro_batches)
 
@@ -375,30 +391,29 @@ class Trainer:
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return to_device(inputs, self.strategy.device, non_blocking=True)
 
-    def _maybe_log_save_evaluate(
-        self, grad_norm: torch.Tensor | None, trial: Any, ignore_keys: list[str] | None
-    ) -> None:
-        if self.control.should_log and self.state.global_step > self._last_logged_step:
-            logs: dict[str, float] = {"loss": self._loss.pop_mean(self.strategy.all_reduce_sum)}
+    def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, ignore_keys: list[str] | None) -> None:
+        progress = self._progress
+        if self.control.should_log and self.state.global_step > progress.last_logged_step:
+            logs: dict[str, float] = {"loss": progress.loss.pop_mean(self.strategy.all_reduce_sum)}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
             logs["learning_rate"] = self._step_lr
             self._transient_logs = self._throughput.rates(self.strategy.all_reduce_sum)
-            self._last_logged_step = self.state.global_step
+            progress.last_logged_step = self.state.global_step
             self.store_flos()
             self.log(logs)
         metrics = None
         if self.control.should_evaluate:
-            metrics = self._evaluate(trial, ignore_keys)
+            metrics = self._evaluate(ignore_keys)
             is_best = self._is_new_best(metrics)
             if self.args.save_strategy == "best":
                 self.control.should_save = is_best
         if self.control.should_save:
             self._save_checkpoint(metrics)
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+            self._fire("on_save")
 
-    def _evaluate(self, trial: Any, ignore_keys: list[str] | None) -> dict[str, float]:
+    def _evaluate(self, ignore_keys: list[str] | None) -> dict[str, float]:
         metrics = self.evaluate(ignore_keys=ignore_keys)
         if self.scheduler_waits_for_metrics:
             key = self.args.metric_for_best_model or "loss"
@@ -429,17 +444,40 @@ class Trainer:
             return True
         return False
 
+    def _stateful_parts(self) -> Parts:
+        """The run's state as named parts, for checkpoint code (which never sees the trainer)."""
+        from .checkpoint.rng import RngState
+        from .checkpoint.training import Parts
+
+        return Parts(
+            model=self.model_wrapped,
+            optimizer=self.optimizer,
+            scheduler=self.lr_scheduler,
+            precision=self.precision,
+            progress=self._progress,
+            sampler=self._train_batch_sampler,
+            callbacks=CallbackStates(lambda: self.callback_handler.callbacks, self.control),
+            rng=RngState(),
+        )
+
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
         from .checkpoint.training import save_checkpoint
 
         self.store_flos()
-        save_checkpoint(self)
+        save_checkpoint(
+            self._stateful_parts(),
+            self.strategy,
+            self._checkpoint_writer,
+            self.args,
+            self.state,
+            self.processing_class,
+        )
 
     def _resume(self, checkpoint: str | bool) -> None:
         from .checkpoint.training import resume
 
-        resume(self, checkpoint)
+        resume(self._stateful_parts(), self.strategy, self.args, self.state, checkpoint)
 
     def _keep_only_best_checkpoint(self) -> None:
         """As transformers: with save_total_limit=1, a finished run leaves only the best checkpoint."""
@@ -473,9 +511,10 @@ class Trainer:
             self.strategy.load_model_weights(self.model_wrapped, Path(self.state.best_model_checkpoint))
         if self.args.save_total_limit == 1 and self.state.best_model_checkpoint is not None:
             self._keep_only_best_checkpoint()
-        if self._loss.steps_since_log:
-            self._loss.pop_mean(self.strategy.all_reduce_sum)
-        train_loss = self._loss.total / max(self._loss.total_steps, 1)
+        loss = self._progress.loss
+        if loss.steps_since_log:
+            loss.pop_mean(self.strategy.all_reduce_sum)
+        train_loss = loss.mean()
         plan = self._plan
         metrics = speed_metrics(
             "train",
@@ -488,7 +527,7 @@ class Trainer:
         metrics["train_loss"] = train_loss
         metrics["epoch"] = float(self.state.epoch or 0.0)
         self.log(dict(metrics))
-        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        self._fire("on_train_end")
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -505,7 +544,7 @@ class Trainer:
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.state.log_history.append({**logs, "step": self.state.global_step})
         shown = {**logs, **transient} if transient else logs
-        self.control = self.callback_handler.on_log(self.args, self.state, self.control, shown)
+        self._fire("on_log", logs=shown)
 
     def store_flos(self) -> None:
         """Add the FLOPs counted since the last call, summed over ranks, to `state.total_flos`."""
@@ -665,7 +704,7 @@ class Trainer:
         metrics = output.metrics or {}
         metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
         self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        self._fire("on_evaluate", metrics=metrics)
         self.model_wrapped.train()
         return metrics
 
@@ -680,7 +719,7 @@ class Trainer:
             )
         metrics = output.metrics or {}
         metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
-        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=metrics)
+        self._fire("on_predict", metrics=metrics)
         return PredictionOutput(output.predictions, output.label_ids, metrics)
 
     def prediction_step(
@@ -764,10 +803,6 @@ def _check_constructor(
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _is_iterable(dataset: Any) -> bool:
-    return isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__")
 
 
 def _num_batches(loader: Any) -> int | None:

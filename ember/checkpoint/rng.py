@@ -64,6 +64,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.mps.set_rng_state(state["mps"].cpu())
 
 
+class RngState:
+    """The process's random generators as a stateful part (each rank saves its own)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)
+
+
 def _as_tuple(value: Any) -> Any:
     """random/numpy want tuples all the way down; a JSON round-trip elsewhere may have made lists."""
     if isinstance(value, (list, tuple)):

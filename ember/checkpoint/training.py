@@ -1,4 +1,4 @@
-"""What a training checkpoint holds, and how the trainer's parts go in and come back out.
+"""What a training checkpoint holds, and how a run's stateful parts go in and come back out.
 
 Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never pickle)::
 
@@ -10,31 +10,36 @@ Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never
     rank-<r>.{safetensors,json}    # per process: RNG states, its share of the running loss
     manifest.json                  # written last: sizes and sha256 of every file above
 
-Every part is a `state_dict()`; this module only moves those dicts. A snapshot is taken on the
-training thread (copied to CPU when the write runs in the background), and the write touches only
-the snapshot, so training may go on while it runs.
+Every part is a `state_dict()`; this module only moves those dicts. It receives the parts by name
+(`Parts`: model, optimizer, scheduler, precision, progress, sampler, callbacks, rng) with the
+strategy, which saves and loads model and optimizer however they are placed; it knows nothing of
+the object that runs the loop. A snapshot is taken on the training thread (copied to CPU when the
+write runs in the background), and the write touches only the snapshot, so training may go on
+while it runs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..state import TrainerState, export_callback_states, restore_callback_states
+from ..state import TrainerState
 from .atomic import find_resumable_checkpoint, load_checkpoint_dir
 from .model import WEIGHTS_NAME, save_model_files
-from .rng import capture_rng_state, restore_rng_state
 from .rotation import rotate_checkpoints
 from .state_io import load_state, save_state
-from .writer import StagingBuffers
 
 if TYPE_CHECKING:
-    from ..trainer import Trainer
+    from ..args import TrainingArguments
+    from ..distributed.base import Strategy
+    from ..progress import RunProgress
+    from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,27 @@ TRAINER_STATE_NAME = "trainer_state.json"
 ARGS_NAME = "training_args.json"
 OPTIMIZER = "optimizer"
 TRAINER = "trainer"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Parts:
+    """The stateful parts of a run, by name. `model` and `optimizer` go through the strategy (they
+    may be wrapped or sharded); `scheduler` and `sampler` may be None; `callbacks` is stored in
+    trainer_state.json (`stateful_callbacks`), `rng` and the unlogged loss per rank."""
+
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Stateful | None
+    precision: Stateful
+    progress: RunProgress
+    sampler: Stateful | None
+    callbacks: Stateful
+    rng: Stateful
 
 
 def rank_name(rank: int) -> str:
@@ -64,54 +90,54 @@ class Snapshot:
     args_json: str
 
 
-def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
-    """Gather the state dicts of every part; with `copy`, on CPU and independent of training."""
-    strategy = trainer.strategy
-    only_model = trainer.args.save_only_model
+def take_snapshot(
+    parts: Parts,
+    strategy: Strategy,
+    args: TrainingArguments,
+    state: TrainerState,
+    processing_class: Any = None,
+    staging: Any = None,
+) -> Snapshot:
+    """Gather the state dicts of every part; with `staging` (a `StagingBuffers`), on CPU and
+    independent of training."""
+    only_model = args.save_only_model
     # Every rank asks (gathering a sharded model is a collective); only the main process keeps it.
-    full_model = strategy.model_state_dict(trainer.model_wrapped)
+    full_model = strategy.model_state_dict(parts.model)
     model_state = full_model if strategy.is_main else None
     optimizer = (
         None
         if only_model or not strategy.is_main
-        else strategy.optimizer_state_dict(trainer.model_wrapped, trainer.optimizer)
+        else strategy.optimizer_state_dict(parts.model, parts.optimizer)
     )
     shared = None
     if not only_model and strategy.is_main:
-        sampler = trainer._train_batch_sampler
         shared = {
-            "scheduler": trainer.lr_scheduler.state_dict() if trainer.lr_scheduler is not None else {},
-            "precision": trainer.precision.state_dict(),
-            "position": dict(trainer._position),
-            "sampler": sampler.state_dict() if sampler is not None else {},
-            "loss": {"total": trainer._loss.total, "total_steps": trainer._loss.total_steps},
-            "last_logged_step": trainer._last_logged_step,
+            "scheduler": parts.scheduler.state_dict() if parts.scheduler is not None else {},
+            "precision": parts.precision.state_dict(),
+            "sampler": parts.sampler.state_dict() if parts.sampler is not None else {},
+            **parts.progress.state_dict(),
             "world_size": strategy.world_size,
         }
     rank_state = None
     if not only_model:
-        rank_state = {
-            "rng": capture_rng_state(),
-            "loss_pending": [float(x) for x in trainer._loss.pending],
-        }
-    if copy:
+        rank_state = {"rng": parts.rng.state_dict(), **parts.progress.local_state_dict()}
+    if staging is not None:
         # The previous snapshot's buffers are reused, so its write must be over (save_checkpoint
         # waits for it before calling this).
-        staging = trainer.__dict__.setdefault("_staging_buffers", StagingBuffers())
         model_state, optimizer, shared, rank_state = staging.snapshot(
             (model_state, optimizer, shared, rank_state)
         )
     return Snapshot(
         rank=strategy.rank,
         is_main=strategy.is_main,
-        model=strategy.unwrap(trainer.model_wrapped),
+        model=strategy.unwrap(parts.model),
         model_state=model_state,
-        processing_class=trainer.processing_class,
+        processing_class=processing_class,
         optimizer=optimizer,
         trainer=shared,
         rank_state=rank_state,
-        trainer_state_json=trainer.state.to_json_string(),
-        args_json=json.dumps(trainer.args.to_dict(), indent=2, sort_keys=True, default=str) + "\n",
+        trainer_state_json=state.to_json_string(),
+        args_json=json.dumps(args.to_dict(), indent=2, sort_keys=True, default=str) + "\n",
     )
 
 
@@ -159,36 +185,29 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
     return (t.untyped_storage().data_ptr(), int(t.storage_offset()))
 
 
-def restore_training_state(trainer: Trainer, folder: Path) -> None:
-    """Put every part of `trainer` back as it was when `folder` was written."""
-    strategy = trainer.strategy
+def restore_training_state(parts: Parts, strategy: Strategy, args: TrainingArguments, folder: Path) -> None:
+    """Put every part back as it was when `folder` was written."""
     if not (folder / f"{TRAINER}.json").exists():
         raise ValueError(
             f"{folder} was written with save_only_model=True: it holds the model but no optimizer, "
             "scheduler or data position, so training cannot resume from it exactly. Load the model with "
             "from_pretrained and start a new run, or resume from a full checkpoint."
         )
-    strategy.load_model_and_optimizer(trainer.model_wrapped, trainer.optimizer, folder)
+    strategy.load_model_and_optimizer(parts.model, parts.optimizer, folder)
     shared = load_state(folder, TRAINER)
-    _warn_on_changed_shape(trainer, folder, shared)
-    _warn_on_changed_sampler(trainer, shared.get("sampler") or {})
-    if trainer.lr_scheduler is not None and shared["scheduler"]:
-        trainer.lr_scheduler.load_state_dict(shared["scheduler"])
-    trainer.precision.load_state_dict(shared["precision"])
-    trainer._loss.total = float(shared["loss"]["total"])
-    trainer._loss.total_steps = int(shared["loss"]["total_steps"])
-    trainer._last_logged_step = int(shared["last_logged_step"])
-    position = {k: int(v) for k, v in shared["position"].items()}
-    if trainer.args.ignore_data_skip:
-        # transformers' meaning: keep the epoch count, but start that epoch's data from its beginning.
-        position["step_in_epoch"] = 0
-    trainer._position = position
+    _warn_on_changed_shape(args, strategy.world_size, folder, shared)
+    _warn_on_changed_sampler(parts.sampler, shared.get("sampler") or {})
+    if parts.scheduler is not None and shared["scheduler"]:
+        parts.scheduler.load_state_dict(shared["scheduler"])
+    parts.precision.load_state_dict(shared["precision"])
+    parts.progress.load_state_dict(shared)
+    if args.ignore_data_skip:
+        parts.progress.restart_epoch_data()
     rank_file = folder / f"{rank_name(strategy.rank)}.json"
     if rank_file.exists():
         mine = load_state(folder, rank_name(strategy.rank))
-        restore_rng_state(mine["rng"])
-        device = trainer._loss.device
-        trainer._loss.pending = [torch.tensor(x, device=device) for x in mine["loss_pending"]]
+        parts.rng.load_state_dict(mine["rng"])
+        parts.progress.load_local_state_dict(mine)
     else:
         logger.warning(
             "%s has no random state for rank %d (saved with another world size); the "
@@ -198,8 +217,7 @@ def restore_training_state(trainer: Trainer, folder: Path) -> None:
         )
 
 
-def _warn_on_changed_sampler(trainer: Trainer, saved: dict[str, Any]) -> None:
-    sampler = trainer._train_batch_sampler
+def _warn_on_changed_sampler(sampler: Stateful | None, saved: dict[str, Any]) -> None:
     if sampler is None or not saved:
         return
     now = sampler.state_dict()
@@ -213,19 +231,20 @@ def _warn_on_changed_sampler(trainer: Trainer, saved: dict[str, Any]) -> None:
         )
 
 
-def _warn_on_changed_shape(trainer: Trainer, folder: Path, shared: dict[str, Any]) -> None:
+def _warn_on_changed_shape(
+    args: TrainingArguments, world_size: int, folder: Path, shared: Mapping[str, Any]
+) -> None:
     try:
         saved_args = json.loads((folder / ARGS_NAME).read_text())
     except (OSError, ValueError):
         return
-    now = trainer.args
     changes = [
-        f"{name} {saved_args.get(name)} -> {getattr(now, name)}"
+        f"{name} {saved_args.get(name)} -> {getattr(args, name)}"
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps")
-        if saved_args.get(name) is not None and saved_args.get(name) != getattr(now, name)
+        if saved_args.get(name) is not None and saved_args.get(name) != getattr(args, name)
     ]
-    if int(shared.get("world_size", 1)) != trainer.strategy.world_size:
-        changes.append(f"world size {shared.get('world_size')} -> {trainer.strategy.world_size}")
+    if int(shared.get("world_size", 1)) != world_size:
+        changes.append(f"world size {shared.get('world_size')} -> {world_size}")
     if changes:
         logger.warning(
             "Resuming from %s with a different batch shape (%s): the data position is kept in optimizer "
@@ -235,10 +254,10 @@ def _warn_on_changed_shape(trainer: Trainer, folder: Path, shared: dict[str, Any
         )
 
 
-def _keep_saved_intervals(trainer: Trainer, saved: TrainerState, folder: Path) -> None:
+def _keep_saved_intervals(state: TrainerState, saved: TrainerState, folder: Path) -> None:
     """As transformers: the checkpoint's logging/eval/save intervals go on; say so when args differ."""
     for kind in ("logging_steps", "eval_steps", "save_steps"):
-        old, new = getattr(saved, kind), getattr(trainer.state, kind)
+        old, new = getattr(saved, kind), getattr(state, kind)
         if old != new:
             logger.warning(
                 "Resuming from %s: %s is %s in the checkpoint and %s in the arguments; the run goes on "
@@ -249,61 +268,63 @@ def _keep_saved_intervals(trainer: Trainer, saved: TrainerState, folder: Path) -
                 new,
                 old,
             )
-            setattr(trainer.state, kind, old)
+            setattr(state, kind, old)
 
 
-def save_checkpoint(trainer: Trainer) -> None:
+def save_checkpoint(
+    parts: Parts,
+    strategy: Strategy,
+    writer: CheckpointWriter,
+    args: TrainingArguments,
+    state: TrainerState,
+    processing_class: Any = None,
+) -> None:
     """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
-    final = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    if trainer.state.best_global_step == trainer.state.global_step:
-        trainer.state.best_model_checkpoint = str(final)
-    trainer.state.stateful_callbacks = export_callback_states(
-        trainer.callback_handler.callbacks, trainer.control
-    )
-    if trainer.args.save_async:
-        trainer._checkpoint_writer.wait()
-    snapshot = take_snapshot(trainer, copy=trainer.args.save_async)
-    limit, best = trainer.args.save_total_limit, trainer.state.best_model_checkpoint
-    output_dir = Path(trainer.args.output_dir)
+    final = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    if state.best_global_step == state.global_step:
+        state.best_model_checkpoint = str(final)
+    state.stateful_callbacks = parts.callbacks.state_dict()
+    if args.save_async:
+        writer.wait()
+    staging = writer.staging if args.save_async else None
+    snapshot = take_snapshot(parts, strategy, args, state, processing_class, staging)
+    limit, best = args.save_total_limit, state.best_model_checkpoint
+    output_dir = Path(args.output_dir)
 
     def rotate() -> None:
-        if trainer.strategy.is_main:
+        if strategy.is_main:
             rotate_checkpoints(output_dir, limit, keep={Path(best)} if best else set())
 
-    trainer.strategy.write_checkpoint(
-        trainer._checkpoint_writer, final, lambda tmp: write_snapshot(snapshot, tmp), rotate
-    )
+    strategy.write_checkpoint(writer, final, lambda tmp: write_snapshot(snapshot, tmp), rotate)
 
 
-def resume(trainer: Trainer, checkpoint: str | bool) -> None:
-    """Load `checkpoint` (or, with True, the newest complete one in output_dir) into `trainer`."""
-    if checkpoint is True:
-        found = find_resumable_checkpoint(trainer.args.output_dir)
-        if found is None:
-            raise ValueError(
-                f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no complete checkpoint; "
-                "start without resume_from_checkpoint or point it at a checkpoint folder."
-            )
-        folder = found
-    else:
-        folder = load_checkpoint_dir(str(checkpoint))
+# What a checkpoint's trainer_state.json gives back to the live TrainerState on resume.
+_RESUMED_STATE_FIELDS = (
+    "epoch",
+    "global_step",
+    "log_history",
+    "best_metric",
+    "best_global_step",
+    "best_model_checkpoint",
+    "num_input_tokens_seen",
+    "total_flos",
+    "stateful_callbacks",
+)
+
+
+def resume(
+    parts: Parts, strategy: Strategy, args: TrainingArguments, state: TrainerState, checkpoint: str | bool
+) -> Path:
+    """Load `checkpoint` (or, with True, the newest complete one in output_dir) into the parts and
+    `state`; returns the folder it came from."""
+    folder = _checkpoint_folder(args.output_dir, checkpoint)
     saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))
-    _keep_saved_intervals(trainer, saved, folder)
-    for name in (
-        "epoch",
-        "global_step",
-        "log_history",
-        "best_metric",
-        "best_global_step",
-        "best_model_checkpoint",
-        "num_input_tokens_seen",
-        "total_flos",
-        "stateful_callbacks",
-    ):
-        setattr(trainer.state, name, getattr(saved, name))
-    restore_training_state(trainer, folder)
-    if trainer.args.restore_callback_states_from_checkpoint:
-        restore_callback_states(trainer.callback_handler.callbacks, saved.stateful_callbacks, trainer.control)
+    _keep_saved_intervals(state, saved, folder)
+    for name in _RESUMED_STATE_FIELDS:
+        setattr(state, name, getattr(saved, name))
+    restore_training_state(parts, strategy, args, folder)
+    if args.restore_callback_states_from_checkpoint:
+        parts.callbacks.load_state_dict(saved.stateful_callbacks)
     elif set(saved.stateful_callbacks) - {"TrainerControl"}:
         logger.warning(
             "The checkpoint holds the state of %s, which starts fresh because "
@@ -314,7 +335,20 @@ def resume(trainer: Trainer, checkpoint: str | bool) -> None:
     logger.info(
         "Resumed from %s at step %d (epoch %d, step %d of it).",
         folder,
-        trainer.state.global_step,
-        trainer._position["epoch"],
-        trainer._position["step_in_epoch"],
+        state.global_step,
+        parts.progress.epoch,
+        parts.progress.step_in_epoch,
     )
+    return folder
+
+
+def _checkpoint_folder(output_dir: str, checkpoint: str | bool) -> Path:
+    if checkpoint is not True:
+        return load_checkpoint_dir(str(checkpoint))
+    found = find_resumable_checkpoint(output_dir)
+    if found is None:
+        raise ValueError(
+            f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint; "
+            "start without resume_from_checkpoint or point it at a checkpoint folder."
+        )
+    return found

@@ -91,6 +91,8 @@ class CheckpointWriter:
 
     def __init__(self, async_: bool = False) -> None:
         self.async_ = async_
+        # Reused by background saves' snapshots; only after `wait()` (see StagingBuffers).
+        self.staging = StagingBuffers()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
 

@@ -21,7 +21,6 @@ __all__ = [
     "seed_worker",
 ]
 
-SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 
 Collator = Callable[[Any], Any]
 
@@ -38,6 +37,9 @@ def seed_worker(worker_id: int) -> None:
     `SeededDataset` reseeds per batch, so nothing else needs seeding here.
     """
     torch.set_num_threads(1)
+
+
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 
 
 def is_iterable_dataset(dataset: Any) -> bool:
@@ -108,7 +110,7 @@ def build_train_dataloader(
     seed = resolve_data_seed(args) if seed is None else seed
     if is_iterable_dataset(dataset):
         if world_size > 1:
-            from ..distributed.sampling import ShardedIterable
+            from .sharding import ShardedIterable
 
             dataset = ShardedIterable(
                 dataset, args.per_device_train_batch_size, rank, world_size, args.dataloader_drop_last
@@ -147,13 +149,13 @@ def build_eval_dataloader(
     batch_size = args.per_device_eval_batch_size
     if is_iterable_dataset(dataset):
         if world_size > 1:
-            from ..distributed.sampling import ShardedIterable
+            from .sharding import ShardedIterable
 
             dataset = ShardedIterable(dataset, batch_size, rank, world_size, drop_last=False)
         return _stream_loader(dataset, args, collator, batch_size, False, seed)
     sampler: Any
     if world_size > 1:
-        from ..distributed.sampling import DistributedEvalSampler
+        from .sharding import DistributedEvalSampler
 
         sampler = DistributedEvalSampler(len(dataset), batch_size, rank, world_size, seed=seed)
     else:

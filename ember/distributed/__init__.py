@@ -1,8 +1,10 @@
 """Strategies: one object per way of placing the model on devices.
 
-The trainer talks to a strategy only through the methods of `SingleDevice`; a multi-process
-strategy overrides them. On one process every collective is the identity, so the loop calls them
-unconditionally and pays nothing.
+The trainer talks to a strategy only through the `Strategy` Protocol (base.py); `SingleDevice`
+implements it for one process, where every collective is the identity (so the loop calls them
+unconditionally and pays nothing), and the multi-process strategies extend it. The precision
+object is built here, once, and handed to the strategy, which derives its own dtype settings
+from it.
 
 `build_strategy` reads the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK from torchrun)
 and the arguments (`fsdp`, `deepspeed`): several processes without either mean DDP. The process
@@ -15,44 +17,51 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .options import fsdp_enabled
+from ..args_distributed import fsdp_enabled
 
 if TYPE_CHECKING:
-    from .single import SingleDevice, Strategy
+    from ..args import TrainingArguments
+    from .base import Strategy
+    from .single import SingleDevice
 
 __all__ = ["SingleDevice", "Strategy", "build_strategy", "fsdp_enabled"]
 
+_LAZY = {"SingleDevice": ".single", "Strategy": ".base"}
+
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so TrainingArguments can validate its distributed fields without importing torch.
-    if name in ("SingleDevice", "Strategy"):
-        return getattr(importlib.import_module(".single", __name__), name)
+    # Lazy, so importing this package does not import torch.
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_strategy(args: Any) -> Strategy:
-    """The strategy for this process: one device unless launched as several processes."""
-    from .env import launch_env
+def build_strategy(args: TrainingArguments) -> Strategy:
+    """The strategy for this process (one device unless launched as several processes), holding
+    the one precision object of the run."""
+    from ..precision import build_precision
+    from .env import launch_env, pick_device
     from .single import SingleDevice
 
     env = launch_env()
-    deepspeed = getattr(args, "deepspeed", None)
-    fsdp = fsdp_enabled(getattr(args, "fsdp", None))
-    if not (env.distributed or deepspeed or fsdp):
-        return SingleDevice.from_args(args)
-    from .env import init_process_group, pick_backend, pick_device
+    fsdp = fsdp_enabled(args.fsdp)
+    if not (env.distributed or args.deepspeed or fsdp):
+        device = pick_device(args.use_cpu)
+        return SingleDevice(device, build_precision(args, device))
+    from .env import init_process_group, pick_backend
 
-    device = pick_device(bool(getattr(args, "use_cpu", False)), env.local_rank)
-    backend = pick_backend(device, getattr(args, "ddp_backend", None))
-    init_process_group(env, backend, float(getattr(args, "ddp_timeout", 1800)))
-    if deepspeed:
+    device = pick_device(args.use_cpu, env.local_rank)
+    precision = build_precision(args, device)
+    backend = pick_backend(device, args.ddp_backend)
+    init_process_group(env, backend, float(args.ddp_timeout))
+    if args.deepspeed:
         from .deepspeed import DeepSpeedStrategy
 
-        return DeepSpeedStrategy.build(args, env, device, backend)
+        return DeepSpeedStrategy.build(args, env, device, backend, precision)
     if fsdp:
         from .fsdp import FSDPStrategy
 
-        return FSDPStrategy.build(args, env, device, backend)
+        return FSDPStrategy.build(args, env, device, backend, precision)
     from .ddp import DDPStrategy
 
-    return DDPStrategy.build(args, env, device, backend)
+    return DDPStrategy.build(args, env, device, backend, precision)

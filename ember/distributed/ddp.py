@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,10 @@ from torch import nn
 
 from .env import LaunchEnv
 from .multi import MultiProcess
+
+if TYPE_CHECKING:
+    from ..args import TrainingArguments
+    from ..precision import Precision
 
 
 def sum_gradients_hook(state, bucket):  # type: ignore[no-untyped-def]
@@ -38,21 +42,25 @@ class DDPStrategy(MultiProcess):
         env: LaunchEnv,
         device: torch.device,
         backend: str,
+        precision: Precision | None = None,
         find_unused_parameters: bool | None = None,
         bucket_cap_mb: int | None = None,
         broadcast_buffers: bool | None = None,
     ) -> None:
-        super().__init__(env, device, backend)
+        super().__init__(env, device, backend, precision)
         self.find_unused_parameters = bool(find_unused_parameters)
         self.bucket_cap_mb = bucket_cap_mb
         self.broadcast_buffers = broadcast_buffers
 
     @classmethod
-    def build(cls, args: Any, env: LaunchEnv, device: torch.device, backend: str) -> DDPStrategy:
+    def build(
+        cls, args: TrainingArguments, env: LaunchEnv, device: torch.device, backend: str, precision: Precision
+    ) -> DDPStrategy:
         return cls(
             env,
             device,
             backend,
+            precision,
             find_unused_parameters=args.ddp_find_unused_parameters,
             bucket_cap_mb=args.ddp_bucket_cap_mb,
             broadcast_buffers=args.ddp_broadcast_buffers,
@@ -61,7 +69,7 @@ class DDPStrategy(MultiProcess):
     def setup_model(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        module = self.unwrap(model).to(self.device)
+        module = self.place_model(self.unwrap(model))
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError("DDP needs a model with trainable parameters; none requires grad.")
         kwargs: dict[str, Any] = {"find_unused_parameters": self.find_unused_parameters}

@@ -26,13 +26,17 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from .env import LaunchEnv, collective
 from .multi import MultiProcess
+
+if TYPE_CHECKING:
+    from ..args import TrainingArguments
+    from ..precision import Precision
 
 logger = logging.getLogger("ember")
 
@@ -66,8 +70,13 @@ class _Filler:
             self.mismatches.append(f"{dotted}={node[key]!r} but {arg_name}={value!r}")
 
 
-def resolve_config(args: Any, world_size: int, hidden_size: int | None) -> dict[str, Any]:
-    """The DeepSpeed config with every "auto" resolved; ValueError naming any contradiction."""
+def resolve_config(
+    args: TrainingArguments, world_size: int, hidden_size: int | None, dtype: torch.dtype | None
+) -> dict[str, Any]:
+    """The DeepSpeed config with every "auto" resolved; ValueError naming any contradiction.
+
+    `dtype` is the run's compute dtype, `Precision.dtype` (None: fp32).
+    """
     config = load_deepspeed_config(args.deepspeed)
     f = _Filler(config)
     ga = args.gradient_accumulation_steps
@@ -75,8 +84,8 @@ def resolve_config(args: Any, world_size: int, hidden_size: int | None) -> dict[
     f.fill("gradient_accumulation_steps", ga, "gradient_accumulation_steps")
     f.fill("train_batch_size", args.per_device_train_batch_size * ga * world_size, "the global batch size")
     f.fill("gradient_clipping", float(args.max_grad_norm or 0.0), "max_grad_norm")
-    f.fill("bf16.enabled", bool(args.bf16), "bf16")
-    f.fill("fp16.enabled", bool(args.fp16), "fp16")
+    f.fill("bf16.enabled", dtype == torch.bfloat16, "bf16")
+    f.fill("fp16.enabled", dtype == torch.float16, "fp16")
     zero = config.get("zero_optimization", {})
     for key, value in (
         ("reduce_bucket_size", hidden_size * hidden_size if hidden_size else None),
@@ -153,8 +162,15 @@ class _EngineOptimizer:
 class DeepSpeedStrategy(MultiProcess):
     """DeepSpeed's engine around the model and ember's optimizer."""
 
-    def __init__(self, env: LaunchEnv, device: torch.device, backend: str, args: Any) -> None:
-        super().__init__(env, device, backend)
+    def __init__(
+        self,
+        env: LaunchEnv,
+        device: torch.device,
+        backend: str,
+        args: TrainingArguments,
+        precision: Precision | None = None,
+    ) -> None:
+        super().__init__(env, device, backend, precision)
         try:
             import deepspeed  # noqa: F401
         except ImportError as exc:
@@ -168,16 +184,18 @@ class DeepSpeedStrategy(MultiProcess):
         self._grad_norm = torch.full((), float("nan"))
 
     @classmethod
-    def build(cls, args: Any, env: LaunchEnv, device: torch.device, backend: str) -> DeepSpeedStrategy:
-        resolve_config(args, env.world_size, None)  # fail early on a bad config
-        return cls(env, device, backend, args)
+    def build(
+        cls, args: TrainingArguments, env: LaunchEnv, device: torch.device, backend: str, precision: Precision
+    ) -> DeepSpeedStrategy:
+        resolve_config(args, env.world_size, None, precision.dtype)  # fail early on a bad config
+        return cls(env, device, backend, args, precision)
 
     @property
     def stage(self) -> int:
         return int(self.config.get("zero_optimization", {}).get("stage", 0))
 
     def setup_model(self, model: nn.Module) -> nn.Module:
-        return self.unwrap(model).to(self.device)
+        return self.place_model(self.unwrap(model))
 
     def setup_optimizer(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -194,7 +212,7 @@ class DeepSpeedStrategy(MultiProcess):
             raise ValueError("DeepSpeed needs an optimizer; the trainer builds one from TrainingArguments.")
         module = self.unwrap(model)
         hidden = getattr(getattr(module, "config", None), "hidden_size", None)
-        self.config = resolve_config(self.args, self.world_size, hidden)
+        self.config = resolve_config(self.args, self.world_size, hidden, self.precision.dtype)
         with collective("starting DeepSpeed", self.rank):
             engine, ds_optimizer, _, _ = deepspeed.initialize(
                 model=module, optimizer=optimizer, config=self.config

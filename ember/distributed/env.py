@@ -66,12 +66,18 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(rank, local_rank, world, local_world)
 
 
-def pick_device(use_cpu: bool, local_rank: int) -> torch.device:
-    """This process's device: GPU `local_rank` when there is one (and use_cpu is off), else CPU."""
+def pick_device(use_cpu: bool, local_rank: int | None = None) -> torch.device:
+    """This process's device, unless use_cpu: with a `local_rank` (one of several processes) GPU
+    `local_rank`; alone, the current GPU, else MPS. The CPU when there is none of those."""
     if not use_cpu and torch.cuda.is_available():
+        if local_rank is None:
+            return torch.device("cuda", torch.cuda.current_device())
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
+    mps = getattr(torch.backends, "mps", None)
+    if not use_cpu and local_rank is None and mps is not None and mps.is_available():
+        return torch.device("mps")
     return torch.device("cpu")
 
 

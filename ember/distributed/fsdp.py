@@ -16,13 +16,17 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from .env import LaunchEnv, collective
 from .multi import MultiProcess
+
+if TYPE_CHECKING:
+    from ..args import TrainingArguments
+    from ..precision import Precision
 
 logger = logging.getLogger("ember")
 
@@ -36,19 +40,20 @@ class FSDPStrategy(MultiProcess):
         device: torch.device,
         backend: str,
         config: dict[str, Any],
-        precision: str | None,
+        precision: Precision | None = None,
     ) -> None:
-        super().__init__(env, device, backend)
+        super().__init__(env, device, backend, precision)
         self.config = dict(config)
-        self.precision = precision
         from torch.distributed.device_mesh import init_device_mesh
 
         self.mesh = init_device_mesh(device.type, (self.world_size,))
 
     @classmethod
-    def build(cls, args: Any, env: LaunchEnv, device: torch.device, backend: str) -> FSDPStrategy:
-        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else None
-        config = args.fsdp_config or {}
+    def build(
+        cls, args: TrainingArguments, env: LaunchEnv, device: torch.device, backend: str, precision: Precision
+    ) -> FSDPStrategy:
+        # A dict once the arguments are validated (a JSON path is read then).
+        config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
         if config.get("cpu_offload") and device.type == "cpu":
             raise ValueError(
                 "`fsdp_config['cpu_offload']` moves parameters off a GPU, but this run is on the CPU; "
@@ -59,14 +64,19 @@ class FSDPStrategy(MultiProcess):
         return strategy
 
     # -- model ------------------------------------------------------------------------------------
+    def place_model(self, model: nn.Module) -> nn.Module:
+        """Shard the model: on this strategy, placing it is sharding it (see `setup_model`)."""
+        return self.setup_model(model)
+
     def setup_model(self, model: nn.Module) -> nn.Module:
+        """Shard block by block. The full model never lands on the device: `fully_shard` moves
+        each block's tensors there as it shards them, and a model built on the meta device is
+        materialised shard by shard afterwards (`_materialise`)."""
         from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
-        if isinstance(model, FSDPModule):  # a second train() on the same model
+        if isinstance(model, FSDPModule):  # already sharded (at construction, or a second train())
             return model
         offload = bool(self.config.get("cpu_offload"))
-        if not offload:
-            model.to(self.device)
         if self.config.get("activation_checkpointing"):
             enable_activation_checkpointing(model, self._block_types(model))
         kwargs: dict[str, Any] = {
@@ -82,6 +92,7 @@ class FSDPStrategy(MultiProcess):
             for block in blocks:
                 fully_shard(block, **kwargs)
             fully_shard(model, **kwargs)
+        _materialise(model, torch.device("cpu") if offload else self.device)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
@@ -93,7 +104,7 @@ class FSDPStrategy(MultiProcess):
     def _mixed_precision(self) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision or "")
+        dtype = self.precision.dtype
         if dtype is None:
             return None
         reduce = self.config.get("mixed_precision_reduce_dtype", "float32")
@@ -221,6 +232,26 @@ class FSDPStrategy(MultiProcess):
     _optimizer: torch.optim.Optimizer | None = None
     _async = False
     save_only_model = False
+
+
+def _materialise(model: nn.Module, device: torch.device) -> None:
+    """Give a model built on the meta device real (sharded) storage and its initial values.
+
+    Only this rank's shards are allocated. Values come from the model's own initialisation:
+    `init_weights()` for a transformers model, else each submodule's `reset_parameters()`.
+    """
+    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return
+    model.to_empty(device=device)
+    init_weights = getattr(model, "init_weights", None)
+    with torch.no_grad():
+        if callable(init_weights):
+            init_weights()
+            return
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
 
 
 def _blocks_by_size(model: nn.Module, min_params: int) -> list[nn.Module]:

@@ -15,19 +15,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..loss import IGNORE_INDEX
+from ..precision import Precision
 from .env import LaunchEnv, collective, side_group
 from .single import SingleDevice
 
 logger = logging.getLogger("ember")
 
-PAD_INDEX = -100
-
 
 class MultiProcess(SingleDevice):
     """Base of the strategies that run one process per device over a process group."""
 
-    def __init__(self, env: LaunchEnv, device: torch.device, backend: str) -> None:
-        super().__init__(device)
+    def __init__(
+        self, env: LaunchEnv, device: torch.device, backend: str, precision: Precision | None = None
+    ) -> None:
+        super().__init__(device, precision)
         self.rank, self.local_rank, self.world_size = env.rank, env.local_rank, env.world_size
         self.backend = backend
         # Flags such as "was SIGTERM received" travel as CPU tensors where gloo can take them, so
@@ -49,17 +51,15 @@ class MultiProcess(SingleDevice):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._reduce(tensor, dist.ReduceOp.SUM)
 
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, dist.ReduceOp.MAX)
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Equal-shaped `tensor` of every rank, concatenated on dim 0."""
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         with collective("all_gather", self.rank):
             dist.all_gather(parts, tensor)
         return torch.cat([p.reshape(-1) if p.dim() == 0 else p for p in parts], dim=0)
 
-    def gather_padded(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rows of every rank, rank 0's first, concatenated on dim 0.
 
         Ranks may differ in every dimension (the last batch is shorter, sequences have other
@@ -69,24 +69,12 @@ class MultiProcess(SingleDevice):
         if tensor.dim() == 0:
             tensor = tensor.reshape(1)
         shape = torch.tensor(tensor.shape, dtype=torch.int64, device=tensor.device)
-        shapes = self.gather(shape.unsqueeze(0))
+        shapes = self._all_gather(shape.unsqueeze(0))
         longest = shapes.max(dim=0).values.tolist()
         padded = _pad_to_shape(tensor.contiguous(), longest)
-        gathered = self.gather(padded).reshape(self.world_size, *longest)
+        gathered = self._all_gather(padded).reshape(self.world_size, *longest)
         rows = shapes[:, 0].tolist()
         return torch.cat([gathered[r, : rows[r]] for r in range(self.world_size)], dim=0)
-
-    def gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        with collective("all_gather_object", self.rank):
-            dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        box = [obj]
-        with collective("broadcast_object", self.rank):
-            dist.broadcast_object_list(box, src=src)
-        return box[0]
 
     def any_rank(self, flag: bool) -> bool:
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._flag_device)
@@ -97,10 +85,6 @@ class MultiProcess(SingleDevice):
     def barrier(self) -> None:
         with collective("barrier", self.rank):
             dist.barrier()
-
-    def teardown(self) -> None:
-        """Nothing per Trainer: the process group is shared by every Trainer of the process and ends
-        at interpreter exit, after a barrier (`env.teardown_process_group`)."""
 
     def backward(self, loss: torch.Tensor, model: torch.nn.Module) -> None:
         with collective("the gradient reduction in backward", self.rank):
@@ -169,7 +153,7 @@ class MultiProcess(SingleDevice):
 def _pad_to_shape(tensor: torch.Tensor, shape: list[int]) -> torch.Tensor:
     if list(tensor.shape) == shape:
         return tensor
-    fill: Any = False if tensor.dtype == torch.bool else PAD_INDEX
+    fill: Any = False if tensor.dtype == torch.bool else IGNORE_INDEX
     out = tensor.new_full(shape, fill)
     out[tuple(slice(0, n) for n in tensor.shape)] = tensor
     return out

@@ -3,38 +3,55 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..precision import Precision
 from ..utils import unwrap_model
 
+if TYPE_CHECKING:
+    from ..args import TrainingArguments
 
-def pick_device(use_cpu: bool) -> torch.device:
-    """The device of a single-process run: CUDA, then MPS, then the CPU."""
-    if not use_cpu and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if not use_cpu and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+logger = logging.getLogger("ember")
+
+
+def spans_devices(model: nn.Module) -> bool:
+    """Whether transformers already placed `model` over several devices (`device_map=...`)."""
+    device_map = getattr(model, "hf_device_map", None)
+    return isinstance(device_map, dict) and len(set(device_map.values())) > 1
 
 
 class SingleDevice:
-    """One process, one device. Collectives return their input; `no_sync` does nothing."""
+    """One process, one device (the `Strategy` of base.py). Collectives return their input;
+    `no_sync` does nothing. A model that transformers spread over several devices stays where it
+    is and trains as one process."""
 
     rank = 0
     local_rank = 0
     world_size = 1
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, precision: Precision | None = None) -> None:
         self.device = device
+        self.precision = precision if precision is not None else Precision(device)
 
     @classmethod
-    def from_args(cls, args: Any) -> SingleDevice:
-        return cls(pick_device(bool(getattr(args, "use_cpu", False))))
+    def from_args(cls, args: TrainingArguments, precision: Precision | None = None) -> SingleDevice:
+        from .env import pick_device
+
+        return cls(pick_device(args.use_cpu), precision)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_world_size(self) -> int:
+        return self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -45,9 +62,15 @@ class SingleDevice:
         return self.local_rank == 0
 
     # -- model -----------------------------------------------------------------------------------
+    def place_model(self, model: nn.Module) -> nn.Module:
+        """Move the model to this process's device; one that spans devices is left as it is."""
+        if spans_devices(model):
+            return model
+        return model.to(self.device)
+
     def setup_model(self, model: nn.Module) -> nn.Module:
         """Place (and, in subclasses, wrap) the model for training. Called once per train()."""
-        return model.to(self.device)
+        return self.place_model(model)
 
     def setup_optimizer(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None
@@ -121,18 +144,9 @@ class SingleDevice:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate `tensor` from every rank along dim 0 (padding done by the caller)."""
+        """Rows of every rank, rank 0's first, on dim 0: on one process, `tensor` itself."""
         return tensor
-
-    def gather_object(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return obj
 
     def any_rank(self, flag: bool) -> bool:
         """True if any rank says True: used to agree on stopping or saving."""
@@ -140,9 +154,3 @@ class SingleDevice:
 
     def barrier(self) -> None:
         pass
-
-    def teardown(self) -> None:
-        pass
-
-
-Strategy = SingleDevice

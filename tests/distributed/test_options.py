@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from ember import TrainingArguments
 from ember.distributed import build_strategy
@@ -109,7 +110,7 @@ def test_deepspeed_auto_values_come_from_the_arguments():
         },
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
     }
-    out = resolve_config(_ds_args(deepspeed=config), world_size=2, hidden_size=64)
+    out = resolve_config(_ds_args(deepspeed=config), world_size=2, hidden_size=64, dtype=torch.bfloat16)
     assert out["train_micro_batch_size_per_gpu"] == 4 and out["train_batch_size"] == 16
     assert out["gradient_accumulation_steps"] == 2 and out["gradient_clipping"] == 0.5
     assert out["bf16"] == {"enabled": True}
@@ -123,9 +124,15 @@ def test_deepspeed_values_that_contradict_the_arguments_are_named():
         ValueError, match="train_micro_batch_size_per_gpu=8 but per_device_train_batch_size=4"
     ):
         resolve_config(
-            _ds_args(deepspeed={"train_micro_batch_size_per_gpu": 8}), world_size=1, hidden_size=None
+            _ds_args(deepspeed={"train_micro_batch_size_per_gpu": 8}),
+            world_size=1,
+            hidden_size=None,
+            dtype=None,
         )
     with pytest.raises(ValueError, match="optimizer section sets"):
         resolve_config(
-            _ds_args(deepspeed={"optimizer": {"params": {"lr": 1e-3}}}), world_size=1, hidden_size=None
+            _ds_args(deepspeed={"optimizer": {"params": {"lr": 1e-3}}}),
+            world_size=1,
+            hidden_size=None,
+            dtype=None,
         )

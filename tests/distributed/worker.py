@@ -286,7 +286,59 @@ def stall(out: Path) -> None:
     lm_trainer(str(out / "stall"), callbacks=callbacks, ddp_timeout=5, max_steps=50).train()
 
 
+def strategy_contract(out: Path, extra: list[str]) -> None:
+    """Every multi-process strategy against the `Strategy` contract; results as JSON per rank."""
+    import importlib.util
+    import json
+
+    from ember.distributed import build_strategy
+    from ember.distributed.base import Strategy
+
+    kinds: dict[str, dict[str, Any]] = {"ddp": {}, "fsdp": {"fsdp": True}}
+    if importlib.util.find_spec("deepspeed") is not None:
+        kinds["deepspeed"] = {"deepspeed": zero_config(0)}
+    report: dict[str, Any] = {}
+    for name, kw in kinds.items():
+        strategy = build_strategy(lm_args(str(out / name), **kw))
+        rows = RANK + 1  # ranks hold different numbers of rows and columns: gather pads and cuts
+        mine = torch.full((rows, 2 + RANK), float(RANK))
+        model = strategy.place_model(tiny_gpt2(seed=0))
+        report[name] = {
+            "is_strategy": isinstance(strategy, Strategy),
+            "ranks": [strategy.rank, strategy.world_size, strategy.dp_rank, strategy.dp_world_size],
+            "main": strategy.is_main,
+            "sum": float(strategy.all_reduce_sum(torch.tensor(RANK + 1.0))),
+            "any": [strategy.any_rank(RANK == 1), strategy.any_rank(False)],
+            "gather": strategy.gather(mine).tolist(),
+            "precision": strategy.precision.name,
+            "placed_on": sorted({str(p.device) for p in model.parameters()}),
+            "full_keys": len(strategy.model_state_dict(model)),
+            "own_keys": len(tiny_gpt2(seed=0).state_dict()),
+        }
+        strategy.barrier()
+    (out / f"contract-{RANK}.json").write_text(json.dumps(report))
+
+
+def meta_fsdp(out: Path) -> None:
+    """A model built on the meta device is sharded, then materialised shard by shard, and trains."""
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_gpt2(seed=0).config
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    trainer = Trainer(
+        model=model,
+        args=lm_args(str(out / "meta"), fsdp=True),
+        train_dataset=lm_examples(LM_TRAIN, seed=1),
+        data_collator=pad_lm_batch,
+    )
+    placed = sorted({p.device.type for p in trainer.model.parameters()})
+    result = trainer.train()
+    write(out, f"meta-{RANK}", lm_state(trainer), {"placed": placed, "train_loss": result.training_loss})
+
+
 SUITES = {
+    "contract": lambda out, o: (strategy_contract(out, o), meta_fsdp(out)),
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
         interrupted_resume(out, "ddp-resume", stop_at=2, save_async=True),

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, Sampler
 
-from ..data.samplers import SeededBatch, batch_seed
+from .samplers import SeededBatch, batch_seed
 
 
 class DistributedEvalSampler(Sampler[list[int]]):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ember.data.samplers import ResumableBatchSampler
+from ember.data.sharding import DistributedEvalSampler, ShardedIterable
 from ember.distributed.multi import _pad_to_shape
-from ember.distributed.sampling import DistributedEvalSampler, ShardedIterable
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(13, 2, 2), (10, 4, 3), (3, 4, 2), (8, 2, 2), (0, 2, 2)])
