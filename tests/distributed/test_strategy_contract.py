@@ -69,9 +69,8 @@ def test_multi_process_strategies_keep_the_contract(contract, kind):
         assert report["gather"] == [[0.0, 0.0, -100.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
         assert report["precision"] == "fp32"
         assert report["placed_on"] == ["cpu"]
-        assert report["full_keys"] > 0
-    if kind != "deepspeed":  # ZeRO-0 reports the module's own state dict too; all ranks agree
-        assert reports[0][kind]["full_keys"] == reports[0][kind]["own_keys"]
+    # The full state dict counts on the main process (FSDP gathers it there only): every key.
+    assert reports[0][kind]["full_keys"] == reports[0][kind]["own_keys"]
 
 
 def test_fsdp_materialises_a_meta_model_shard_by_shard_and_trains(contract):
