@@ -27,6 +27,8 @@ from enum import Enum
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from .names import OPTIMIZER_NAMES, SAMPLING_STRATEGIES, SCHEDULER_NAMES
+
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
@@ -66,6 +68,7 @@ class SchedulerType(str, Enum):
     INVERSE_SQRT = "inverse_sqrt"
     REDUCE_ON_PLATEAU = "reduce_lr_on_plateau"
     COSINE_WITH_MIN_LR = "cosine_with_min_lr"
+    COSINE_WARMUP_WITH_MIN_LR = "cosine_warmup_with_min_lr"
     WARMUP_STABLE_DECAY = "warmup_stable_decay"
 
 
@@ -101,9 +104,9 @@ class OptimizerNames(str, Enum):
 
 INTERVAL_STRATEGIES: tuple[str, ...] = tuple(m.value for m in IntervalStrategy)
 SAVE_STRATEGIES: tuple[str, ...] = tuple(m.value for m in SaveStrategy)
-SCHEDULER_TYPES: tuple[str, ...] = tuple(m.value for m in SchedulerType)
-OPTIMIZER_NAMES: tuple[str, ...] = tuple(m.value for m in OptimizerNames)
-TRAIN_SAMPLING_STRATEGIES: tuple[str, ...] = ("random", "sequential", "group_by_length")
+# The parts own these lists (names.py); the enums above carry the same values for scripts.
+SCHEDULER_TYPES: tuple[str, ...] = SCHEDULER_NAMES
+TRAIN_SAMPLING_STRATEGIES: tuple[str, ...] = SAMPLING_STRATEGIES
 TOKENS_SEEN_MODES: tuple[str, ...] = ("no", "all", "non_padding")
 REPORT_TO_BACKENDS: tuple[str, ...] = ("jsonl",)
 

@@ -18,16 +18,9 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-logger = logging.getLogger(__name__)
+from .names import OPTIMIZER_NAMES, SCHEDULER_NAMES
 
-OPTIMIZER_NAMES: tuple[str, ...] = (
-    "adamw_torch",
-    "adamw_torch_fused",
-    "sgd",
-    "adagrad",
-    "rmsprop",
-    "adafactor",
-)
+logger = logging.getLogger(__name__)
 
 # Extra keyword arguments each optimizer accepts through `optim_args`, with their type.
 _OPTIM_ARG_TYPES: dict[str, dict[str, type]] = {
@@ -360,7 +353,6 @@ _FORMULAS: dict[str, Callable[..., float]] = {
     "cosine_warmup_with_min_lr": _cosine_warmup_with_min_lr,
     "warmup_stable_decay": _warmup_stable_decay,
 }
-SCHEDULER_NAMES: tuple[str, ...] = (*_FORMULAS, "reduce_lr_on_plateau")
 
 _NON_FINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 

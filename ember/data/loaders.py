@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..names import SAMPLING_STRATEGIES
 from .collators import default_data_collator
 from .samplers import ResumableBatchSampler, SeededCollator, SeededDataset, fork_rng
 
@@ -37,9 +38,6 @@ def seed_worker(worker_id: int) -> None:
     `SeededDataset` reseeds per batch, so nothing else needs seeding here.
     """
     torch.set_num_threads(1)
-
-
-SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 
 
 def is_iterable_dataset(dataset: Any) -> bool:
