@@ -11,7 +11,19 @@ import difflib
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
+
+
+class DistributedFields(Protocol):
+    """The fields of TrainingArguments checked here (named so args.py is not imported back)."""
+
+    ddp_backend: str | None
+    ddp_timeout: int
+    ddp_bucket_cap_mb: int | None
+    fsdp: Any
+    fsdp_config: Any
+    deepspeed: Any
+
 
 DDP_BACKENDS: tuple[str, ...] = ("nccl", "gloo", "mpi", "xccl", "hccl", "ccl")
 FSDP_LEGACY_OPTIONS: tuple[str, ...] = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
@@ -149,7 +161,7 @@ def fsdp_enabled(value: Any) -> bool:
     return bool(value)
 
 
-def check_distributed_args(args: Any) -> None:
+def check_distributed_args(args: DistributedFields) -> None:
     """Validate and normalise the ddp_*, fsdp, fsdp_config and deepspeed fields in place."""
     backend = args.ddp_backend
     if backend is not None and backend not in DDP_BACKENDS and ":" not in backend:

@@ -12,13 +12,16 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from .names import OPTIMIZER_NAMES, SCHEDULER_NAMES
+
+if TYPE_CHECKING:
+    from .args import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +185,7 @@ def _fused_adamw(groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> torch.
     return torch.optim.AdamW([dict(g) for g in groups], **kwargs)
 
 
-def build_optimizer(args: Any, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args: TrainingArguments, model: nn.Module) -> torch.optim.Optimizer:
     """Optimizer named by `args.optim`, with HF-style decay/no-decay parameter groups."""
     optim = _enum_value(args.optim)
     if optim not in OPTIMIZER_NAMES:
@@ -206,7 +209,10 @@ def build_optimizer(args: Any, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def build_optimizer_from_cls(
-    optimizer_cls: Any, optimizer_kwargs: Mapping[str, Any], model: nn.Module, args: Any = None
+    optimizer_cls: Any,
+    optimizer_kwargs: Mapping[str, Any],
+    model: nn.Module,
+    args: TrainingArguments | None = None,
 ) -> torch.optim.Optimizer:
     """Optimizer from the Trainer's `optimizer_cls_and_kwargs`, with the same parameter groups.
 
@@ -550,7 +556,7 @@ def _plateau(optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]) -> Platea
 
 
 def build_scheduler(
-    args: Any, optimizer: torch.optim.Optimizer, num_training_steps: int
+    args: TrainingArguments, optimizer: torch.optim.Optimizer, num_training_steps: int
 ) -> FormulaLR | PlateauLR:
     """Scheduler named by `args.lr_scheduler_type`, with `args.lr_scheduler_kwargs` and HF's formulas."""
     name = _enum_value(args.lr_scheduler_type)

@@ -19,7 +19,10 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .args import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +146,13 @@ class TrainerState:
             logger.info("Ignoring unknown keys in %s: %s", os.fspath(json_path), ", ".join(unknown))
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def compute_steps(self, args: Any, max_steps: int) -> None:
+    def compute_steps(self, args: TrainingArguments, max_steps: int) -> None:
         """Resolve ``args.{logging,eval,save}_steps`` into absolute step counts.
 
         A value below 1 is a fraction of `max_steps`, rounded up; None leaves the default.
         """
         for kind in ("logging", "eval", "save"):
-            num_steps = getattr(args, f"{kind}_steps", None)
+            num_steps = getattr(args, f"{kind}_steps")
             if num_steps is None:
                 continue
             if num_steps < 1:
@@ -171,17 +174,6 @@ class TrainerControl(ExportableState):
     should_save: bool = False
     should_evaluate: bool = False
     should_log: bool = False
-
-    def _new_training(self) -> None:
-        self.should_training_stop = False
-
-    def _new_epoch(self) -> None:
-        self.should_epoch_stop = False
-
-    def _new_step(self) -> None:
-        self.should_save = False
-        self.should_evaluate = False
-        self.should_log = False
 
     def state(self) -> dict[str, Any]:
         return {"args": dataclasses.asdict(self), "attributes": {}}

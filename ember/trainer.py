@@ -792,7 +792,12 @@ class Trainer:
 
 
 def _check_constructor(
-    args: Any, model: Any, model_init: Any, optimizers: Any, cls_kwargs: Any, eval_dataset: Any
+    args: TrainingArguments,
+    model: nn.Module | None,
+    model_init: Any,
+    optimizers: tuple[Any, Any],
+    cls_kwargs: Any,
+    eval_dataset: Any,
 ) -> None:
     if model is None and model_init is None:
         raise ValueError("Trainer needs `model` or `model_init`; pass one of them.")

@@ -93,3 +93,16 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def args_with(**fields: Any) -> Any:
+    """Real `TrainingArguments` (defaults, types) with `fields` set after validation: for testing
+    how a part treats values or combinations that validation would refuse before it runs."""
+    from ember import TrainingArguments
+
+    args = TrainingArguments(output_dir="unused")
+    for name, value in fields.items():
+        if not hasattr(args, name):
+            raise AttributeError(f"TrainingArguments has no field {name!r}")
+        setattr(args, name, value)
+    return args

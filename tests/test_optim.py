@@ -4,13 +4,13 @@ import contextlib
 import json
 import logging
 import math
-import types
 from enum import Enum
 
 import pytest
 import torch
 from torch import nn
 
+from ember.args import TrainingArguments
 from ember.optim import (
     OPTIMIZER_NAMES,
     SCHEDULER_NAMES,
@@ -24,6 +24,7 @@ from ember.optim import (
     parse_optim_args,
     warmup_steps_for,
 )
+from tests.helpers import args_with
 
 LR, WARMUP, TOTAL = 1e-3, 10, 100
 
@@ -40,9 +41,10 @@ def make_args(**overrides):
         lr_scheduler_type="linear",
         lr_scheduler_kwargs={},
         warmup_steps=WARMUP,
+        eval_strategy="steps",  # reduce_lr_on_plateau steps on eval metrics; the others ignore it
     )
     fields.update(overrides)
-    return types.SimpleNamespace(**fields)
+    return TrainingArguments(output_dir="unused", **fields)
 
 
 def sgd_on_one_param(lr: float = LR) -> torch.optim.Optimizer:
@@ -433,7 +435,7 @@ def test_bad_optim_args_name_the_field(optim, optim_args, needle):
 
 def test_unknown_optimizer_names_the_field_and_choices():
     with pytest.raises(ValueError, match="optim=") as info:
-        build_optimizer(make_args(optim="adamw_apex_fused"), nn.Linear(2, 2))
+        build_optimizer(args_with(optim="adamw_apex_fused"), nn.Linear(2, 2))  # args would refuse it
     assert "adamw_torch_fused" in str(info.value) and "adafactor" in str(info.value)
 
 

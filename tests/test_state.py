@@ -3,10 +3,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 
+from ember.args import TrainingArguments
 from ember.callbacks.early_stopping import EarlyStoppingCallback
 from ember.callbacks.flow import DefaultFlowCallback
 from ember.state import (
@@ -106,19 +106,12 @@ def test_load_ignores_unknown_keys_and_save_leaves_no_temp_file(tmp_path):
 
 def test_compute_steps_resolves_ratios_and_keeps_none():
     state = TrainerState()
-    state.compute_steps(SimpleNamespace(logging_steps=0.1, eval_steps=None, save_steps=7), max_steps=95)
+    args = TrainingArguments("unused", logging_steps=0.1, save_steps=7)  # eval_steps None: logging's
+    state.compute_steps(args, max_steps=95)
     assert (state.logging_steps, state.eval_steps, state.save_steps) == (10, 500, 7)
 
 
-def test_control_resets_and_state_round_trip():
-    control = TrainerControl(True, True, True, True, True)
-    control._new_step()
-    assert (control.should_save, control.should_evaluate, control.should_log) == (False, False, False)
-    assert control.should_epoch_stop
-    control._new_epoch()
-    assert not control.should_epoch_stop and control.should_training_stop
-    control._new_training()
-    assert not control.should_training_stop
+def test_control_state_round_trip():
     flags = TrainerControl(should_training_stop=True, should_log=True)
     assert TrainerControl.from_state(flags.state()) == flags
 

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ember.args import REPORT_TO_BACKENDS as SUPPORTED_REPORT_TO
-from ember.args import _normalise_report_to
+from ember.args import TrainingArguments, _normalise_report_to
 from ember.callbacks.early_stopping import EarlyStoppingCallback
 from ember.callbacks.events import EVENTS, EventRecorder, TrainerCallback, check_events
 from ember.callbacks.flow import DefaultFlowCallback
@@ -54,7 +54,7 @@ def normalize_report_to(report_to: str | Iterable[str] | None) -> list[str]:
     return _normalise_report_to(names)
 
 
-def build_callbacks(args: Any, user_callbacks: Iterable[Any] | None = None) -> list[Any]:
+def build_callbacks(args: TrainingArguments, user_callbacks: Iterable[Any] | None = None) -> list[Any]:
     """The callbacks a Trainer starts with: defaults first, then the user's, in their order.
 
     Defaults, as transformers: `DefaultFlowCallback`, then `PrinterCallback` if
@@ -65,11 +65,11 @@ def build_callbacks(args: Any, user_callbacks: Iterable[Any] | None = None) -> l
     """
     from ember.integrations.jsonl import JsonlLoggerCallback
 
-    trackers = normalize_report_to(getattr(args, "report_to", None))
+    trackers = normalize_report_to(args.report_to)
     user = [cb() if isinstance(cb, type) else cb for cb in (user_callbacks or ())]
     callbacks: list[Any] = [
         DefaultFlowCallback(),
-        PrinterCallback() if getattr(args, "disable_tqdm", False) else ProgressCallback(),
+        PrinterCallback() if args.disable_tqdm else ProgressCallback(),
     ]
     if "jsonl" in trackers and not any(isinstance(cb, JsonlLoggerCallback) for cb in user):
         callbacks.append(JsonlLoggerCallback())

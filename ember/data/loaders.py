@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -11,6 +11,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..names import SAMPLING_STRATEGIES
 from .collators import default_data_collator
 from .samplers import ResumableBatchSampler, SeededCollator, SeededDataset, fork_rng
+
+if TYPE_CHECKING:
+    from ..args import TrainingArguments
 
 __all__ = [
     "SAMPLING_STRATEGIES",
@@ -26,9 +29,8 @@ __all__ = [
 Collator = Callable[[Any], Any]
 
 
-def resolve_data_seed(args: Any) -> int:
-    data_seed = getattr(args, "data_seed", None)
-    return int(data_seed if data_seed is not None else args.seed)
+def resolve_data_seed(args: TrainingArguments) -> int:
+    return int(args.data_seed if args.data_seed is not None else args.seed)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -56,7 +58,7 @@ class _IterableAdapter(IterableDataset):  # type: ignore[type-arg]
         return iter(self.iterable)
 
 
-def _worker_kwargs(args: Any) -> dict[str, Any]:
+def _worker_kwargs(args: TrainingArguments) -> dict[str, Any]:
     workers = int(args.dataloader_num_workers)
     kwargs: dict[str, Any] = {
         "num_workers": workers,
@@ -66,16 +68,13 @@ def _worker_kwargs(args: Any) -> dict[str, Any]:
     if workers > 0:
         kwargs["persistent_workers"] = bool(args.dataloader_persistent_workers)
         kwargs["worker_init_fn"] = seed_worker
-        if getattr(args, "dataloader_prefetch_factor", None) is not None:
+        if args.dataloader_prefetch_factor is not None:
             kwargs["prefetch_factor"] = args.dataloader_prefetch_factor
-        context = getattr(args, "dataloader_multiprocessing_context", None)
-        if context is not None:
-            kwargs["multiprocessing_context"] = context
     return kwargs
 
 
 def _stream_loader(
-    dataset: Any, args: Any, collator: Collator, batch_size: int, drop_last: bool, seed: int
+    dataset: Any, args: TrainingArguments, collator: Collator, batch_size: int, drop_last: bool, seed: int
 ) -> DataLoader:
     if not isinstance(dataset, IterableDataset):
         dataset = _IterableAdapter(dataset)
@@ -91,7 +90,7 @@ def _stream_loader(
 
 def build_train_dataloader(
     dataset: Any,
-    args: Any,
+    args: TrainingArguments,
     collator: Collator | None = None,
     batch_sampler: ResumableBatchSampler | None = None,
     seed: int | None = None,
@@ -134,7 +133,11 @@ def build_train_dataloader(
 
 
 def build_eval_dataloader(
-    dataset: Any, args: Any, collator: Collator | None = None, rank: int = 0, world_size: int = 1
+    dataset: Any,
+    args: TrainingArguments,
+    collator: Collator | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """Evaluation DataLoader: in dataset order, last incomplete batch kept.
 
@@ -207,7 +210,7 @@ def dataset_lengths(
 
 def make_train_batch_sampler(
     dataset: Sequence[Any],
-    args: Any,
+    args: TrainingArguments,
     rank: int = 0,
     world_size: int = 1,
     seed: int | None = None,

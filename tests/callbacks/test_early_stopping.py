@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 
 from ember.callbacks.early_stopping import EarlyStoppingCallback
 from ember.state import TrainerControl, TrainerState, export_callback_states, restore_callback_states
+from tests.helpers import args_with
 
 
 def _args(**overrides):
@@ -17,7 +17,8 @@ def _args(**overrides):
         eval_strategy="steps",
     )
     base.update(overrides)
-    return SimpleNamespace(**base)
+    # The callback checks its own needs, also on arguments that skipped validation.
+    return args_with(**base)
 
 
 def _run(callback, args, values, best_tracking=True):

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
 
 import pytest
 
 from ember.callbacks.flow import DefaultFlowCallback
 from ember.state import TrainerControl, TrainerState
+from tests.helpers import args_with
 
 
 def _args(**overrides):
@@ -21,7 +21,8 @@ def _args(**overrides):
         save_steps=500,
     )
     base.update(overrides)
-    return SimpleNamespace(**base)
+    # Combinations validation refuses (eval_strategy='best', ...) are part of the grid transformers runs.
+    return args_with(**base)
 
 
 def _flags(control):

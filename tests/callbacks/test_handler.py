@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from types import SimpleNamespace
 
 import pytest
 
+from ember.args import TrainingArguments
 from ember.callbacks import (
     EVENTS,
     CallbackHandler,
@@ -43,7 +43,7 @@ def _args(**overrides):
         load_best_model_at_end=False,
     )
     base.update(overrides)
-    return SimpleNamespace(**base)
+    return TrainingArguments(**base)
 
 
 class Tagger(TrainerCallback):

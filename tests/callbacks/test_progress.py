@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-from types import SimpleNamespace
-
+from ember.args import TrainingArguments
 from ember.callbacks.progress import PrinterCallback, ProgressCallback, format_logs
 from ember.state import TrainerControl, TrainerState
 
-ARGS = SimpleNamespace()
+ARGS = TrainingArguments(output_dir="unused")
 
 
 def test_format_logs_is_compact_and_does_not_mutate():

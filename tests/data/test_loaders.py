@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from ember.args import TrainingArguments
 from ember.data.columns import ColumnFilter
 from ember.data.loaders import (
     build_eval_dataloader,
@@ -22,7 +22,7 @@ from ember.data.samplers import ResumableBatchSampler
 torch.set_num_threads(1)
 
 
-def make_args(**overrides: Any) -> SimpleNamespace:
+def make_args(**overrides: Any) -> TrainingArguments:
     base = {
         "per_device_train_batch_size": 4,
         "per_device_eval_batch_size": 3,
@@ -36,7 +36,7 @@ def make_args(**overrides: Any) -> SimpleNamespace:
         "train_sampling_strategy": "random",
         "length_column_name": "length",
     }
-    return SimpleNamespace(**{**base, **overrides})
+    return TrainingArguments(output_dir="unused", **{**base, **overrides})
 
 
 class Augmented(Dataset):  # type: ignore[type-arg]

@@ -2,17 +2,17 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 
+from ember.args import TrainingArguments
 from ember.callbacks.handler import CallbackHandler
 from ember.integrations.jsonl import JsonlLoggerCallback, to_json_safe
 from ember.state import TrainerControl, TrainerState
 
 
 def test_each_log_is_one_strict_json_line_in_a_created_folder(tmp_path):
-    args = SimpleNamespace(output_dir=str(tmp_path / "run" / "nested"))
+    args = TrainingArguments(output_dir=str(tmp_path / "run" / "nested"))
     handler = CallbackHandler([JsonlLoggerCallback()])
     state = TrainerState(global_step=3, epoch=0.5)
     handler.on_log(args, state, TrainerControl(), {"loss": 1.25, "grad_norm": math.nan, "lr": math.inf})
@@ -30,7 +30,7 @@ def test_each_log_is_one_strict_json_line_in_a_created_folder(tmp_path):
 
 
 def test_only_world_process_zero_writes_and_resume_appends(tmp_path):
-    args = SimpleNamespace(output_dir=str(tmp_path))
+    args = TrainingArguments(output_dir=str(tmp_path))
     cb = JsonlLoggerCallback()
     cb.on_log(args, TrainerState(is_world_process_zero=False), TrainerControl(), logs={"loss": 1.0})
     assert not (tmp_path / "logs.jsonl").exists()
