@@ -1,4 +1,4 @@
-"""The distributed fields of TrainingArguments: transformers' names and defaults, checked values,
+"""The distributed fields of TrainingArguments (ember/args_distributed.py): transformers' names and
 errors that name the field; DeepSpeed "auto" values filled from the arguments."""
 
 from __future__ import annotations
