@@ -1,5 +1,6 @@
 """The distributed fields of TrainingArguments (ember/args_distributed.py): transformers' names and
-errors that name the field; DeepSpeed "auto" values filled from the arguments."""
+defaults, checked values, errors that name the field; DeepSpeed "auto" values filled from the
+arguments."""
 
 from __future__ import annotations
 
