@@ -13,6 +13,7 @@ from ember.callbacks.events import EVENTS, EventRecorder, TrainerCallback, check
 from ember.callbacks.flow import DefaultFlowCallback
 from ember.callbacks.handler import CallbackHandler
 from ember.callbacks.progress import PrinterCallback, ProgressCallback
+from ember.integrations import TRACKER_NAMES, TRACKERS, available_trackers
 from ember.state import (
     ExportableState,
     TrainerControl,
@@ -41,14 +42,14 @@ __all__ = [
     "restore_callback_states",
 ]
 
-# Trackers ember ships so far; "all" means all of these, "none" none of them.
-SUPPORTED_REPORT_TO = ("jsonl",)
+# The trackers' registry owns the names; "all" means the installed ones, "none" none of them.
+SUPPORTED_REPORT_TO = TRACKER_NAMES
 
 
 def normalize_report_to(report_to: str | Iterable[str] | None) -> list[str]:
-    """``report_to`` as a list of tracker names: None/"none" -> [], "all" -> every supported one.
+    """``report_to`` as a list of tracker names: None/"none" -> [], "all" -> every installed one.
 
-    Raises ValueError naming ``report_to`` for a tracker ember does not ship yet.
+    Raises ValueError naming ``report_to`` for a tracker ember does not ship.
     """
     if report_to is None:
         return []
@@ -56,7 +57,7 @@ def normalize_report_to(report_to: str | Iterable[str] | None) -> list[str]:
     if "none" in names:
         return []
     if "all" in names:
-        return list(SUPPORTED_REPORT_TO)
+        return available_trackers()
     unknown = [name for name in names if name not in SUPPORTED_REPORT_TO]
     if unknown:
         raise ValueError(
@@ -70,15 +71,16 @@ def build_callbacks(args: Any, user_callbacks: Iterable[Any] | None = None) -> l
     """The callbacks a Trainer starts with: defaults first, then the user's, in their order.
 
     Defaults: `DefaultFlowCallback`, then `PrinterCallback` if ``args.disable_tqdm`` else
-    `ProgressCallback`, then `JsonlLoggerCallback`. The JSONL log is ember's embedded tracker and
-    is always on, even with ``report_to="none"`` (it costs one small file append per log), unless
-    the user passes their own `JsonlLoggerCallback`. ``args.report_to`` is still validated, so an
-    unsupported tracker name fails here, before training starts. Classes in `user_callbacks` are
-    instantiated.
+    `ProgressCallback`, then `JsonlLoggerCallback`, then one callback per tracker named in
+    ``args.report_to`` (the registry is `ember.integrations.TRACKERS`), skipping any the user passed
+    an instance of. The JSONL log is ember's embedded tracker and is always on, even with
+    ``report_to="none"`` (it costs one small file append per log), unless the user passes their own
+    `JsonlLoggerCallback`. An unknown tracker name (ValueError) or one whose package is missing
+    (`TrackerNotInstalledError`) fails here, before training starts. Classes in `user_callbacks`
+    are instantiated.
     """
     from ember.integrations.jsonl import JsonlLoggerCallback
 
-    normalize_report_to(getattr(args, "report_to", None))
     user = [cb() if isinstance(cb, type) else cb for cb in (user_callbacks or ())]
     callbacks: list[Any] = [
         DefaultFlowCallback(),
@@ -86,4 +88,8 @@ def build_callbacks(args: Any, user_callbacks: Iterable[Any] | None = None) -> l
     ]
     if not any(isinstance(cb, JsonlLoggerCallback) for cb in user):
         callbacks.append(JsonlLoggerCallback())
+    for name in normalize_report_to(getattr(args, "report_to", None)):
+        tracker_cls = TRACKERS[name].load()
+        if not any(isinstance(cb, tracker_cls) for cb in callbacks + user):
+            callbacks.append(tracker_cls())
     return callbacks + user
