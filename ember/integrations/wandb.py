@@ -26,8 +26,9 @@ SUMMARY_KEYS = frozenset(
 class WandbCallback(TrainerCallback):
     """Starts a run when training begins (or at the first log), records the arguments and model config
     as the run config, logs each log dict against ``train/global_step``, and finishes the run when
-    training ends. A run the user started before training is used and left open. Only the world
-    process zero talks to wandb."""
+    training ends. An `evaluate()` after training resumes that run (same id) rather than starting a
+    new one. A run the user started before training is used and left open. Only the world process
+    zero talks to wandb."""
 
     def __init__(self) -> None:
         import wandb
@@ -35,6 +36,7 @@ class WandbCallback(TrainerCallback):
         self._wandb = wandb
         self.run: Any = None
         self._owns_run = False
+        self._finished_id: str | None = None  # our last run, resumed by logs after train() ended
 
     def setup(self, args: Any, state: Any, model: Any = None) -> None:
         """Start (or adopt) the run and record the config; called once per training run."""
@@ -42,7 +44,10 @@ class WandbCallback(TrainerCallback):
         if wandb.run is not None:
             self.run, self._owns_run = wandb.run, False
         else:
-            self.run, self._owns_run = wandb.init(**self._init_kwargs(args, state)), True
+            kwargs = self._init_kwargs(args, state)
+            if self._finished_id is not None:
+                kwargs.update(id=self._finished_id, resume="allow")
+            self.run, self._owns_run = wandb.init(**kwargs), True
         config = run_config(args, model)
         if model is not None:
             config["model/num_parameters"] = sum(p.numel() for p in model.parameters())
@@ -73,6 +78,7 @@ class WandbCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self._finish()  # a run left open by an earlier train() (a search trial) is closed first
+        self._finished_id = None  # each train() is a new run
         self.setup(args, state, model)
 
     def on_log(
@@ -108,5 +114,6 @@ class WandbCallback(TrainerCallback):
 
     def _finish(self) -> None:
         if self.run is not None and self._owns_run:
+            self._finished_id = self.run.id
             self.run.finish()
         self.run, self._owns_run = None, False

@@ -92,6 +92,23 @@ def test_wandb_dir_env_is_honoured(tmp_path, wandb_offline, monkeypatch):
     assert [h["train/global_step"] for h in history if "train/loss" in h] == [2, 4, 6]
 
 
+def test_evaluate_after_train_resumes_the_same_run(tmp_path, wandb_offline):
+    import wandb
+
+    trainer = train_tiny(str(tmp_path / "out"), "wandb", eval_strategy="no")
+    trainer.evaluate()
+    wandb.run.finish()
+    # Offline, the resumed run gets a folder of its own (same run id), merged by `wandb sync`.
+    records = [r for d in (tmp_path / "out" / "wandb").glob("offline-run-*") for r in _records(d)]
+    assert len({r["run"]["run_id"] for r in records if r["type"] == "run"}) == 1
+    evals = [
+        r["history"]["item"]
+        for r in records
+        if r["type"] == "history" and "eval/loss" in r["history"]["item"]
+    ]
+    assert [h["train/global_step"] for h in evals] == [6]
+
+
 def test_only_world_process_zero_starts_a_run(tmp_path, wandb_offline):
     import wandb
 
