@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "SUMMARY_KEYS",
     "TRACKERS",
     "TRACKER_NAMES",
     "JsonlLoggerCallback",
@@ -77,6 +78,7 @@ TRACKERS: dict[str, Tracker] = {t.name: t for t in (
     Tracker("tensorboard", f"{_HERE}.tensorboard:TensorBoardCallback", ("tensorboard",), "tensorboard"),
     Tracker("wandb", f"{_HERE}.wandb:WandbCallback", ("wandb",), "wandb"),
     Tracker("mlflow", f"{_HERE}.mlflow:MLflowCallback", ("mlflow",), "mlflow"),
+    Tracker("trackio", f"{_HERE}.trackio:TrackioCallback", ("trackio",), "trackio"),
 )}
 # fmt: on
 TRACKER_NAMES: tuple[str, ...] = tuple(TRACKERS)
@@ -85,6 +87,12 @@ TRACKER_NAMES: tuple[str, ...] = tuple(TRACKERS)
 def available_trackers() -> list[str]:
     """The names ``report_to="all"`` stands for: jsonl plus every backend whose package is installed."""
     return [name for name, tracker in TRACKERS.items() if tracker.is_available()]
+
+
+# End-of-training numbers, one value per run: trackers with a run summary put them there, not in charts.
+SUMMARY_KEYS = frozenset(
+    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
+)
 
 
 def rewrite_logs(logs: dict[str, Any]) -> dict[str, Any]:

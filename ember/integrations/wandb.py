@@ -13,14 +13,9 @@ import os
 from typing import Any
 
 from ember.callbacks.events import TrainerCallback
-from ember.integrations import rewrite_logs, run_config
+from ember.integrations import SUMMARY_KEYS, rewrite_logs, run_config
 
 __all__ = ["WandbCallback"]
-
-# End-of-training numbers: one value per run, so they go to the run summary, not the history charts.
-SUMMARY_KEYS = frozenset(
-    {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
-)
 
 
 class WandbCallback(TrainerCallback):

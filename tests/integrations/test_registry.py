@@ -14,7 +14,7 @@ from ember.integrations.jsonl import JsonlLoggerCallback
 from tests.helpers import RegressionDataset, RegressionModel
 from tests.integrations.tracking import train_tiny
 
-TRACKER_FILES = ("runs", "wandb", "mlruns", "mlflow.db")
+TRACKER_FILES = ("runs", "wandb", "mlruns", "mlflow.db", "trackio")
 
 
 def _block(monkeypatch, *modules: str) -> None:
@@ -26,7 +26,7 @@ def _block(monkeypatch, *modules: str) -> None:
 def test_registry_names_match_args_and_every_tracker_loads():
     from ember.args import REPORT_TO_BACKENDS
 
-    assert REPORT_TO_BACKENDS == tuple(TRACKERS) == ("jsonl", "tensorboard", "wandb", "mlflow")
+    assert REPORT_TO_BACKENDS == tuple(TRACKERS) == ("jsonl", "tensorboard", "wandb", "mlflow", "trackio")
     for tracker in TRACKERS.values():
         if tracker.is_available():
             assert callable(tracker.load().on_log)
@@ -37,7 +37,7 @@ def test_import_ember_and_validating_report_to_import_no_tracker_package():
         "import sys, ember\n"
         "from ember import TrainingArguments\n"
         "TrainingArguments(output_dir='o', report_to='all')\n"
-        "print(sorted(m for m in ('wandb', 'mlflow', 'tensorboard', 'torch.utils.tensorboard')"
+        "print(sorted(m for m in ('wandb', 'mlflow', 'trackio', 'tensorboard', 'torch.utils.tensorboard')"
         " if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -46,7 +46,7 @@ def test_import_ember_and_validating_report_to_import_no_tracker_package():
 
 def test_all_means_jsonl_plus_the_installed_backends(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
-    _block(monkeypatch, "wandb", "mlflow")
+    _block(monkeypatch, "wandb", "mlflow", "trackio")
     monkeypatch.chdir(tmp_path)  # MLflow's default store would be ./mlflow.db
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     assert available_trackers() == ["jsonl", "tensorboard"]
@@ -56,13 +56,14 @@ def test_all_means_jsonl_plus_the_installed_backends(tmp_path, monkeypatch):
     trainer = train_tiny(str(tmp_path / "out"), "all", eval_strategy="no")
     names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
     assert "TensorBoardCallback" in names and names.count("JsonlLoggerCallback") == 1
-    assert not any(n in names for n in ("WandbCallback", "MLflowCallback"))
+    assert not any(n in names for n in ("WandbCallback", "MLflowCallback", "TrackioCallback"))
     assert (tmp_path / "out" / "runs").is_dir() and (tmp_path / "out" / "logs.jsonl").is_file()
     assert not any((tmp_path / d).exists() or (tmp_path / "out" / d).exists() for d in TRACKER_FILES[1:])
 
 
 @pytest.mark.parametrize(
-    ("name", "module"), [("wandb", "wandb"), ("mlflow", "mlflow"), ("tensorboard", "tensorboard")]
+    ("name", "module"),
+    [("wandb", "wandb"), ("mlflow", "mlflow"), ("tensorboard", "tensorboard"), ("trackio", "trackio")],
 )
 def test_a_named_backend_that_is_not_installed_fails_at_construction(tmp_path, monkeypatch, name, module):
     _block(monkeypatch, module)
@@ -79,7 +80,7 @@ def test_none_adds_no_tracker_and_writes_no_tracker_files(tmp_path, monkeypatch)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     trainer = train_tiny(str(tmp_path / "out"), "none")
     modules = {type(cb).__module__ for cb in trainer.callback_handler.callbacks}
-    assert not modules & {f"ember.integrations.{n}" for n in ("tensorboard", "wandb", "mlflow")}
+    assert not modules & {f"ember.integrations.{n}" for n in ("tensorboard", "wandb", "mlflow", "trackio")}
     for root in (tmp_path, tmp_path / "out"):
         assert not any((root / d).exists() for d in TRACKER_FILES)
 
