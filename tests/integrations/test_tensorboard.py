@@ -64,3 +64,17 @@ def test_only_world_process_zero_writes(tmp_path, monkeypatch):
     cb.on_log(args, state, control, logs={"loss": 1.0})
     cb.on_train_end(args, state, control)
     assert cb.tb_writer is None and list(tmp_path.iterdir()) == []
+
+
+def test_each_search_trial_writes_its_own_subfolder(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    cb, control = TensorBoardCallback(), TrainerControl()
+    for trial, loss in (("trial-0", 1.0), ("trial-1", 2.0)):
+        state = TrainerState(global_step=3, is_hyper_param_search=True, trial_name=trial)
+        cb.on_train_begin(args, state, control)
+        cb.on_log(args, state, control, logs={"loss": loss})
+        cb.on_train_end(args, state, control)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["trial-0", "trial-1"]
+    assert _read(run_dir / "trial-1")[0]["train/loss"] == [(3, 2.0)]
