@@ -1,16 +1,20 @@
 """A small training job run in a subprocess by the kill/preemption tests.
 
 usage: python -m tests.resume_job OUTPUT_DIR RESULT_FILE [--slow-save SECONDS] [--step-sleep SECONDS]
+       [--pause-at STEP --release FILE] [--save-async] [--save-total-limit N]
 
 Trains a dropout model on augmented data (random numbers drawn in __getitem__, two dataloader
 workers, GA=2), saving every 2 steps, always with resume_from_checkpoint=True when a checkpoint
 exists. On completion writes the final parameters and optimizer state to RESULT_FILE.
+With --pause-at, the job writes `FILE.paused` after step STEP and waits until FILE exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -40,6 +44,21 @@ class Sleep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         time.sleep(self.seconds)
+
+
+class Pause(TrainerCallback):
+    """Hold the run after one step until the test says go: a deterministic window for it to act."""
+
+    def __init__(self, step: int, release: str) -> None:
+        self.step, self.release = step, Path(release)
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step != self.step:
+            return
+        Path(f"{self.release}.paused").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not self.release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def job_args(output_dir: str, **overrides: object) -> TrainingArguments:
@@ -88,6 +107,10 @@ def main() -> None:
     parser.add_argument("result")
     parser.add_argument("--slow-save", type=float, default=0.0)
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--pause-at", type=int, default=0)
+    parser.add_argument("--release", default="")
+    parser.add_argument("--save-async", action="store_true")
+    parser.add_argument("--save-total-limit", type=int, default=None)
     opts = parser.parse_args()
     if opts.slow_save:
         # Widen the window in which a kill lands mid-save (the test's own slowdown, not ember's).
@@ -100,7 +123,14 @@ def main() -> None:
             time.sleep(opts.slow_save)
 
         training.write_snapshot = slow
-    trainer = make_trainer(opts.output_dir, step_sleep=opts.step_sleep)
+    trainer = make_trainer(
+        opts.output_dir,
+        step_sleep=opts.step_sleep,
+        save_async=opts.save_async,
+        save_total_limit=opts.save_total_limit,
+    )
+    if opts.pause_at:
+        trainer.add_callback(Pause(opts.pause_at, opts.release))
     resume = get_last_checkpoint(opts.output_dir) is not None
     out = trainer.train(resume_from_checkpoint=True if resume else None)
     state = final_state(trainer)
