@@ -1,15 +1,19 @@
 """One writer per run: an exclusive lock on `output_dir` while `train()` runs.
 
 Two runs on one output folder delete each other's temporary folders and overwrite each other's
-checkpoints, so the second is refused before it does anything. The lock is `fcntl.flock` on an
-open descriptor of `output_dir/.ember.lock`: the kernel drops it when the process ends in any way
-(kill -9 included), so a lock left by a dead run is taken over without asking anyone. The file
-also records pid, host and start time, only to say who holds it.
+checkpoints, so the second is refused before it does anything. The lock is a POSIX record lock
+(`fcntl.lockf`) on `output_dir/.ember.lock`: the kernel drops it when the process ends in any way
+(kill -9 included), so a lock left by a dead run is taken over without asking anyone. Not
+`flock`: a flock belongs to the open file, which forked dataloader workers share, so it would
+outlive a killed trainer for as long as its workers linger; a record lock belongs to the process.
+The price is that closing any descriptor of the file in the holding process drops it, so this
+module never opens the file again while it holds it. The file also records pid, host and start
+time, only to say who holds it.
 
 The file is removed on release while still locked; whoever locks a file that is no longer at the
 path (it raced with that removal) retries on the new one, so two runs never both hold "the" lock.
-flock works on local file systems and on NFSv4 (Linux emulates it with NFS byte-range locks);
-where it is unsupported the run goes on with a warning.
+Record locks work on local file systems and on NFS (through the NFS lock protocol); where they
+are unsupported the run goes on with a warning.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".ember.lock"
 
-# Folders locked by this process (resolved path -> lock); lets `held_elsewhere` tell its own lock
-# from another run's without probing it (flock would refuse a second descriptor here too).
+# Folders locked by this process (resolved path -> lock). A record lock never refuses its own
+# process, so a second lock on the same folder in this process is refused from here, and
+# `held_elsewhere` must not probe (closing its probe would drop the lock, see above).
 _HELD: dict[Path, RunLock] = {}
 
 
@@ -54,10 +59,12 @@ class RunLock:
         import fcntl
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.output_dir.resolve() in _HELD:
+            raise self._locked_error()
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -85,6 +92,10 @@ class RunLock:
         self._fd = fd
         _HELD[self.output_dir.resolve()] = self
 
+    def holder(self) -> dict[str, Any]:
+        """The pid/host/start record of this lock (read through the held descriptor)."""
+        return _read_holder(self._fd) if self._fd is not None else {}
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
@@ -106,18 +117,27 @@ class RunLock:
 
     def _locked_error(self) -> OutputDirLockedError:
         holder: dict[str, Any] = {}
-        with contextlib.suppress(OSError):
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                holder = _read_holder(fd)
-            finally:
-                os.close(fd)
+        mine = _HELD.get(self.output_dir.resolve())
+        if mine is not None:
+            holder = mine.holder()  # through its own descriptor: opening another would unlock
+        else:
+            holder = self._read_holder_from_path()
         who = _describe(holder) if holder else "another process (it has not written its pid yet)"
         return OutputDirLockedError(
             f"output_dir {self.output_dir} is in use by another training run: {who} holds {self.path}. "
             "Two runs on one output_dir would overwrite each other's checkpoints. Give this run "
             "another output_dir, or stop the other run first (its lock goes away when it exits)."
         )
+
+    def _read_holder_from_path(self) -> dict[str, Any]:
+        holder: dict[str, Any] = {}
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                holder = _read_holder(fd)
+            finally:
+                os.close(fd)
+        return holder
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -135,11 +155,11 @@ def held_elsewhere(output_dir: str | os.PathLike[str]) -> bool:
     if root.resolve() in _HELD:
         return False
     try:
-        fd = os.open(root / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:
         return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
     finally:

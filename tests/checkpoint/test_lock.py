@@ -20,10 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_second_lock_is_refused_with_the_holder_named(tmp_path: Path) -> None:
-    with RunLock(tmp_path):
-        record = json.loads((tmp_path / LOCK_NAME).read_text())
+    with RunLock(tmp_path) as lock:
+        # Read through the lock: opening the file again in this process would drop a record lock.
+        record = lock.holder()
         assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
-        # flock is per open file, so a second lock in the same process is refused like another run's.
+        # A second lock in the same process (another Trainer on the folder) is refused as well.
         with pytest.raises(OutputDirLockedError) as info:
             RunLock(tmp_path).acquire()
         message = str(info.value)
@@ -35,10 +36,10 @@ def test_second_lock_is_refused_with_the_holder_named(tmp_path: Path) -> None:
 
 
 def test_lock_of_a_dead_run_is_taken_over_and_said_so(tmp_path: Path, caplog) -> None:
-    # What kill -9 leaves: the file and its record, but no flock (it died with the process).
+    # What kill -9 leaves: the file and its record, but no lock (it died with the process).
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "old-node", "started": 0}))
-    with caplog.at_level("INFO"), RunLock(tmp_path):
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    with caplog.at_level("INFO"), RunLock(tmp_path) as lock:
+        assert lock.holder()["pid"] == os.getpid()
     assert "Took over the lock" in caplog.text and "pid 999999 on host old-node" in caplog.text
 
 
