@@ -89,7 +89,7 @@ def soak(kills: int, seed: int, work: Path, window: float) -> dict[str, Any]:
     slow = ("--slow-save", "0.15", "--step-sleep", "0.02", "--slow-rotate", "0.1")
     reference = _job(ref, work / "ref.safetensors", work / "ref.ready", rotate=False)
     rng = random.Random(seed)
-    landed = {"in a write": 0, "in a rotation": 0, "elsewhere": 0}
+    landed = {"in a sync write": 0, "in an async write": 0, "in a rotation": 0, "elsewhere": 0}
     problems: list[str] = []
     compared: dict[str, bool] = {}
     done = resumes = 0
@@ -116,7 +116,7 @@ def soak(kills: int, seed: int, work: Path, window: float) -> dict[str, Any]:
         if any(n.endswith(".deleting.tmp") for n in names):
             landed["in a rotation"] += 1
         elif any(n.endswith(".tmp") for n in names):
-            landed["in a write"] += 1
+            landed["in an async write" if use_async else "in a sync write"] += 1
         else:
             landed["elsewhere"] += 1
         problems += [f"after kill {done}: {p}" for p in _check_folder(run, ref, compared)]

@@ -293,7 +293,9 @@ def check_checkpoint_files(path: str | os.PathLike[str]) -> None:
             continue
         doc = read_json(json_path)
         if json_path.name == "trainer_state.json":
-            best = doc.get("best_model_checkpoint") if isinstance(doc, dict) else None
+            if not isinstance(doc, dict):
+                raise CheckpointError(f"{json_path} does not hold a JSON object; the file is damaged.")
+            best = doc.get("best_model_checkpoint")
             if best is not None and not isinstance(best, str):
                 raise CheckpointError(f"{json_path}: best_model_checkpoint = {best!r} is not a path.")
         elif json_path.name == "model.safetensors.index.json":

@@ -257,4 +257,5 @@ def save_safetensors(
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    # A view of the tensor's own memory (no copy); numpy arrays export the buffer protocol.
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]

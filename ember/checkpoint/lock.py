@@ -58,11 +58,19 @@ class RunLock:
     def acquire(self) -> None:
         import fcntl
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.output_dir.resolve() in _HELD:
             raise self._locked_error()
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                # A folder this run cannot write to: nothing to protect from a second writer here,
+                # and a checkpoint save will fail with its own clear error.
+                logger.warning("Cannot create %s (%s); running without the output_dir lock.", self.path, exc)
+                return
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
