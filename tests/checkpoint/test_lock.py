@@ -143,3 +143,13 @@ def test_two_processes_on_one_output_dir(tmp_path: Path) -> None:
     # Once the first has exited, a new run takes the lock (it resumes at the end and finishes).
     third = _job(out, tmp_path / "third.safetensors")
     assert third.wait(timeout=300) == 0, third.stdout.read().decode() if third.stdout else ""
+
+
+def test_the_lock_holder_finishes_what_a_killed_run_left(tmp_path: Path, caplog) -> None:
+    for name in ("checkpoint-2.deleting.tmp", "checkpoint-4.tmp", "checkpoint-6.replaced.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    with caplog.at_level("INFO"):
+        make_trainer(str(tmp_path), dataloader_num_workers=0, max_steps=1, save_strategy="no").train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.jsonl"]
+    assert "left by an interrupted delete" in caplog.text and "left by an interrupted write" in caplog.text
