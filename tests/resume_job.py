@@ -68,7 +68,10 @@ class Ready(TrainerCallback):
         self.path = Path(path)
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        self.path.write_text(str(state.global_step))
+        # Renamed into place, so a reader never sees it empty.
+        tmp = self.path.with_name(self.path.name + ".part")
+        tmp.write_text(str(state.global_step))
+        os.replace(tmp, self.path)
 
 
 def job_args(output_dir: str, **overrides: object) -> TrainingArguments:
