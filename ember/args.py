@@ -346,6 +346,7 @@ class TrainingArguments:
     local_rank: int = _f(-1, "Rank of this process on its machine, from the launcher; -1 if not distributed.")
     # --- ember only ---
     save_async: bool = _f(False, "Write checkpoints in a background thread while training goes on.")
+    verify_checkpoints: bool = _f(False, "On resume, re-hash every checkpoint file against its manifest.")
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---

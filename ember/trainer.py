@@ -218,6 +218,23 @@ class Trainer:
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
+        from .checkpoint.lock import hold_output_dir
+
+        # One writer per output_dir: a second run there is refused before it touches anything.
+        with hold_output_dir(self.args.output_dir, self.strategy):
+            try:
+                return self._train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+            except BaseException:
+                # A save in flight finishes before the lock goes; its error must not hide this one.
+                self._checkpoint_writer.settle()
+                raise
+
+    def _train(
+        self,
+        resume_from_checkpoint: str | bool | None,
+        trial: Any,
+        ignore_keys_for_eval: list[str] | None,
+    ) -> TrainOutput:
         args, cb = self.args, self.callback_handler
         self._start_time = time.perf_counter()
         if self.model_init is not None:
