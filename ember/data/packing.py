@@ -1,0 +1,120 @@
+"""Padding-free packing: a batch's examples side by side in one row, kept apart by `position_ids`.
+
+A padded batch of variable-length text spends compute on pad tokens (the longest example sets
+the width of every row). `PackingCollator` concatenates the examples instead, with
+`position_ids` restarting at 0 for each one and no `attention_mask`. transformers (5.x) models
+whose masks come from `transformers.masking_utils` (GPT-2, Llama, Mistral, Qwen, ... with sdpa,
+eager or flash attention) read a restart of `position_ids` as the start of a new sequence and
+build a block-diagonal causal mask, so no example attends to another: each example's losses are
+those it has alone (tests/data/test_packing.py checks this per token). A model that does not
+derive its mask from `position_ids` would let examples see each other: check before relying on it.
+
+Labels: the first token of every example gets -100. After the causal shift inside the model the
+label at position j is predicted from position j-1, so without it the last token of one example
+would be trained to predict the first token of the next. With it the targets are exactly those of
+the examples alone (each example's first token is never a target), and ember's normalisation
+(target count of the whole step) gives the same per-token mean loss as padding.
+
+`use_cache=False` travels in the batch: transformers 5 turns packing detection off when a KV cache
+exists, and GPT-2/Llama create one whenever `use_cache` is on (their config default, also in
+training), in which case the examples of a row would attend to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["PackingCollator"]
+
+IGNORE_INDEX = -100
+_SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "token_type_ids")
+
+
+def _as_list(value: Any, key: str) -> list[int]:
+    if isinstance(value, torch.Tensor) or hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or (value and isinstance(value[0], (list, tuple))):
+        raise ValueError(
+            f"PackingCollator: `{key}` of one example must be a flat sequence of token ids, got "
+            f"{type(value).__name__}; pass unpadded, untruncated-to-batch examples (one sequence each)."
+        )
+    return [int(v) for v in value]
+
+
+class PackingCollator:
+    """Collate a list of tokenised examples into one packed row (batch dimension 1).
+
+    Returns `input_ids`, `labels` and `position_ids` of shape (1, total tokens) (and
+    `token_type_ids` when the examples have them), and `use_cache=False` (see the module
+    docstring). Labels come from each example's `labels` or, without them, from its `input_ids`;
+    the first token of each example is -100 (see the module docstring). No `attention_mask` is
+    returned: the model must see None to detect the packing;
+    an example's own attention mask, if present, must be all ones (padding inside an example
+    cannot be packed).
+
+    `pad_to_multiple_of` pads the row at the end (for fixed shapes on accelerators): pad tokens
+    are `pad_token_id` with label -100, and their positions continue the last example's, so they
+    come after it in causal order and nothing real attends to them.
+    """
+
+    def __init__(self, pad_to_multiple_of: int | None = None, pad_token_id: int = 0) -> None:
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(
+                f"PackingCollator: `pad_to_multiple_of` must be >= 1 or None, got {pad_to_multiple_of}."
+            )
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("PackingCollator: cannot collate an empty batch.")
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        types: list[int] = []
+        with_types = "token_type_ids" in features[0]
+        for i, feature in enumerate(features):
+            tokens = _as_list(feature["input_ids"], "input_ids")
+            if not tokens:
+                continue
+            own = _as_list(feature["labels"], "labels") if feature.get("labels") is not None else tokens
+            if len(own) != len(tokens):
+                raise ValueError(
+                    f"PackingCollator: example {i} has {len(tokens)} input_ids but {len(own)} labels; "
+                    "packing needs one label per token (causal LM labels = input_ids)."
+                )
+            mask = feature.get("attention_mask")
+            if mask is not None and 0 in _as_list(mask, "attention_mask"):
+                raise ValueError(
+                    f"PackingCollator: example {i} has padding (attention_mask 0); pass unpadded examples."
+                )
+            ids += tokens
+            labels += [IGNORE_INDEX, *own[1:]]
+            positions += range(len(tokens))
+            if with_types:
+                types += _as_list(feature["token_type_ids"], "token_type_ids")
+        if not ids:
+            raise ValueError("PackingCollator: every example in the batch is empty.")
+        pad = self._padding(len(ids))
+        if pad:
+            start = positions[-1] + 1
+            ids += [self.pad_token_id] * pad
+            labels += [IGNORE_INDEX] * pad
+            positions += range(start, start + pad)
+            types += [0] * pad if with_types else []
+        batch: dict[str, Any] = {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }
+        if with_types:
+            batch["token_type_ids"] = torch.tensor([types], dtype=torch.long)
+        batch["use_cache"] = False
+        return batch
+
+    def _padding(self, length: int) -> int:
+        m = self.pad_to_multiple_of
+        return 0 if m is None else -length % m
