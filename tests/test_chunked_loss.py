@@ -174,6 +174,21 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
+def count_chunked_calls(monkeypatch) -> list[int]:
+    """Counts the chunked loss's calls, so a test sees that the trainer took the chunked path."""
+    import ember.chunked_loss as module
+
+    calls: list[int] = []
+    real = module.linear_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "linear_cross_entropy", counted)
+    return calls
+
+
 def _train(tmp_path, model, **kw):
     trainer = Trainer(
         model, _args(tmp_path, **kw), train_dataset=lm_examples(16, vocab=VOCAB), data_collator=pad_lm_batch
@@ -184,26 +199,30 @@ def _train(tmp_path, model, **kw):
 
 
 @pytest.mark.parametrize("name", ["gpt2-tied", "llama-untied"])
-def test_trainer_with_gradient_accumulation_equals_the_plain_loss(tmp_path, name):
+def test_trainer_with_gradient_accumulation_equals_the_plain_loss(tmp_path, name, monkeypatch):
     plain, plain_losses = _train(tmp_path / "plain", MODELS[name]())
+    calls = count_chunked_calls(monkeypatch)
     chunked, chunked_losses = _train(
         tmp_path / "chunked", MODELS[name](), chunked_loss=True, loss_chunk_size=8
     )
     assert len(plain_losses) == 4
+    assert len(calls) == 8  # 4 steps x GA 2
     assert chunked_losses == pytest.approx(plain_losses, rel=1e-5)
     assert max_param_diff(params_of(chunked.model), params_of(plain.model)) < 1e-5
 
 
-def test_trainer_label_smoothing_takes_the_chunked_path_and_matches(tmp_path):
+def test_trainer_label_smoothing_takes_the_chunked_path_and_matches(tmp_path, monkeypatch):
     plain, plain_losses = _train(tmp_path / "plain", gpt2(True), label_smoothing_factor=0.1)
+    calls = count_chunked_calls(monkeypatch)
     chunked, chunked_losses = _train(
         tmp_path / "chunked", gpt2(True), label_smoothing_factor=0.1, chunked_loss=True, loss_chunk_size=8
     )
     assert chunked_losses == pytest.approx(plain_losses, rel=1e-5)
     assert max_param_diff(params_of(chunked.model), params_of(plain.model)) < 1e-5
+    assert len(calls) == 8
 
 
-def test_evaluation_and_prediction_keep_the_logits(tmp_path):
+def test_evaluation_and_prediction_keep_the_logits(tmp_path, monkeypatch):
     examples = lm_examples(6, vocab=VOCAB, seed=3)
     trainer = Trainer(
         gpt2(True),
@@ -212,7 +231,9 @@ def test_evaluation_and_prediction_keep_the_logits(tmp_path):
         eval_dataset=examples,
         data_collator=pad_lm_batch,
     )
+    calls = count_chunked_calls(monkeypatch)
     out = trainer.predict(examples)
+    assert not calls
     assert out.predictions.shape[-1] == VOCAB
     assert out.metrics["test_loss"] > 0
 

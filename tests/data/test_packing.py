@@ -132,7 +132,10 @@ def _args(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_trainer_with_gradient_accumulation_packed_equals_padded(tmp_path, chunked):
+def test_trainer_with_gradient_accumulation_packed_equals_padded(tmp_path, chunked, monkeypatch):
+    from tests.test_chunked_loss import count_chunked_calls
+
+    calls = count_chunked_calls(monkeypatch)
     runs = {}
     for name, collator in (("padded", pad_lm_batch), ("packed", PackingCollator())):
         trainer = Trainer(
@@ -146,3 +149,4 @@ def test_trainer_with_gradient_accumulation_packed_equals_padded(tmp_path, chunk
     padded, packed = runs["padded"], runs["packed"]
     assert [h["loss"] for h in packed[1]] == pytest.approx([h["loss"] for h in padded[1]], rel=1e-5)
     assert max_param_diff(params_of(packed[0].model), params_of(padded[0].model)) < 1e-5
+    assert len(calls) == (8 if chunked else 0)
