@@ -45,76 +45,113 @@ def _as_list(value: Any, key: str) -> list[int]:
 
 
 class PackingCollator:
-    """Collate a list of tokenised examples into one packed row (batch dimension 1).
+    """Collate a list of tokenised examples into packed rows, without padding between examples.
 
-    Returns `input_ids`, `labels` and `position_ids` of shape (1, total tokens) (and
+    Without `max_length` the whole batch becomes one row (batch dimension 1). With it, examples
+    fill rows in order, a new row starting when the next example would pass `max_length` tokens,
+    so attention (quadratic in the row length on kernels that apply the mask densely) stays
+    bounded; rows are then padded to the longest one.
+
+    Returns `input_ids`, `labels` and `position_ids` of shape (rows, tokens) (and
     `token_type_ids` when the examples have them), and `use_cache=False` (see the module
     docstring). Labels come from each example's `labels` or, without them, from its `input_ids`;
     the first token of each example is -100 (see the module docstring). No `attention_mask` is
-    returned: the model must see None to detect the packing;
-    an example's own attention mask, if present, must be all ones (padding inside an example
-    cannot be packed).
+    returned: the model must see None to detect the packing; an example's own attention mask, if
+    present, must be all ones (padding inside an example cannot be packed).
 
-    `pad_to_multiple_of` pads the row at the end (for fixed shapes on accelerators): pad tokens
-    are `pad_token_id` with label -100, and their positions continue the last example's, so they
-    come after it in causal order and nothing real attends to them.
+    Padding (to the longest row, then to `pad_to_multiple_of`) is `pad_token_id` with label -100,
+    and its positions continue the row's last example, so it comes after that example in causal
+    order and nothing real attends to it.
     """
 
-    def __init__(self, pad_to_multiple_of: int | None = None, pad_token_id: int = 0) -> None:
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(
-                f"PackingCollator: `pad_to_multiple_of` must be >= 1 or None, got {pad_to_multiple_of}."
-            )
+    def __init__(
+        self, max_length: int | None = None, pad_to_multiple_of: int | None = None, pad_token_id: int = 0
+    ) -> None:
+        for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and value < 1:
+                raise ValueError(f"PackingCollator: `{name}` must be >= 1 or None, got {value}.")
+        self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("PackingCollator: cannot collate an empty batch.")
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        types: list[int] = []
         with_types = "token_type_ids" in features[0]
+        rows: list[_Row] = []
         for i, feature in enumerate(features):
-            tokens = _as_list(feature["input_ids"], "input_ids")
-            if not tokens:
+            example = _example(i, feature, with_types)
+            if example is None:
                 continue
-            own = _as_list(feature["labels"], "labels") if feature.get("labels") is not None else tokens
-            if len(own) != len(tokens):
+            n = len(example[0])
+            if self.max_length is not None and n > self.max_length:
                 raise ValueError(
-                    f"PackingCollator: example {i} has {len(tokens)} input_ids but {len(own)} labels; "
-                    "packing needs one label per token (causal LM labels = input_ids)."
+                    f"PackingCollator: example {i} has {n} tokens, more than max_length={self.max_length}; "
+                    "truncate it when tokenising or raise max_length."
                 )
-            mask = feature.get("attention_mask")
-            if mask is not None and 0 in _as_list(mask, "attention_mask"):
-                raise ValueError(
-                    f"PackingCollator: example {i} has padding (attention_mask 0); pass unpadded examples."
-                )
-            ids += tokens
-            labels += [IGNORE_INDEX, *own[1:]]
-            positions += range(len(tokens))
-            if with_types:
-                types += _as_list(feature["token_type_ids"], "token_type_ids")
-        if not ids:
+            if not rows or (self.max_length is not None and len(rows[-1].ids) + n > self.max_length):
+                rows.append(_Row())
+            rows[-1].add(*example)
+        if not rows:
             raise ValueError("PackingCollator: every example in the batch is empty.")
-        pad = self._padding(len(ids))
-        if pad:
-            start = positions[-1] + 1
-            ids += [self.pad_token_id] * pad
-            labels += [IGNORE_INDEX] * pad
-            positions += range(start, start + pad)
-            types += [0] * pad if with_types else []
+        width = self._width(max(len(r.ids) for r in rows))
+        for row in rows:
+            row.pad_to(width, self.pad_token_id)
         batch: dict[str, Any] = {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": torch.tensor([r.ids for r in rows], dtype=torch.long),
+            "labels": torch.tensor([r.labels for r in rows], dtype=torch.long),
+            "position_ids": torch.tensor([r.positions for r in rows], dtype=torch.long),
         }
         if with_types:
-            batch["token_type_ids"] = torch.tensor([types], dtype=torch.long)
+            batch["token_type_ids"] = torch.tensor([r.types for r in rows], dtype=torch.long)
         batch["use_cache"] = False
         return batch
 
-    def _padding(self, length: int) -> int:
+    def _width(self, longest: int) -> int:
         m = self.pad_to_multiple_of
-        return 0 if m is None else -length % m
+        return longest if m is None else -(-longest // m) * m
+
+
+def _example(i: int, feature: Mapping[str, Any], with_types: bool) -> tuple[list[int], ...] | None:
+    """(input_ids, labels, token_type_ids) of one example, checked; None when it is empty."""
+    tokens = _as_list(feature["input_ids"], "input_ids")
+    if not tokens:
+        return None
+    own = _as_list(feature["labels"], "labels") if feature.get("labels") is not None else tokens
+    if len(own) != len(tokens):
+        raise ValueError(
+            f"PackingCollator: example {i} has {len(tokens)} input_ids but {len(own)} labels; "
+            "packing needs one label per token (causal LM labels = input_ids)."
+        )
+    mask = feature.get("attention_mask")
+    if mask is not None and 0 in _as_list(mask, "attention_mask"):
+        raise ValueError(
+            f"PackingCollator: example {i} has padding (attention_mask 0); pass unpadded examples."
+        )
+    types = _as_list(feature["token_type_ids"], "token_type_ids") if with_types else []
+    return tokens, own, types
+
+
+class _Row:
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.positions: list[int] = []
+        self.types: list[int] = []
+
+    def add(self, tokens: list[int], labels: list[int], types: list[int]) -> None:
+        self.ids += tokens
+        self.labels += [IGNORE_INDEX, *labels[1:]]
+        self.positions += range(len(tokens))
+        self.types += types
+
+    def pad_to(self, width: int, pad_token_id: int) -> None:
+        pad = width - len(self.ids)
+        if pad <= 0:
+            return
+        start = self.positions[-1] + 1
+        self.ids += [pad_token_id] * pad
+        self.labels += [IGNORE_INDEX] * pad
+        self.positions += range(start, start + pad)
+        if self.types:
+            self.types += [0] * pad

@@ -66,6 +66,24 @@ def test_collator_pads_to_a_multiple_after_the_last_example():
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
 
 
+def test_collator_fills_rows_up_to_max_length_and_pads_the_shorter_ones():
+    features = [
+        {"input_ids": [1, 2, 3]},
+        {"input_ids": [4, 5]},
+        {"input_ids": [6, 7, 8, 9]},
+        {"input_ids": [10]},
+    ]
+    batch = PackingCollator(max_length=5, pad_token_id=0)(features)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    three = PackingCollator(max_length=4)(features)
+    assert three["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]]
+    assert three["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
+    assert three["labels"].tolist()[1] == [-100, 5, -100, -100]
+    with pytest.raises(ValueError, match="max_length=3"):
+        PackingCollator(max_length=3)(features)
+
+
 def test_collator_rejects_padded_or_mismatched_examples():
     with pytest.raises(ValueError, match="attention_mask"):
         PackingCollator()([{"input_ids": [1, 2, 0], "attention_mask": [1, 1, 0]}])
@@ -84,6 +102,10 @@ def test_each_example_has_the_losses_it_has_alone(name, attn):
     batch = PackingCollator()(examples)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        rows = PackingCollator(max_length=24)(examples)  # several rows, padded at the end
+        assert rows["input_ids"].shape[0] > 1 and (rows["labels"][:, -1] == -100).any()
+        in_rows = model(**{k: v for k, v in rows.items() if k != "labels"}).logits
+        row, col = 0, 0
         start = 0
         for ex in examples:
             n = len(ex["input_ids"])
@@ -95,6 +117,10 @@ def test_each_example_has_the_losses_it_has_alone(name, attn):
             ref = token_losses(alone, ids)[1:]
             assert torch.allclose(got, ref, atol=1e-5)
             start += n
+            if col + n > 24:
+                row, col = row + 1, 0
+            assert torch.allclose(in_rows[row, col : col + n], alone, atol=1e-5)
+            col += n
         # the check can fail: without position_ids, or with a KV cache, the examples see each other
         n0 = len(examples[0]["input_ids"])
         for leaky_inputs in ({}, {"position_ids": batch["position_ids"], "use_cache": True}):
