@@ -45,11 +45,12 @@ def test_packed_rows_count_their_examples():
     from ember.data import PackingCollator
 
     tp = Throughput(flops_per_token=None, peak_flops=None, world_size=1, label_shift=True)
-    tp.add([PackingCollator()([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6, 7]}])])
+    examples = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6, 7]}]
+    tp.add([PackingCollator(max_length=5)(examples)])  # rows [1 2 3 4 5] and [6 7 pad pad pad]
     tp.since = time.perf_counter() - 1.0
     rates = tp.rates(lambda t: t)
     assert rates["samples_per_second"] == pytest.approx(3.0, rel=0.01)
-    assert rates["tokens_per_second"] == pytest.approx(7.0, rel=0.01)
+    assert rates["tokens_per_second"] == pytest.approx(10.0, rel=0.01)
     assert rates["real_tokens_per_second"] == pytest.approx(4.0, rel=0.01)
 
 

@@ -59,9 +59,9 @@ class PackingCollator:
     returned: the model must see None to detect the packing; an example's own attention mask, if
     present, must be all ones (padding inside an example cannot be packed).
 
-    Padding (to the longest row, then to `pad_to_multiple_of`) is `pad_token_id` with label -100,
-    and its positions continue the row's last example, so it comes after that example in causal
-    order and nothing real attends to it.
+    Padding (to the longest row, then to `pad_to_multiple_of`) is `pad_token_id` with label -100
+    at the end of a row, so nothing real attends to it; its position repeats the row's last one
+    (1 if that is 0), which stays inside the model's position table.
     """
 
     def __init__(
@@ -149,9 +149,12 @@ class _Row:
         pad = width - len(self.ids)
         if pad <= 0:
             return
-        start = self.positions[-1] + 1
+        # Repeating the last position (never 0, never past the last example's length) keeps pad
+        # tokens after the example in causal order, inside the model's position table, and out of
+        # the sample count (restarts at 0).
+        position = max(self.positions[-1], 1)
         self.ids += [pad_token_id] * pad
         self.labels += [IGNORE_INDEX] * pad
-        self.positions += range(start, start + pad)
+        self.positions += [position] * pad
         if self.types:
             self.types += [0] * pad

@@ -62,7 +62,7 @@ def test_collator_pads_to_a_multiple_after_the_last_example():
         [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}]
     )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
 
 
@@ -78,7 +78,7 @@ def test_collator_fills_rows_up_to_max_length_and_pads_the_shorter_ones():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     three = PackingCollator(max_length=4)(features)
     assert three["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]]
-    assert three["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
+    assert three["position_ids"].tolist() == [[0, 1, 2, 2], [0, 1, 1, 1], [0, 1, 2, 3], [0, 1, 1, 1]]
     assert three["labels"].tolist()[1] == [-100, 5, -100, -100]
     with pytest.raises(ValueError, match="max_length=3"):
         PackingCollator(max_length=3)(features)
