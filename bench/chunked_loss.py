@@ -149,7 +149,8 @@ def render(payload: dict[str, Any]) -> str:
         f"# Chunked cross-entropy: memory and step time with a large vocabulary ({m['date_utc']})",
         "",
         f"- {m['platform']}, python {m['python']}, torch {m['torch']}, transformers {m.get('transformers')}",
-        f"- ember at {m.get('ember_commit')}; 1 thread, OMP_WAIT_POLICY=PASSIVE; load average {m['load_avg']}",
+        f"- ember at {m.get('ember_commit')}; 1 thread, OMP_WAIT_POLICY=PASSIVE; "
+        f"load average {m['load_avg']}",
         f"- GPT-2 {cfg['layers']}x{cfg['width']} (tied), seq {cfg['seq']}, batch {cfg['batch']}, "
         f"{cfg['steps']} steps, fp32, AdamW; chunk {cfg['chunk']} tokens; {cfg['rounds']} interleaved "
         "round(s), medians; a fresh process per measurement",
