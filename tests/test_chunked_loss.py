@@ -280,3 +280,25 @@ def test_compute_loss_func_falls_back_with_a_notice(tmp_path, caplog):
 def test_loss_chunk_size_is_validated(tmp_path):
     with pytest.raises(ValueError, match="loss_chunk_size"):
         TrainingArguments(output_dir=str(tmp_path), loss_chunk_size=0)
+
+
+def test_peft_lora_model_takes_the_chunked_path_with_equal_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    def lora():
+        return get_peft_model(tiny_llama(False), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    batch = padded_batch()
+    plain_model, chunked_model = lora(), lora()
+    chunked_model.load_state_dict(plain_model.state_dict())
+    plain = plain_model(**batch).loss
+    plain.backward()
+    assert why_not(chunked_model) is None
+    chunked = chunked_causal_lm_loss(chunked_model, dict(batch), None, chunk_size=9)
+    assert chunked is not None
+    chunked.backward()
+    assert_close_rel(chunked.detach(), plain.detach())
+    ref, got = grads(plain_model), grads(chunked_model)
+    assert ref.keys() == got.keys() and all("lora" in k for k in ref)
+    for key in ref:
+        assert_close_rel(got[key], ref[key])
