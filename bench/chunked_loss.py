@@ -8,9 +8,10 @@ Each measurement is a fresh process (peak RSS is per process), interleaved plain
 round; tables show medians. Model: GPT-2 2 layers x 256 wide (tied embeddings), fp32, one thread.
 Step memory = peak RSS during train() minus the RSS just before it (model and data built); the
 optimizer state (created in train()) is part of it for all three. Step time = median of steps
-2..N (the first allocates). Labels are `input_ids` with the first position -100: it is never a
-target after the causal shift, and that way transformers' `num_items_in_batch` (counted before the
-shift) equals the true target count, so all three report the same loss. Results:
+2..N (the first allocates), as this process's CPU time (one thread: what the step costs, robust to
+other load on a shared machine) and as wall time. Labels are `input_ids` with the first position
+-100: it is never a target after the causal shift, and that way transformers' `num_items_in_batch`
+(counted before the shift) equals the true target count, so all three report the same loss. Results:
 bench/results/chunked_loss.{md,json}.
 """
 
@@ -92,7 +93,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             model=model, args=args, train_dataset=data, data_collator=default_data_collator, callbacks=[clock]
         )
         before = current_rss_mib()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     peak = peak_rss_mib()
@@ -103,6 +104,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": peak,
         "step_peak_mib": peak - before,
         "step_ms": median_step_ms(clock.times, start),
+        "step_cpu_ms": median_step_ms(clock.cpu, start_cpu),
         "losses": losses,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
@@ -118,6 +120,7 @@ def summarise(runs: list[dict[str, Any]], vocabs: list[int]) -> dict[str, Any]:
                 continue
             rows[impl] = {
                 "step_ms": med([r["step_ms"] for r in mine]),
+                "step_cpu_ms": med([r["step_cpu_ms"] for r in mine]),
                 "step_peak_mib": med([r["step_peak_mib"] for r in mine]),
                 "peak_rss_mib": med([r["peak_rss_mib"] for r in mine]),
                 "first_loss": mine[0]["losses"][0],
@@ -126,13 +129,17 @@ def summarise(runs: list[dict[str, Any]], vocabs: list[int]) -> dict[str, Any]:
             }
         ratios = {}
         if "chunked" in rows and "hf" in rows:
+            ratios["chunked/hf step CPU time"] = rows["chunked"]["step_cpu_ms"] / rows["hf"]["step_cpu_ms"]
             ratios["chunked/hf step memory"] = rows["chunked"]["step_peak_mib"] / rows["hf"]["step_peak_mib"]
             ratios["chunked/hf peak RSS"] = rows["chunked"]["peak_rss_mib"] / rows["hf"]["peak_rss_mib"]
             ratios["chunked vs hf first loss (rel)"] = abs(
                 rows["chunked"]["first_loss"] / rows["hf"]["first_loss"] - 1
             )
         if "chunked" in rows and "plain" in rows:
-            ratios["chunked/plain step time"] = rows["chunked"]["step_ms"] / rows["plain"]["step_ms"]
+            ratios["chunked/plain step CPU time"] = (
+                rows["chunked"]["step_cpu_ms"] / rows["plain"]["step_cpu_ms"]
+            )
+            ratios["chunked/plain step wall time"] = rows["chunked"]["step_ms"] / rows["plain"]["step_ms"]
             ratios["chunked/plain step memory"] = (
                 rows["chunked"]["step_peak_mib"] / rows["plain"]["step_peak_mib"]
             )
@@ -155,6 +162,7 @@ def render(payload: dict[str, Any]) -> str:
         f"{cfg['steps']} steps, fp32, AdamW; chunk {cfg['chunk']} tokens; {cfg['rounds']} interleaved "
         "round(s), medians; a fresh process per measurement",
         "- step memory = peak RSS during train() - RSS before it (includes AdamW state, same for all)",
+        "- step CPU ms = the process's CPU time per step (1 thread), median of steps 2..N; wall ms beside it",
         "- command: `python -m bench.chunked_loss " + " ".join(cfg["argv"]) + "`",
         "",
     ]
@@ -162,14 +170,16 @@ def render(payload: dict[str, Any]) -> str:
         lines += [
             f"## vocab {int(vocab):,}",
             "",
-            "| impl | step ms (median) | step memory MiB | peak RSS MiB | loss step 1 | loss last step |",
-            "|---|---|---|---|---|---|",
+            "| impl | step CPU ms | step wall ms | step memory MiB | peak RSS MiB | loss step 1 | loss "
+            "last |",
+            "|---|---|---|---|---|---|---|",
         ]
         for impl, row in block["rows"].items():
             name = {"plain": "ember", "chunked": "ember chunked_loss", "hf": "transformers"}[impl]
             lines.append(
-                f"| {name} | {fmt(row['step_ms'])} | {fmt(row['step_peak_mib'], 0)} | "
-                f"{fmt(row['peak_rss_mib'], 0)} | {row['first_loss']:.6f} | {row['last_loss']:.6f} |"
+                f"| {name} | {fmt(row['step_cpu_ms'])} | {fmt(row['step_ms'])} | "
+                f"{fmt(row['step_peak_mib'], 0)} | {fmt(row['peak_rss_mib'], 0)} | "
+                f"{row['first_loss']:.6f} | {row['last_loss']:.6f} |"
             )
         lines += ["", "| ratio | value |", "|---|---|"]
         for key, value in block["ratios"].items():

@@ -90,18 +90,27 @@ class LinearCrossEntropy(torch.autograd.Function):
                         grad_weight += (dlogits.t() @ h).float()
                 if grad_bias is not None:
                     grad_bias += dlogits.float().sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Kept on ctx, not saved for backward: they are results, scaled in place once in backward.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the chunked loss's backward ran twice: it computes its gradients once, in forward, and "
+                "scales them in place; compute the loss again instead of retain_graph=True, or set "
+                "chunked_loss=False."
+            )
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None
         weight_dtype, bias_dtype = ctx.dtypes
         scale = grad_out.float()
-        gh = (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
-        gw = (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None
-        gb = (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None
+        # In place: a (V, H) fp32 copy per step would be the largest allocation left.
+        gh = grad_hidden.mul_(scale.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        gw = grad_weight.mul_(scale).to(weight_dtype) if grad_weight is not None else None
+        gb = grad_bias.mul_(scale).to(bias_dtype) if grad_bias is not None else None
         return gh, gw, gb, None, None, None
 
 
@@ -121,23 +130,30 @@ def _chunk(
     logits = h @ w.t()
     if b is not None:
         logits += b
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
+    logits = logits.float()  # a copy only under mixed precision
     valid = t != IGNORE_INDEX
     safe = t.clamp(min=0).unsqueeze(1)
-    per_target = lse - logits.gather(1, safe).squeeze(1)
-    if smoothing:
-        per_target = (1.0 - smoothing) * per_target + smoothing * (lse - logits.mean(dim=-1))
+    target_logit = logits.gather(1, safe).squeeze(1)
+    mean_logit = logits.mean(dim=-1) if smoothing else None
+    # exp(logits - max) in place: the chunk holds one (C, V) buffer (logsumexp would allocate another)
+    peak = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(peak).exp_()
+    total = probs.sum(dim=-1)
+    lse = peak.squeeze(1) + total.log()
+    per_target = lse - target_logit
+    if mean_logit is not None:
+        per_target = (1.0 - smoothing) * per_target + smoothing * (lse - mean_logit)
     loss_sum = torch.where(valid, per_target, 0.0).sum()
     if not want_grads:
         return loss_sum, None
-    # d/dlogits of (1-e)*nll + e*mean(-log p) = softmax - (1-e)*onehot - e/V, zero where not a target.
-    dlogits = logits.sub_(lse.unsqueeze(1)).exp_()
-    dlogits.scatter_add_(1, safe, torch.full_like(safe, -(1.0 - smoothing), dtype=dlogits.dtype))
+    # d/dlogits of (1-e)*nll + e*mean(-log p) = softmax - (1-e)*onehot - e/V, zero where not a target;
+    # the normalisation and the target mask are one row scale, applied in one pass.
+    weight = valid.to(probs.dtype)
+    probs *= (weight / total).unsqueeze(1)
+    probs.scatter_add_(1, safe, (-(1.0 - smoothing) * weight).unsqueeze(1))
     if smoothing:
-        dlogits -= smoothing / dlogits.shape[1]
-    dlogits *= valid.unsqueeze(1)
-    return loss_sum, dlogits
+        probs -= (smoothing / probs.shape[1]) * weight.unsqueeze(1)
+    return loss_sum, probs
 
 
 def linear_cross_entropy(

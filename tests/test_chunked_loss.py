@@ -302,3 +302,12 @@ def test_peft_lora_model_takes_the_chunked_path_with_equal_gradients():
     assert ref.keys() == got.keys() and all("lora" in k for k in ref)
     for key in ref:
         assert_close_rel(got[key], ref[key])
+
+
+def test_a_second_backward_is_a_clear_error():
+    hidden = torch.randn(6, 16, requires_grad=True)
+    head = nn.Linear(16, VOCAB, bias=False)
+    loss = linear_cross_entropy(hidden, head.weight, None, torch.randint(0, VOCAB, (6,)), chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
