@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -251,13 +252,62 @@ def why_not(model: nn.Module) -> str | None:
     if not isinstance(body, nn.Module) or body is hf:
         return f"{type(hf).__name__} has no separate body (`base_model`) to run without its head"
     config = getattr(hf, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1:
-            return f"the config sets `{name}`={value!r}, which transforms the logits"
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else None
+    for cfg in (config, text_config):
+        for name in _LOGIT_TRANSFORMS:
+            value = getattr(cfg, name, None)
+            if value is not None and value != 1:
+                return f"the config sets `{name}`={value!r}, which transforms the logits"
+        if getattr(cfg, "output_router_logits", False):
+            return "the model adds a router auxiliary loss to its loss (output_router_logits=True)"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
     return None
+
+
+# Per model: does its own loss equal the chunked loss on a sample (absent: not checked yet)?
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_SAMPLE_TOKENS = 128
+
+
+def _agrees_with_model(
+    model: nn.Module, hf: nn.Module, body: nn.Module, head: Any, inputs: dict[str, Any], extra: dict[str, Any]
+) -> bool:
+    """Compare, once per model, its own loss with the chunked one on a sample of the batch.
+
+    The config checks in `why_not` know the transforms transformers has today; this catches the
+    others (a logit multiplier under another name, a loss computed differently in forward). The
+    sample is the first row's first tokens with every token a target, so it costs a sliver of one
+    forward, holds no full logits, and never depends on the labels: every rank runs it exactly
+    once, at its first chunked micro-batch, which keeps FSDP2's collectives (the calls go through
+    `model`, the wrapper) in step. Eval mode: no dropout, no randomness consumed.
+    """
+    ids = inputs["input_ids"][:1, :_SAMPLE_TOKENS]
+    if ids.shape[1] < 2:
+        ids = ids.repeat(1, 2)
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=IGNORE_INDEX)
+    count = ids.shape[1] - 1
+
+    def body_and_head_loss(**kwargs: Any) -> torch.Tensor:
+        hidden = body(**{**extra, **kwargs})[0]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return _loss_only(flat, head.weight, head.bias, targets.reshape(-1), _SAMPLE_TOKENS, 0.0) / count
+
+    was_training = hf.training
+    hf.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids)
+            own = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+            with _forward_replaced(_callee(model), body_and_head_loss):
+                ours = model(input_ids=ids)
+    finally:
+        hf.train(was_training)
+    if not isinstance(own, torch.Tensor):
+        return False
+    rtol = 2e-2 if torch.is_autocast_enabled(ours.device.type) else 1e-4
+    return bool(torch.isclose(ours.float(), own.float(), rtol=rtol, atol=1e-6))
 
 
 @contextmanager
@@ -301,6 +351,11 @@ def chunked_causal_lm_loss(
     body, head = hf.base_model, hf.get_output_embeddings()
     targets = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
     extra = {"use_cache": False} if _accepts(body.forward, "use_cache") else {}
+    if "input_ids" in inputs and hf not in _VERIFIED:
+        _VERIFIED[hf] = _agrees_with_model(model, hf, body, head, inputs, extra)
+    if _VERIFIED.get(hf) is False:
+        notice_fallback(f"{type(hf).__name__}'s own loss differs from loss(head(hidden states)) on a sample")
+        return None
 
     def body_and_head(**kwargs: Any) -> torch.Tensor:
         hidden = body(**{**extra, **kwargs})[0]

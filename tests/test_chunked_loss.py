@@ -311,3 +311,38 @@ def test_a_second_backward_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_a_model_whose_loss_is_not_the_heads_falls_back_after_the_sample_check(tmp_path, caplog, monkeypatch):
+    from transformers import GPT2LMHeadModel
+
+    class ScaledLMHeadModel(GPT2LMHeadModel):  # a logit multiplier no config field announces
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            out.logits = out.logits * 2.0
+            if labels is not None:
+                out.loss = self.loss_function(out.logits, labels, vocab_size=self.config.vocab_size)
+            return out
+
+    def scaled():
+        torch.manual_seed(0)
+        return ScaledLMHeadModel(gpt2(True).config)
+
+    assert why_not(scaled()) is None
+    _NOTICED.clear()
+    calls = count_chunked_calls(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        chunked, chunked_losses = _train(tmp_path / "c", scaled(), chunked_loss=True, loss_chunk_size=8)
+    assert any("differs from loss(head(hidden states))" in r.getMessage() for r in caplog.records)
+    assert not calls  # training ran the plain loss
+    plain, plain_losses = _train(tmp_path / "p", scaled())
+    assert chunked_losses == plain_losses
+
+
+def test_the_sample_check_passes_for_the_supported_models():
+    from ember.chunked_loss import _VERIFIED
+
+    for make in MODELS.values():
+        model = make()
+        assert chunked_causal_lm_loss(model, padded_batch(), None, chunk_size=8) is not None
+        assert _VERIFIED[model] is True
