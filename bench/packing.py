@@ -203,8 +203,9 @@ def render(payload: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for impl, row in s["rows"].items():
+        name = f"{impl} + chunked_loss" if cfg["chunked"] and impl.startswith("ember") else impl
         lines.append(
-            f"| {impl} | {fmt(row['real_tokens_per_cpu_s'])} | {fmt(row['real_tokens_per_s'])} | "
+            f"| {name} | {fmt(row['real_tokens_per_cpu_s'])} | {fmt(row['real_tokens_per_s'])} | "
             f"{row['mean_loss']:.6f} |"
         )
     lines += ["", "| ratio | value |", "|---|---|"]
