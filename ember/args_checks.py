@@ -30,6 +30,7 @@ from .args_fields import (
     TrainingFields,
 )
 from .args_hf import _check_hf_only, _suggest
+from .integrations import available_trackers
 
 _logger = logging.getLogger("ember.args")
 
@@ -169,13 +170,14 @@ def _normalise_report_to(value: str | list[str] | None) -> list[str]:
         if name == "none":
             continue
         if name == "all":
-            out.extend(REPORT_TO_BACKENDS)
+            out.extend(available_trackers())  # installed ones only, as transformers does
         elif name in REPORT_TO_BACKENDS:
             out.append(name)
         else:
             raise ValueError(
                 f"report_to={name!r} is not supported by ember yet.{_suggest(name, REPORT_TO_BACKENDS)} "
-                "Use 'jsonl', 'all' or 'none' in `report_to`, or log from a callback."
+                f"Use {', '.join(map(repr, REPORT_TO_BACKENDS))}, 'all' or 'none' in `report_to`, "
+                "or log from a callback."
             )
     return list(dict.fromkeys(out))
 
@@ -244,6 +246,7 @@ def _check_ranges(args: TrainingFields) -> None:
     _at_least(args, "save_total_limit", 1, "use None to keep every checkpoint", optional=True)
     _at_least(args, "eval_accumulation_steps", 1, "use None to keep predictions on the device", optional=True)
     _at_least(args, "dataloader_num_workers", 0, "use 0 to load data in the main process")
+    _at_least(args, "loss_chunk_size", 1, "use a few hundred to a few thousand tokens, e.g. 1024")
     for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
         value = getattr(args, name)
         if not 0 <= value < 1:

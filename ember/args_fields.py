@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .integrations import TRACKER_NAMES
 from .names import OPTIMIZER_NAMES, SAMPLING_STRATEGIES, SCHEDULER_NAMES
 
 
@@ -76,7 +77,7 @@ SAVE_STRATEGIES: tuple[str, ...] = tuple(m.value for m in SaveStrategy)
 SCHEDULER_TYPES: tuple[str, ...] = SCHEDULER_NAMES
 TRAIN_SAMPLING_STRATEGIES: tuple[str, ...] = SAMPLING_STRATEGIES
 TOKENS_SEEN_MODES: tuple[str, ...] = ("no", "all", "non_padding")
-REPORT_TO_BACKENDS: tuple[str, ...] = ("jsonl",)
+REPORT_TO_BACKENDS: tuple[str, ...] = TRACKER_NAMES  # the registry in ember.integrations owns the names
 
 # transformers' log level names; "passive" leaves the level as it is.
 # fmt: off
@@ -200,8 +201,16 @@ class TrainingFields:
     local_rank: int = _f(-1, "Rank of this process on its machine, from the launcher; -1 if not distributed.")
     # --- ember only ---
     save_async: bool = _f(False, "Write checkpoints in a background thread while training goes on.")
+    verify_checkpoints: bool = _f(False, "On resume, re-hash every checkpoint file against its manifest.")
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
+    chunked_loss: bool = _f(
+        False,
+        "Causal LMs: compute the training loss from the last hidden states and the output head in chunks "
+        "of `loss_chunk_size` tokens, never holding the full logits (same loss and gradients). Falls back "
+        "to the plain loss, with a notice, where it cannot apply.",
+    )
+    loss_chunk_size: int = _f(1024, "Tokens per chunk of the chunked loss (chunked_loss=True).")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")

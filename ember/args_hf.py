@@ -92,7 +92,7 @@ _MOVED_FIELDS: dict[str, str] = {
     "per_gpu_train_batch_size": "Use `per_device_train_batch_size`",
     "per_gpu_eval_batch_size": "Use `per_device_eval_batch_size`",
     "overwrite_output_dir": "Remove it; ember writes into `output_dir` and resumes only when asked",
-    "logging_dir": "Remove it; ember logs to `output_dir/logs.jsonl`",
+    "logging_dir": "Remove it (as in transformers 5); for TensorBoard set TENSORBOARD_LOGGING_DIR",
 }
 
 

@@ -40,6 +40,7 @@ def make_trainer(output_dir: Path, model_init: Any = None, **overrides: Any) -> 
         logging_steps=EVAL_STEPS,
         save_strategy="no",
         disable_tqdm=True,
+        report_to="jsonl",  # the tests read each trial's logs.jsonl
     )
     values.update(overrides)
     return Trainer(

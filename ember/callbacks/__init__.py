@@ -15,6 +15,7 @@ from ember.callbacks.events import EVENTS, EventRecorder, TrainerCallback, check
 from ember.callbacks.flow import DefaultFlowCallback
 from ember.callbacks.handler import CallbackHandler
 from ember.callbacks.progress import PrinterCallback, ProgressCallback
+from ember.integrations import TRACKERS
 from ember.state import (
     ExportableState,
     TrainerControl,
@@ -45,7 +46,7 @@ __all__ = [
 
 
 def normalize_report_to(report_to: str | Iterable[str] | None) -> list[str]:
-    """``report_to`` as a list of tracker names: None/"none" -> [], "all" -> every supported one.
+    """``report_to`` as a list of tracker names: None/"none" -> [], "all" -> every installed one.
 
     The rules (and the error naming an unsupported tracker) live with `TrainingArguments`, which
     already normalises ``args.report_to``; this is for code that holds a raw value.
@@ -63,14 +64,14 @@ def build_callbacks(args: TrainingArguments, user_callbacks: Iterable[Any] | Non
     ``report_to="none"`` adds nothing and writes no file. Classes in `user_callbacks` are
     instantiated.
     """
-    from ember.integrations.jsonl import JsonlLoggerCallback
-
     trackers = normalize_report_to(args.report_to)
     user = [cb() if isinstance(cb, type) else cb for cb in (user_callbacks or ())]
     callbacks: list[Any] = [
         DefaultFlowCallback(),
         PrinterCallback() if args.disable_tqdm else ProgressCallback(),
     ]
-    if "jsonl" in trackers and not any(isinstance(cb, JsonlLoggerCallback) for cb in user):
-        callbacks.append(JsonlLoggerCallback())
+    for name in trackers:
+        tracker_cls = TRACKERS[name].load()
+        if not any(isinstance(cb, tracker_cls) for cb in callbacks + user):
+            callbacks.append(tracker_cls())
     return callbacks + user

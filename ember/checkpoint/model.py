@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .files import save_safetensors
+
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -34,10 +36,8 @@ def save_model_files(
 def save_plain_module(
     model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> None:
-    from safetensors.torch import save_file
-
     tensors = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:

@@ -31,6 +31,7 @@ import torch
 
 from ..state import TrainerState
 from .atomic import find_resumable_checkpoint, load_checkpoint_dir
+from .files import CheckpointError, read_json, relocate_in_run, resolve_inside, write_text
 from .model import WEIGHTS_NAME, save_model_files
 from .rotation import rotate_checkpoints
 from .state_io import load_state, save_state
@@ -145,8 +146,8 @@ def write_snapshot(snap: Snapshot, folder: Path) -> None:
     """Write `snap` into `folder` (the temporary folder of an atomic checkpoint)."""
     if snap.is_main:
         save_model_files(snap.model, folder, snap.processing_class, state_dict=snap.model_state)
-        (folder / TRAINER_STATE_NAME).write_text(snap.trainer_state_json, encoding="utf-8")
-        (folder / ARGS_NAME).write_text(snap.args_json, encoding="utf-8")
+        write_text(folder / TRAINER_STATE_NAME, snap.trainer_state_json)
+        write_text(folder / ARGS_NAME, snap.args_json)
         if snap.optimizer is not None:
             save_state(snap.optimizer, folder, OPTIMIZER)
         if snap.trainer is not None:
@@ -161,10 +162,14 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
 
     index = folder / f"{WEIGHTS_NAME}.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        doc = read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map; the file is damaged.")
+        shards = {resolve_inside(folder, v, index, f"weight_map[{k!r}]") for k, v in weight_map.items()}
         tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
+        for shard in sorted(shards):
+            tensors.update(load_file(str(shard)))
     elif (folder / WEIGHTS_NAME).exists():
         tensors = load_file(str(folder / WEIGHTS_NAME))
     else:
@@ -235,8 +240,10 @@ def _warn_on_changed_shape(
     args: TrainingArguments, world_size: int, folder: Path, shared: Mapping[str, Any]
 ) -> None:
     try:
-        saved_args = json.loads((folder / ARGS_NAME).read_text())
-    except (OSError, ValueError):
+        saved_args = read_json(folder / ARGS_NAME)
+    except CheckpointError:
+        return
+    if not isinstance(saved_args, dict):
         return
     changes = [
         f"{name} {saved_args.get(name)} -> {getattr(args, name)}"
@@ -317,8 +324,12 @@ def resume(
 ) -> Path:
     """Load `checkpoint` (or, with True, the newest complete one in output_dir) into the parts and
     `state`; returns the folder it came from."""
-    folder = _checkpoint_folder(args.output_dir, checkpoint)
-    saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))
+    folder = _checkpoint_folder(args.output_dir, checkpoint, deep=args.verify_checkpoints)
+    saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))  # checked by the line above
+    # A moved run folder still names its best checkpoint by the old path: find it in this one.
+    saved.best_model_checkpoint = relocate_in_run(
+        saved.best_model_checkpoint, args.output_dir, folder / TRAINER_STATE_NAME
+    )
     _keep_saved_intervals(state, saved, folder)
     for name in _RESUMED_STATE_FIELDS:
         setattr(state, name, getattr(saved, name))
@@ -342,10 +353,10 @@ def resume(
     return folder
 
 
-def _checkpoint_folder(output_dir: str, checkpoint: str | bool) -> Path:
+def _checkpoint_folder(output_dir: str, checkpoint: str | bool, deep: bool) -> Path:
     if checkpoint is not True:
-        return load_checkpoint_dir(str(checkpoint))
-    found = find_resumable_checkpoint(output_dir)
+        return load_checkpoint_dir(str(checkpoint), deep=deep)
+    found = find_resumable_checkpoint(output_dir, deep=deep)
     if found is None:
         raise ValueError(
             f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint; "

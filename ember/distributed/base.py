@@ -92,4 +92,7 @@ class Strategy(Protocol):
 
     def any_rank(self, flag: bool) -> bool: ...
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` of rank `src` on every rank (a small picklable value, such as a message)."""
+
     def barrier(self) -> None: ...

@@ -82,6 +82,12 @@ class MultiProcess(SingleDevice):
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        with collective("broadcast_object", self.rank):
+            dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def barrier(self) -> None:
         with collective("barrier", self.rank):
             dist.barrier()

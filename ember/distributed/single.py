@@ -152,5 +152,8 @@ class SingleDevice:
         """True if any rank says True: used to agree on stopping or saving."""
         return flag
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
     def barrier(self) -> None:
         pass

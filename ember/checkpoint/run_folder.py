@@ -1,0 +1,45 @@
+"""Taking `output_dir` for one run: the lock (lock.py) on the main process, the verdict shared with
+every rank, then the leftovers of an interrupted run cleaned (rotation.py). Its own module because
+rotation asks the lock whether a folder is held: lock.py importing rotation would be a cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from .lock import OutputDirLockedError, RunLock
+from .rotation import recover_output_dir
+
+if TYPE_CHECKING:
+    from ..distributed.base import Strategy
+
+
+@contextlib.contextmanager
+def hold_output_dir(output_dir: str | os.PathLike[str], strategy: Strategy) -> Iterator[RunLock | None]:
+    """Hold the run lock on `output_dir` for the duration of the block.
+
+    Only the main process (global rank 0) locks; it tells the other ranks whether it got the lock,
+    so on refusal every rank raises the same error instead of waiting in a collective. Once
+    locked, the leftovers of an earlier interrupted run are cleaned (`recover_output_dir`).
+    """
+    lock = RunLock(output_dir) if strategy.is_main else None
+    refused: str | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except OutputDirLockedError as exc:
+            refused = str(exc)
+    if strategy.world_size > 1:
+        refused = strategy.broadcast_object(refused)
+    if refused is not None:
+        raise OutputDirLockedError(refused)
+    try:
+        if lock is not None:
+            recover_output_dir(output_dir)
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
