@@ -3,6 +3,7 @@
 Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never pickle)::
 
     config.json, model.safetensors[.index.json], tokenizer files   # as save_pretrained writes them
+    (a PEFT model: adapter_model.safetensors + adapter_config.json instead, see model.py)
     trainer_state.json                                              # transformers' format
     training_args.json
     optimizer.{safetensors,json}                                    # optimizer.state_dict()
@@ -27,7 +28,7 @@ import torch
 
 from ..state import TrainerState, export_callback_states, restore_callback_states
 from .atomic import find_resumable_checkpoint, load_checkpoint_dir
-from .model import WEIGHTS_NAME, save_model_files
+from .model import load_model_files, save_model_files
 from .rng import capture_rng_state, restore_rng_state
 from .rotation import rotate_checkpoints
 from .state_io import load_state, save_state
@@ -130,33 +131,8 @@ def write_snapshot(snap: Snapshot, folder: Path) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the weights of a checkpoint folder into `model` (single file or sharded with an index)."""
-    from safetensors.torch import load_file
-
-    index = folder / f"{WEIGHTS_NAME}.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
-    elif (folder / WEIGHTS_NAME).exists():
-        tensors = load_file(str(folder / WEIGHTS_NAME))
-    else:
-        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}; it is not a checkpoint of a model.")
-    result = model.load_state_dict(tensors, strict=False)
-    own = model.state_dict()
-    loaded = {_storage(own[k]) for k in tensors if k in own}
-    # Tied weights (e.g. lm_head = wte) are written once; their twins share storage and are filled.
-    missing = [k for k in result.missing_keys if _storage(own[k]) not in loaded]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"The weights in {folder} do not fit the model: missing {missing[:5]}, unexpected "
-            f"{list(result.unexpected_keys)[:5]}. Was the checkpoint written for another architecture?"
-        )
-
-
-def _storage(t: torch.Tensor) -> tuple[int, int]:
-    return (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+    """Load the model of a checkpoint folder into `model` (full, sharded, PEFT adapter or plain)."""
+    load_model_files(model, folder)
 
 
 def restore_training_state(trainer: Trainer, folder: Path) -> None:

@@ -163,18 +163,19 @@ class FSDPStrategy(MultiProcess):
         return cast(dict[str, torch.Tensor], full)
 
     def load_model_weights(self, model: nn.Module, folder: Path) -> None:
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from ..checkpoint.model import WEIGHTS_NAME
+        from ..checkpoint.model import load_model_files
 
-        full = load_file(str(folder / WEIGHTS_NAME))
-        with collective("loading the model", self.rank):
-            set_model_state_dict(
-                model,
-                cast(dict[str, Any], full),
-                options=StateDictOptions(full_state_dict=True, strict=False),
-            )
+        def apply(full: dict[str, torch.Tensor]) -> None:
+            with collective("loading the model", self.rank):
+                set_model_state_dict(
+                    model,
+                    cast(dict[str, Any], full),
+                    options=StateDictOptions(full_state_dict=True, strict=False),
+                )
+
+        load_model_files(model, folder, apply=apply)
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         return None  # written sharded by `_extra_checkpoint_steps`
