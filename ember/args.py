@@ -119,10 +119,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "average_tokens_across_devices": "ember always normalises the loss by the tokens of all ranks",
     "bf16_full_eval": "evaluation runs under the training precision (bf16=True autocasts it)",
     "fp16_full_eval": "evaluation runs under the training precision",
-    "activation_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
-    "activation_checkpointing_kwargs": "pass the options to model.gradient_checkpointing_enable() yourself",
-    "gradient_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
-    "gradient_checkpointing_kwargs": "pass the options to model.gradient_checkpointing_enable() yourself",
     "torch_compile": "compile the model yourself (model.compile()) before building the Trainer",
     "torch_compile_backend": "compile the model yourself (model.compile(backend=...))",
     "torch_compile_mode": "compile the model yourself (model.compile(mode=...))",
@@ -162,8 +158,6 @@ UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
 # gradient_checkpointing None -> False, debug "" -> [], accelerator_config None -> a dict of its defaults,
 # and masks tokens. They are accepted and stored as the declared default.
 _DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {
-    "activation_checkpointing": (False,),
-    "gradient_checkpointing": (False,),
     "debug": ([], None),
     "hub_token": ("<HUB_TOKEN>",),
     "accelerator_config": (
@@ -346,23 +340,24 @@ class TrainingArguments:
     save_async: bool = _f(False, "Write checkpoints in a background thread while training goes on.")
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
+    # --- Fine-tuning: the model pipeline (ember/models) ---
+    activation_checkpointing: bool | None = _f(
+        None, "Recompute activations in backward to save memory (~20-30% slower).", nargs="?", const=True
+    )
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = _f(
+        None, "every_n_layers, offload, and options of torch.utils.checkpoint (use_reentrant: False)."
+    )
+    gradient_checkpointing: bool | None = _f(
+        None, "Alias of activation_checkpointing (transformers' older name).", nargs="?", const=True
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = _f(
+        None, "Alias of activation_checkpointing_kwargs."
+    )
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
     bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
     fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
-    activation_checkpointing: bool | None = _f(
-        None, "Not supported by ember; leave unset.", nargs="?", const=True
-    )
-    activation_checkpointing_kwargs: dict[str, Any] | str | None = _f(
-        None, "Not supported by ember; leave unset."
-    )
-    gradient_checkpointing: bool | None = _f(
-        None, "Not supported by ember; leave unset.", nargs="?", const=True
-    )
-    gradient_checkpointing_kwargs: dict[str, Any] | str | None = _f(
-        None, "Not supported by ember; leave unset."
-    )
     torch_compile: bool = _f(False, "Not supported by ember (compile the model yourself); leave False.")
     torch_compile_backend: str | None = _f(None, "Not supported by ember; leave unset.")
     torch_compile_mode: str | None = _f(None, "Not supported by ember; leave unset.")
@@ -728,8 +723,10 @@ def validate(args: TrainingArguments) -> None:
     _check_log_levels(args)
     _check_hardware(args)
     from .distributed.options import check_distributed_args
+    from .models.options import check_model_args
 
     check_distributed_args(args)
+    check_model_args(args)
 
 
 # What a Python caller may pass, where it is wider than the annotation. Annotations are what command-line

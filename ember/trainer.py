@@ -33,6 +33,7 @@ from .data import (
 from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
+from .models.pipeline import prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import build_precision
@@ -218,7 +219,8 @@ class Trainer:
             self.optimizer, self.lr_scheduler = None, None
         loader = self.get_train_dataloader()
         plan = loop.plan_steps(args, loader, self._train_batch_sampler)
-        model = self.model_wrapped = self.strategy.setup_model(self.model)
+        # The model pipeline (adapters -> activation checkpointing -> compile), then the strategy wraps.
+        model = self.model_wrapped = self.strategy.setup_model(prepare_model(self.model, args))
         self.create_optimizer_and_scheduler(plan.max_steps)
         model, self.optimizer = self.strategy.setup_optimizer(model, self.optimizer)
         self.model_wrapped = model

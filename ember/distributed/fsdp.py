@@ -68,7 +68,10 @@ class FSDPStrategy(MultiProcess):
         if not offload:
             model.to(self.device)
         if self.config.get("activation_checkpointing"):
-            enable_activation_checkpointing(model, self._block_types(model))
+            from ..models.pipeline import enable_activation_checkpointing
+
+            # The same path as the activation_checkpointing argument, on FSDP's own blocks.
+            enable_activation_checkpointing(model, blocks=self._blocks(model))
         kwargs: dict[str, Any] = {
             "mesh": self.mesh,
             "reshard_after_forward": bool(self.config.get("reshard_after_forward", True)),
@@ -98,9 +101,6 @@ class FSDPStrategy(MultiProcess):
             return None
         reduce = self.config.get("mixed_precision_reduce_dtype", "float32")
         return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=getattr(torch, reduce))
-
-    def _block_types(self, model: nn.Module) -> tuple[type, ...]:
-        return tuple({type(m) for m in self._blocks(model)})
 
     def _blocks(self, model: nn.Module) -> list[nn.Module]:
         """Submodules that get their own `fully_shard`: the unit of gather/free (auto_wrap_policy)."""
@@ -241,14 +241,3 @@ def _blocks_by_size(model: nn.Module, min_params: int) -> list[nn.Module]:
 
     visit(model)
     return chosen
-
-
-def enable_activation_checkpointing(model: nn.Module, block_types: tuple[type, ...]) -> None:
-    """Recompute each block's activations in backward instead of storing them."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(enable):  # transformers models: keeps parameter names unchanged
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, block_types))

@@ -86,3 +86,10 @@ def test_a_failed_write_on_one_rank_stops_all_and_keeps_older_checkpoints(ddp):
         "rank(s) [1]" in rank0["message"] and "intact (newest complete one: checkpoint-2)" in rank0["message"]
     )
     assert "No space left on device" in rank1["message"]
+
+
+def test_activation_checkpointing_under_ddp_gives_the_same_weights(ddp):
+    plain, meta = _result(ddp, "ddp")
+    checkpointed, meta_ac = _result(ddp, "ddp-ac")
+    assert max_diff(plain, checkpointed) < 1e-6
+    assert meta["losses"] == pytest.approx(meta_ac["losses"], abs=1e-6)

@@ -289,6 +289,7 @@ def stall(out: Path) -> None:
 SUITES = {
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
+        train_and_evaluate(out, "ddp-ac", activation_checkpointing=True),
         interrupted_resume(out, "ddp-resume", stop_at=2, save_async=True),
         preempted_resume(out),
         failing_checkpoint(out),
@@ -297,6 +298,7 @@ SUITES = {
     "fsdp": lambda out, o: (
         train_and_evaluate(out, "ddp-ref"),
         train_and_evaluate(out, "fsdp", fsdp=True),
+        train_and_evaluate(out, "fsdp-ac", fsdp=True, activation_checkpointing=True),
         interrupted_resume(out, "fsdp-resume", stop_at=2, fsdp=True, save_async=True),
     ),
     "deepspeed": lambda out, o: deepspeed_suite(out, o),

@@ -1,0 +1,64 @@
+"""Validation of the fine-tuning arguments (activation checkpointing, compile, NEFTune, batch-size
+search), called from `TrainingArguments.validate`: bad values fail when the arguments are built."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from typing import Any
+
+
+def check_model_args(args: Any) -> None:
+    _resolve_checkpointing_aliases(args)
+    _check_checkpointing_kwargs(args)
+
+
+def _resolve_checkpointing_aliases(args: Any) -> None:
+    """transformers 5.24: `gradient_checkpointing*` are aliases of `activation_checkpointing*`, used
+    when the new name is unset; afterwards the old names mirror the new ones."""
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if getattr(args, new) is None and getattr(args, old) is not None:
+            setattr(args, new, getattr(args, old))
+        setattr(args, old, getattr(args, new))
+    if args.activation_checkpointing is None:
+        args.activation_checkpointing = args.gradient_checkpointing = False
+
+
+def _check_checkpointing_kwargs(args: Any) -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    from .pipeline import OWN_CHECKPOINT_KEYS
+
+    value = args.activation_checkpointing_kwargs
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"`activation_checkpointing_kwargs` is not valid JSON ({err}); pass a dict or a JSON object."
+            ) from None
+    if value is None:
+        return
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            "`activation_checkpointing_kwargs` must be a dict such as {'use_reentrant': False}, "
+            f"got {value!r}."
+        )
+    value = dict(value)
+    allowed = set(inspect.signature(checkpoint).parameters) - {"function", "args", "kwargs"}
+    allowed |= set(OWN_CHECKPOINT_KEYS)
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ValueError(
+            f"`activation_checkpointing_kwargs` has unknown keys {unknown}; it takes {sorted(allowed)}."
+        )
+    every_n = value.get("every_n_layers", 1)
+    if not isinstance(every_n, int) or isinstance(every_n, bool) or every_n < 1:
+        raise ValueError(
+            f"`activation_checkpointing_kwargs['every_n_layers']` must be an int >= 1, got {every_n!r}."
+        )
+    args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = value
