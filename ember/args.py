@@ -119,9 +119,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "average_tokens_across_devices": "ember always normalises the loss by the tokens of all ranks",
     "bf16_full_eval": "evaluation runs under the training precision (bf16=True autocasts it)",
     "fp16_full_eval": "evaluation runs under the training precision",
-    "torch_compile": "compile the model yourself (model.compile()) before building the Trainer",
-    "torch_compile_backend": "compile the model yourself (model.compile(backend=...))",
-    "torch_compile_mode": "compile the model yourself (model.compile(mode=...))",
     "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
     "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
@@ -353,14 +350,16 @@ class TrainingArguments:
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = _f(
         None, "Alias of activation_checkpointing_kwargs."
     )
+    torch_compile: bool = _f(False, "torch.compile the model's forward (in place: names unchanged).")
+    torch_compile_backend: str | None = _f(
+        None, "torch.compile backend (default inductor); sets torch_compile."
+    )
+    torch_compile_mode: str | None = _f(None, "torch.compile mode, e.g. 'max-autotune'; sets torch_compile.")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
     bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
     fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
-    torch_compile: bool = _f(False, "Not supported by ember (compile the model yourself); leave False.")
-    torch_compile_backend: str | None = _f(None, "Not supported by ember; leave unset.")
-    torch_compile_mode: str | None = _f(None, "Not supported by ember; leave unset.")
     use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
     liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")

@@ -252,7 +252,7 @@ def _entry_paths(tmp_path: Path, name: str, value: Any, flags: list[str]) -> dic
 @pytest.mark.parametrize(
     ("name", "value", "flags"),
     [
-        ("torch_compile", True, ["--torch_compile", "True"]),
+        ("eval_do_concat_batches", False, ["--no_eval_do_concat_batches"]),
         ("auto_find_batch_size", True, ["--auto_find_batch_size"]),
         ("push_to_hub", True, ["--push_to_hub"]),
         ("skip_memory_metrics", False, ["--no_skip_memory_metrics"]),

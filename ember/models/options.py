@@ -8,10 +8,34 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def check_model_args(args: Any) -> None:
     _resolve_checkpointing_aliases(args)
     _check_checkpointing_kwargs(args)
+    _check_compile(args)
+
+
+def _check_compile(args: Any) -> None:
+    # As transformers: naming a backend or a mode turns compilation on.
+    if args.torch_compile_backend is not None or args.torch_compile_mode is not None:
+        args.torch_compile = True
+    if args.torch_compile_mode is not None and args.torch_compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"`torch_compile_mode`={args.torch_compile_mode!r} is not a torch.compile mode; "
+            f"use one of {list(COMPILE_MODES)} or leave it unset."
+        )
+    backend = args.torch_compile_backend
+    if backend is not None:
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise ValueError(
+                f"`torch_compile_backend`={backend!r} is not a torch.compile backend here; use one of "
+                f"{sorted(known)} or leave it unset (inductor)."
+            )
 
 
 def _resolve_checkpointing_aliases(args: Any) -> None:

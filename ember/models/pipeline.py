@@ -33,7 +33,27 @@ def prepare_model(model: nn.Module, args: Any) -> nn.Module:
     """Apply the pipeline steps the arguments ask for to `model` (in place) and return it."""
     if args.activation_checkpointing:
         enable_activation_checkpointing(model, args.activation_checkpointing_kwargs)
+    if args.torch_compile:
+        compile_model(model, args.torch_compile_backend, args.torch_compile_mode)
     return model
+
+
+# -- compile ---------------------------------------------------------------------------------------
+
+
+def compile_model(model: nn.Module, backend: str | None = None, mode: str | None = None) -> None:
+    """`torch.compile` the model's forward in place (`nn.Module.compile`).
+
+    In place rather than `torch.compile(model)`: the module stays the user's object, so parameter
+    names, state dicts, checkpoints and `save_model` carry no `_orig_mod.` prefix, and the loss
+    (computed by the Trainer outside the forward) keeps its exact token normalisation.
+    """
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        return
+    kwargs: dict[str, Any] = {"backend": backend or "inductor"}
+    if mode is not None:
+        kwargs["mode"] = mode
+    model.compile(**kwargs)
 
 
 # -- activation checkpointing ------------------------------------------------------------------------
