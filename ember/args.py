@@ -122,7 +122,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
     "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
-    "neftune_noise_alpha": "add NEFTune noise in the model's embedding forward yourself",
     "torch_empty_cache_steps": "call torch.cuda.empty_cache() from a callback's on_step_end",
     "auto_find_batch_size": "pick per_device_train_batch_size yourself",
     "project": "name the project in your tracker's own settings",
@@ -355,6 +354,9 @@ class TrainingArguments:
         None, "torch.compile backend (default inductor); sets torch_compile."
     )
     torch_compile_mode: str | None = _f(None, "torch.compile mode, e.g. 'max-autotune'; sets torch_compile.")
+    neftune_noise_alpha: float | None = _f(
+        None, "NEFTune: noise on input embeddings while training (e.g. 5)."
+    )
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
@@ -363,7 +365,6 @@ class TrainingArguments:
     use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
     liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")
-    neftune_noise_alpha: float | None = _f(None, "Not supported by ember; leave unset.")
     torch_empty_cache_steps: int | None = _f(None, "Not supported by ember; leave unset.")
     auto_find_batch_size: bool = _f(False, "Not supported by ember; leave False.")
     project: str = _f("huggingface", "Not supported by ember; leave 'huggingface'.")

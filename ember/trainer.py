@@ -33,6 +33,7 @@ from .data import (
 from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
+from .models.neftune import neftune_noise
 from .models.pipeline import prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
@@ -232,7 +233,10 @@ class Trainer:
         self.control = cb.on_train_begin(args, self.state, self.control)
         if args.eval_on_start and self.state.global_step == 0:
             self._evaluate(trial, ignore_keys_for_eval)
-        with PreemptionWatcher(self.preemption_signals) as preemption:
+        with (
+            PreemptionWatcher(self.preemption_signals) as preemption,
+            neftune_noise(model, args.neftune_noise_alpha),
+        ):
             for epoch in range(self._position["epoch"], plan.num_epochs):
                 if self.state.global_step >= plan.max_steps:
                     break

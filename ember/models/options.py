@@ -15,6 +15,9 @@ def check_model_args(args: Any) -> None:
     _resolve_checkpointing_aliases(args)
     _check_checkpointing_kwargs(args)
     _check_compile(args)
+    alpha = args.neftune_noise_alpha
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"`neftune_noise_alpha` must be > 0 (5 to 15 is usual) or unset, got {alpha!r}.")
 
 
 def _check_compile(args: Any) -> None:
