@@ -123,7 +123,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
     "torch_empty_cache_steps": "call torch.cuda.empty_cache() from a callback's on_step_end",
-    "auto_find_batch_size": "pick per_device_train_batch_size yourself",
     "project": "name the project in your tracker's own settings",
     "trackio_space_id": "trackio is not a report_to backend of ember",
     "trackio_bucket_id": "trackio is not a report_to backend of ember",
@@ -357,6 +356,9 @@ class TrainingArguments:
     neftune_noise_alpha: float | None = _f(
         None, "NEFTune: noise on input embeddings while training (e.g. 5)."
     )
+    auto_find_batch_size: bool = _f(
+        False, "On out-of-memory, halve the micro-batch and double accumulation (same global batch)."
+    )
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
@@ -366,7 +368,6 @@ class TrainingArguments:
     liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")
     torch_empty_cache_steps: int | None = _f(None, "Not supported by ember; leave unset.")
-    auto_find_batch_size: bool = _f(False, "Not supported by ember; leave False.")
     project: str = _f("huggingface", "Not supported by ember; leave 'huggingface'.")
     trackio_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
     trackio_bucket_id: str | None = _f(None, "Not supported by ember; leave unset.")

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from . import loop
 from .args import TrainingArguments, check_eval_dataset
+from .batch_size import MicroBatchSplit
 from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from .checkpoint.writer import CheckpointWriter
 from .data import (
@@ -244,7 +245,7 @@ class Trainer:
                 steps = loop.grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
                 for micro_batches in steps:
                     self.control = cb.on_step_begin(args, self.state, self.control)
-                    step_loss, grad_norm = loop.run_optimizer_step(self, model, micro_batches)
+                    step_loss, grad_norm = self._batch_split.run_step(self, model, micro_batches)
                     self._loss.add(step_loss)
                     self._advance(epoch, micro_batches, plan)
                     self.control = cb.on_step_end(args, self.state, self.control)
@@ -274,6 +275,9 @@ class Trainer:
         self.state.epoch = 0.0
         self.control = TrainerControl()
         self._plan = plan
+        self._batch_split = MicroBatchSplit(
+            self.args.auto_find_batch_size, self.args.per_device_train_batch_size
+        )
         self._position = {"epoch": 0, "step_in_epoch": 0}
         self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
         self._last_logged_step = 0

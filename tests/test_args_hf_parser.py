@@ -253,7 +253,7 @@ def _entry_paths(tmp_path: Path, name: str, value: Any, flags: list[str]) -> dic
     ("name", "value", "flags"),
     [
         ("eval_do_concat_batches", False, ["--no_eval_do_concat_batches"]),
-        ("auto_find_batch_size", True, ["--auto_find_batch_size"]),
+        ("hub_always_push", True, ["--hub_always_push"]),
         ("push_to_hub", True, ["--push_to_hub"]),
         ("skip_memory_metrics", False, ["--no_skip_memory_metrics"]),
         ("hub_model_id", "me/model", ["--hub_model_id", "me/model"]),

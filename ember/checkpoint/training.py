@@ -88,6 +88,7 @@ def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
             "loss": {"total": trainer._loss.total, "total_steps": trainer._loss.total_steps},
             "last_logged_step": trainer._last_logged_step,
             "world_size": strategy.world_size,
+            "batch_split": trainer._batch_split.state_dict(),
         }
     rank_state = None
     if not only_model:
@@ -154,6 +155,9 @@ def restore_training_state(trainer: Trainer, folder: Path) -> None:
     trainer._loss.total = float(shared["loss"]["total"])
     trainer._loss.total_steps = int(shared["loss"]["total_steps"])
     trainer._last_logged_step = int(shared["last_logged_step"])
+    if "batch_split" in shared:  # the micro-batch size auto_find_batch_size found
+        trainer._batch_split.load_state_dict(shared["batch_split"])
+        trainer.state.train_batch_size = trainer._batch_split.micro_batch_size
     position = {k: int(v) for k, v in shared["position"].items()}
     if trainer.args.ignore_data_skip:
         # transformers' meaning: keep the epoch count, but start that epoch's data from its beginning.

@@ -15,6 +15,11 @@ def check_model_args(args: Any) -> None:
     _resolve_checkpointing_aliases(args)
     _check_checkpointing_kwargs(args)
     _check_compile(args)
+    if args.auto_find_batch_size and args.world_size > 1:
+        raise ValueError(
+            "`auto_find_batch_size` works on one process only: an out-of-memory error on one rank would "
+            "leave the others waiting in a collective. Set per_device_train_batch_size yourself."
+        )
     alpha = args.neftune_noise_alpha
     if alpha is not None and not alpha > 0:
         raise ValueError(f"`neftune_noise_alpha` must be > 0 (5 to 15 is usual) or unset, got {alpha!r}.")
