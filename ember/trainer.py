@@ -35,7 +35,7 @@ from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from .models.neftune import neftune_noise
-from .models.pipeline import prepare_model
+from .models.pipeline import place_model, prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import build_precision
@@ -106,7 +106,7 @@ class Trainer:
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
-        self.model = self.model.to(self.strategy.device)
+        self.model = place_model(self.model, self.strategy.device)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
 
     # -- building parts ----------------------------------------------------------------------------

@@ -47,7 +47,9 @@ class SingleDevice:
     # -- model -----------------------------------------------------------------------------------
     def setup_model(self, model: nn.Module) -> nn.Module:
         """Place (and, in subclasses, wrap) the model for training. Called once per train()."""
-        return model.to(self.device)
+        from ..models.pipeline import place_model
+
+        return place_model(model, self.device)
 
     def setup_optimizer(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None

@@ -31,11 +31,45 @@ _CHECKPOINTED = "_ember_checkpointed"
 
 def prepare_model(model: nn.Module, args: Any) -> nn.Module:
     """Apply the pipeline steps the arguments ask for to `model` (in place) and return it."""
+    check_quantized(model)
     if args.activation_checkpointing:
         enable_activation_checkpointing(model, args.activation_checkpointing_kwargs)
     if args.torch_compile:
         compile_model(model, args.torch_compile_backend, args.torch_compile_mode)
     return model
+
+
+# -- adapters and quantized bases ------------------------------------------------------------------
+
+
+def check_quantized(model: nn.Module) -> None:
+    """A quantized base (bitsandbytes 4/8-bit, torchao, quanto, ...) trains only through adapters,
+    as in transformers: its quantized weights have no gradient an optimizer could apply."""
+    if not getattr(model, "is_quantized", False) or is_peft_model(model):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer, "is_qat_trainable", False):
+        return  # quantization-aware training: the quantizer trains the weights itself
+    method = getattr(model, "quantization_method", None) or "an unknown method"
+    method = getattr(method, "value", method)
+    if quantizer is not None and not getattr(quantizer, "is_trainable", True):
+        raise ValueError(
+            f"The model is quantized with {method}, which does not support training; load it with a "
+            "trainable method (bitsandbytes, torchao, quanto) or unquantized."
+        )
+    raise ValueError(
+        f"The model is quantized ({method}) and has no adapters: its quantized weights cannot be trained. "
+        "Add trainable adapters first, e.g. model = peft.get_peft_model(model, peft.LoraConfig(...)) "
+        "(with peft.prepare_model_for_kbit_training for 4/8-bit), then pass that model to the Trainer."
+    )
+
+
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model.to(device)`, except for bitsandbytes models: their weights were placed when loading
+    (device_map) and `.to` would re-quantize or refuse, as transformers' Trainer also skips them."""
+    if getattr(model, "quantization_method", None) == "bitsandbytes":  # a str enum in transformers
+        return model
+    return model.to(device)
 
 
 # -- compile ---------------------------------------------------------------------------------------
