@@ -44,6 +44,7 @@ from .precision import build_precision
 from .preemption import PreemptionWatcher, TrainingPreempted
 from .state import TrainerControl, TrainerState
 from .throughput import Throughput, count_parameters, device_peak_flops, model_flops_per_token
+from .trainer_surface import TrainerSurface
 from .utils import enable_full_determinism, set_seed, to_device
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ember")
 
 
-class Trainer:
+class Trainer(TrainerSurface):
     """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
 
     #: Signals that make train() checkpoint at the end of the current step and exit; add
