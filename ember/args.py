@@ -118,21 +118,17 @@ _GENERIC_FIX = "leave it at its default"
 # fmt: off
 HF_ONLY_FIELDS: dict[str, str] = {
     "optim_target_modules": "use an optimizer that needs no target modules",
-    "average_tokens_across_devices": "ember always normalises the loss by the tokens of all ranks",
     "bf16_full_eval": "evaluation runs under the training precision (bf16=True autocasts it)",
     "fp16_full_eval": "evaluation runs under the training precision",
     "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
     "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
-    "torch_empty_cache_steps": "call torch.cuda.empty_cache() from a callback's on_step_end",
     "project": "name the project in your tracker's own settings",
     "trackio_space_id": "trackio is not a report_to backend of ember",
     "trackio_bucket_id": "trackio is not a report_to backend of ember",
     "trackio_static_space_id": "trackio is not a report_to backend of ember",
     "eval_do_concat_batches": "use batch_eval_metrics=True to avoid holding all predictions",
     "eval_use_gather_object": "ember gathers tensors only",
-    "save_on_each_node": "ember saves on the global main process only; use a shared file system",
-    "enable_jit_checkpoint": "ember saves a checkpoint on SIGTERM by itself (see ember/preemption.py)",
     "push_to_hub": "upload output_dir with huggingface_hub's upload_folder after training",
     "hub_token": "upload output_dir with huggingface_hub after training",
     "hub_private_repo": "upload output_dir with huggingface_hub after training",
@@ -144,9 +140,7 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "parallelism_config": "use fsdp/fsdp_config or ddp_* fields",
     "dataloader_multiprocessing_context": "set torch.multiprocessing's start method in your script",
     "dataloader_in_order": "ember's samplers always yield batches in order",
-    "ddp_static_graph": "ember wraps DDP without static_graph",
     "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
-    "skip_memory_metrics": "ember does not report memory metrics",
 }
 # fmt: on
 UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
@@ -361,23 +355,30 @@ class TrainingArguments:
     auto_find_batch_size: bool = _f(
         False, "On out-of-memory, halve the micro-batch and double accumulation (same global batch)."
     )
+    # --- Runtime ---
+    skip_memory_metrics: bool = _f(
+        True, "Leave out the *_mem_* metrics (CPU RSS, CUDA memory) of train/eval."
+    )
+    torch_empty_cache_steps: int | None = _f(None, "Empty the device's cache every this many steps.")
+    average_tokens_across_devices: bool = _f(
+        True, "Normalise the loss by the tokens of all ranks (ember always does; False only on 1 process)."
+    )
+    ddp_static_graph: bool | None = _f(None, "DDP static_graph (the graph is the same every step).")
+    save_on_each_node: bool = _f(False, "Save on each node's main process (ember: one node only).")
+    enable_jit_checkpoint: bool = _f(False, "Checkpoint on SIGTERM and exit; ember always does.")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
-    average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
     bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
     fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
     use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
     liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")
-    torch_empty_cache_steps: int | None = _f(None, "Not supported by ember; leave unset.")
     project: str = _f("huggingface", "Not supported by ember; leave 'huggingface'.")
     trackio_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
     trackio_bucket_id: str | None = _f(None, "Not supported by ember; leave unset.")
     trackio_static_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
     eval_do_concat_batches: bool = _f(True, "Not supported by ember; leave True.")
     eval_use_gather_object: bool = _f(False, "Not supported by ember; leave False.")
-    save_on_each_node: bool = _f(False, "Not supported by ember (saves on the main process); leave False.")
-    enable_jit_checkpoint: bool = _f(False, "Not supported by ember; leave False.")
     push_to_hub: bool = _f(False, "Not supported by ember (upload output_dir yourself); leave False.")
     hub_token: str | None = _f(None, "Not supported by ember; leave unset.")
     hub_private_repo: bool | None = _f(None, "Not supported by ember; leave unset.")
@@ -391,9 +392,7 @@ class TrainingArguments:
     parallelism_config: str | None = _f(None, "Not supported by ember; leave unset.")
     dataloader_multiprocessing_context: str | None = _f(None, "Not supported by ember; leave unset.")
     dataloader_in_order: bool = _f(True, "Not supported by ember (always in order); leave True.")
-    ddp_static_graph: bool | None = _f(None, "Not supported by ember; leave unset.")
     debug: str | list[str] = _f("", "Not supported by ember; leave empty.")
-    skip_memory_metrics: bool = _f(True, "Not supported by ember (no memory metrics); leave True.")
 
     # Check keyword names before the generated __init__ so a typo gets a suggestion, also in subclasses.
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
@@ -426,7 +425,7 @@ class TrainingArguments:
 
     @property
     def should_save(self) -> bool:
-        return self.process_index == 0
+        return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
 
     @property
     def train_batch_size(self) -> int:

@@ -36,8 +36,9 @@ from .data import (
 from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
+from .memory import MemoryTracker
 from .models.neftune import neftune_noise
-from .models.pipeline import place_model, prepare_model
+from .models.pipeline import label_smoothing_for, place_model, prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import build_precision
@@ -95,6 +96,7 @@ class Trainer(TrainerSurface):
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.precision = build_precision(self.args, self.strategy.device)
         self.label_shift = shifts_labels(self.model)
+        self._label_smoothing = label_smoothing_for(self.model, self.args.label_smoothing_factor)
         self.label_names = self.args.label_names or _default_label_names(self.model)
         self.state = TrainerState(
             is_local_process_zero=self.strategy.is_local_main, is_world_process_zero=self.strategy.is_main
@@ -224,6 +226,7 @@ class Trainer(TrainerSurface):
     ) -> TrainOutput:
         args, cb = self.args, self.callback_handler
         self._start_time = time.perf_counter()
+        self._memory = MemoryTracker(not args.skip_memory_metrics).start("train")
         if self.model_init is not None:
             # As transformers: a fresh model (seeded) per train() call, with a fresh optimizer.
             self._seed_everything()
@@ -360,7 +363,7 @@ class Trainer(TrainerSurface):
         With `num_items_in_batch` (the step's target count on all ranks) the result is
         sum-of-target-losses / num_items_in_batch, so micro-batches add up to the exact step mean.
         """
-        smoothing = self.args.label_smoothing_factor > 0
+        smoothing = self._label_smoothing > 0
         labels = (
             inputs.pop("labels") if (smoothing or self.compute_loss_func) and "labels" in inputs else None
         )
@@ -368,9 +371,7 @@ class Trainer(TrainerSurface):
         if labels is not None and self.compute_loss_func is not None:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif labels is not None:
-            total = smoothed_loss_sum(
-                logits_of(outputs), labels, self.args.label_smoothing_factor, self.label_shift
-            )
+            total = smoothed_loss_sum(logits_of(outputs), labels, self._label_smoothing, self.label_shift)
             count = (
                 num_items_in_batch
                 if num_items_in_batch is not None
@@ -498,6 +499,7 @@ class Trainer(TrainerSurface):
         metrics["total_flos"] = float(self.state.total_flos)
         metrics["train_loss"] = train_loss
         metrics["epoch"] = float(self.state.epoch or 0.0)
+        metrics.update(self._memory.stop("train"))
         self.log(dict(metrics))
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return TrainOutput(self.state.global_step, train_loss, metrics)
@@ -668,6 +670,7 @@ class Trainer(TrainerSurface):
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         start = time.perf_counter()
+        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_eval_dataloader(dataset)
         with torch.no_grad():
             # As transformers: without compute_metrics there is nothing to keep logits for.
@@ -675,6 +678,7 @@ class Trainer(TrainerSurface):
             output = evaluation_loop(self, loader, "Evaluation", loss_only, ignore_keys, metric_key_prefix)
         metrics = output.metrics or {}
         metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
+        metrics.update(memory.stop(metric_key_prefix))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         self.model_wrapped.train()
@@ -684,6 +688,7 @@ class Trainer(TrainerSurface):
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
     ) -> PredictionOutput:
         start = time.perf_counter()
+        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_test_dataloader(test_dataset)
         with torch.no_grad():
             output: EvalLoopOutput = evaluation_loop(
@@ -691,6 +696,7 @@ class Trainer(TrainerSurface):
             )
         metrics = output.metrics or {}
         metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
+        metrics.update(memory.stop(metric_key_prefix))
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=metrics)
         return PredictionOutput(output.predictions, output.label_ids, metrics)
 

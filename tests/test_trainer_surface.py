@@ -9,7 +9,7 @@ import transformers
 from ember import Trainer, TrainingArguments
 from tests.helpers import lm_examples, pad_lm_batch, tiny_gpt2
 
-# Members of transformers 5.24's Trainer that ember leaves out on purpose (docs/trainer_methods.md says why).
+# Members of transformers 5.24's Trainer that ember leaves out on purpose (docs/compatibility.md says why).
 LEFT_OUT = {
     "create_accelerator_and_postprocess",
     "get_optimizer_cls_and_kwargs",

@@ -15,6 +15,7 @@ def check_model_args(args: Any) -> None:
     _resolve_checkpointing_aliases(args)
     _check_checkpointing_kwargs(args)
     _check_compile(args)
+    _check_runtime(args)
     if args.auto_find_batch_size and args.world_size > 1:
         raise ValueError(
             "`auto_find_batch_size` works on one process only: an out-of-memory error on one rank would "
@@ -94,3 +95,30 @@ def _check_checkpointing_kwargs(args: Any) -> None:
             f"`activation_checkpointing_kwargs['every_n_layers']` must be an int >= 1, got {every_n!r}."
         )
     args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = value
+
+
+def _check_runtime(args: Any) -> None:
+    import os
+
+    steps = args.torch_empty_cache_steps
+    if steps is not None and steps < 1:
+        raise ValueError(f"`torch_empty_cache_steps` must be >= 1 or unset, got {steps}.")
+    if not args.average_tokens_across_devices and args.world_size > 1:
+        raise ValueError(
+            "`average_tokens_across_devices=False` would normalise each rank's loss by its own tokens, "
+            "so ranks with fewer tokens weigh more; ember always divides by the tokens of all ranks "
+            "(exact). Leave it True."
+        )
+    if args.ddp_static_graph and args.gradient_accumulation_steps > 1:
+        # torch's reducer asserts when a static graph's backward runs under no_sync (torch 2.13).
+        raise ValueError(
+            "`ddp_static_graph=True` does not work with gradient_accumulation_steps > 1 (ember skips the "
+            "gradient sync of accumulated micro-batches, which DDP's static graph cannot); use one or the "
+            "other."
+        )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or args.world_size)
+    if args.save_on_each_node and local != args.world_size:
+        raise ValueError(
+            "`save_on_each_node=True` on several nodes is not supported by ember: it saves on the main "
+            "process only. Put output_dir on a file system all nodes share and leave it False."
+        )

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.model import is_peft_model
+from ..utils import base_model
 
 logger = logging.getLogger("ember")
 
@@ -62,6 +63,20 @@ def check_quantized(model: nn.Module) -> None:
         "Add trainable adapters first, e.g. model = peft.get_peft_model(model, peft.LoraConfig(...)) "
         "(with peft.prepare_model_for_kbit_training for 4/8-bit), then pass that model to the Trainer."
     )
+
+
+def label_smoothing_for(model: nn.Module, factor: float) -> float:
+    """The label smoothing to apply: none for multi-label classification, as transformers (its labels
+    are independent 0/1 targets of a BCE loss, which smoothing over classes does not fit)."""
+    config = getattr(base_model(model), "config", None)
+    if factor > 0 and getattr(config, "problem_type", None) == "multi_label_classification":
+        logger.warning(
+            "label_smoothing_factor=%s is ignored: the model is a multi-label classifier "
+            "(config.problem_type='multi_label_classification'), whose loss smoothing does not apply to.",
+            factor,
+        )
+        return 0.0
+    return factor
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:

@@ -93,3 +93,10 @@ def test_activation_checkpointing_under_ddp_gives_the_same_weights(ddp):
     checkpointed, meta_ac = _result(ddp, "ddp-ac")
     assert max_diff(plain, checkpointed) < 1e-6
     assert meta["losses"] == pytest.approx(meta_ac["losses"], abs=1e-6)
+
+
+def test_ddp_static_graph_gives_the_same_weights(ddp):
+    plain, meta = _result(ddp, "ddp")
+    static, meta_static = _result(ddp, "ddp-static")
+    assert max_diff(plain, static) < 1e-6
+    assert meta["losses"] == pytest.approx(meta_static["losses"], abs=1e-6)

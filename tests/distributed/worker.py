@@ -290,6 +290,13 @@ SUITES = {
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
         train_and_evaluate(out, "ddp-ac", activation_checkpointing=True),
+        train_and_evaluate(
+            out,
+            "ddp-static",
+            ddp_static_graph=True,
+            gradient_accumulation_steps=1,
+            per_device_train_batch_size=4,
+        ),
         interrupted_resume(out, "ddp-resume", stop_at=2, save_async=True),
         preempted_resume(out),
         failing_checkpoint(out),
