@@ -230,7 +230,7 @@ class Trainer(TrainerSurface):
         if self.model_init is not None:
             # As transformers: a fresh model (seeded) per train() call, with a fresh optimizer.
             self._seed_everything()
-            self.model = self.model_wrapped = self.call_model_init(trial).to(self.strategy.device)
+            self.model = self.model_wrapped = place_model(self.call_model_init(trial), self.strategy.device)
             self.callback_handler.model = self.model
             self.optimizer, self.lr_scheduler = None, None
         loader = self.get_train_dataloader()

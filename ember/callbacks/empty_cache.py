@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from .events import TrainerCallback
 
 
 def empty_device_cache() -> None:
+    import torch  # not at import: `import ember.cli` stays light
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
