@@ -11,13 +11,14 @@ Folder kinds it writes and reads back:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .files import CheckpointError, read_json, resolve_inside, save_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -91,10 +92,15 @@ def read_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
     index = folder / WEIGHTS_INDEX_NAME
     if index.exists():
-        shards = sorted(set(read_json(index)["weight_map"].values()))
+        doc = read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map; the file is damaged.")
+        # Shard names come from the file: each must resolve inside the folder.
+        shards = {resolve_inside(folder, v, index, f"weight_map[{k!r}]") for k, v in weight_map.items()}
         tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
+        for shard in sorted(shards):
+            tensors.update(load_file(str(shard)))
         return tensors
     if (folder / WEIGHTS_NAME).exists():
         return load_file(str(folder / WEIGHTS_NAME))
@@ -149,10 +155,8 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
 def save_plain_module(
     model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> None:
-    from safetensors.torch import save_file
-
     tensors = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
@@ -170,8 +174,3 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = tensor.detach().contiguous().cpu()
     return out
-
-
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
