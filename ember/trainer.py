@@ -416,7 +416,7 @@ class Trainer(TrainerSurface):
             notice_fallback("a compute_loss_func is given (it needs the logits)")
             return None
         return chunked_causal_lm_loss(
-            model, inputs, num_items_in_batch, self.args.loss_chunk_size, self.args.label_smoothing_factor
+            model, inputs, num_items_in_batch, self.args.loss_chunk_size, self._label_smoothing
         )
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
