@@ -92,9 +92,18 @@ def token_accuracy(pred: Any) -> dict[str, float]:
     return {"accuracy": float((guess == target)[mask].mean()), "rows": float(labels.shape[0])}
 
 
-def lm_trainer(out: str, callbacks: list[TrainerCallback] | None = None, **kw: Any) -> Trainer:
+def lora_gpt2() -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["c_attn", "c_proj"])
+    return get_peft_model(tiny_gpt2(seed=0), config)
+
+
+def lm_trainer(
+    out: str, callbacks: list[TrainerCallback] | None = None, lora: bool = False, **kw: Any
+) -> Trainer:
     return Trainer(
-        model_init=lambda: tiny_gpt2(seed=0),
+        model_init=lora_gpt2 if lora else (lambda: tiny_gpt2(seed=0)),
         args=lm_args(out, **kw),
         train_dataset=lm_examples(LM_TRAIN, seed=1),
         eval_dataset=lm_examples(LM_EVAL, seed=2),
@@ -306,6 +315,8 @@ SUITES = {
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
         train_and_evaluate(out, "ddp-ac", activation_checkpointing=True),
+        train_and_evaluate(out, "ddp-lora", lora=True),
+        interrupted_resume(out, "ddp-lora-resume", stop_at=2, lora=True),
         train_and_evaluate(
             out,
             "ddp-static",
