@@ -111,7 +111,7 @@ class TrainingArguments(TrainingFields):
 
     @property
     def should_save(self) -> bool:
-        return self.process_index == 0
+        return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
 
     @property
     def train_batch_size(self) -> int:

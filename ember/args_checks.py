@@ -56,8 +56,10 @@ def validate(args: TrainingFields) -> None:
     _check_log_levels(args)
     _check_hardware(args)
     from .args_distributed import check_distributed_args
+    from .models.options import check_model_args
 
     check_distributed_args(args)
+    check_model_args(args)
 
 
 # What a Python caller may pass, where it is wider than the annotation. Annotations are what command-line

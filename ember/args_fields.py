@@ -211,40 +211,54 @@ class TrainingFields:
         "to the plain loss, with a notice, where it cannot apply.",
     )
     loss_chunk_size: int = _f(1024, "Tokens per chunk of the chunked loss (chunked_loss=True).")
-    # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
-    optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
-    average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
-    bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
-    fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
+    # --- Fine-tuning: the model pipeline (ember/models) ---
     activation_checkpointing: bool | None = _f(
-        None, "Not supported by ember; leave unset.", nargs="?", const=True
+        None, "Recompute activations in backward to save memory (~20-30% slower).", nargs="?", const=True
     )
     activation_checkpointing_kwargs: dict[str, Any] | str | None = _f(
-        None, "Not supported by ember; leave unset."
+        None, "every_n_layers, offload, and options of torch.utils.checkpoint (use_reentrant: False)."
     )
     gradient_checkpointing: bool | None = _f(
-        None, "Not supported by ember; leave unset.", nargs="?", const=True
+        None, "Alias of activation_checkpointing (transformers' older name).", nargs="?", const=True
     )
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = _f(
-        None, "Not supported by ember; leave unset."
+        None, "Alias of activation_checkpointing_kwargs."
     )
-    torch_compile: bool = _f(False, "Not supported by ember (compile the model yourself); leave False.")
-    torch_compile_backend: str | None = _f(None, "Not supported by ember; leave unset.")
-    torch_compile_mode: str | None = _f(None, "Not supported by ember; leave unset.")
+    torch_compile: bool = _f(False, "torch.compile the model's forward (in place: names unchanged).")
+    torch_compile_backend: str | None = _f(
+        None, "torch.compile backend (default inductor); sets torch_compile."
+    )
+    torch_compile_mode: str | None = _f(None, "torch.compile mode, e.g. 'max-autotune'; sets torch_compile.")
+    neftune_noise_alpha: float | None = _f(
+        None, "NEFTune: noise on input embeddings while training (e.g. 5)."
+    )
+    auto_find_batch_size: bool = _f(
+        False, "On out-of-memory, halve the micro-batch and double accumulation (same global batch)."
+    )
+    # --- Runtime ---
+    skip_memory_metrics: bool = _f(
+        True, "Leave out the *_mem_* metrics (CPU RSS, CUDA memory) of train/eval."
+    )
+    torch_empty_cache_steps: int | None = _f(None, "Empty the device's cache every this many steps.")
+    average_tokens_across_devices: bool = _f(
+        True, "Normalise the loss by the tokens of all ranks (ember always does; False only on 1 process)."
+    )
+    ddp_static_graph: bool | None = _f(None, "DDP static_graph (the graph is the same every step).")
+    save_on_each_node: bool = _f(False, "Save on each node's main process (ember: one node only).")
+    enable_jit_checkpoint: bool = _f(False, "Checkpoint on SIGTERM and exit; ember always does.")
+    # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
+    optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
+    bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
+    fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
     use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
     liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")
-    neftune_noise_alpha: float | None = _f(None, "Not supported by ember; leave unset.")
-    torch_empty_cache_steps: int | None = _f(None, "Not supported by ember; leave unset.")
-    auto_find_batch_size: bool = _f(False, "Not supported by ember; leave False.")
     project: str = _f("huggingface", "Not supported by ember; leave 'huggingface'.")
     trackio_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
     trackio_bucket_id: str | None = _f(None, "Not supported by ember; leave unset.")
     trackio_static_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
     eval_do_concat_batches: bool = _f(True, "Not supported by ember; leave True.")
     eval_use_gather_object: bool = _f(False, "Not supported by ember; leave False.")
-    save_on_each_node: bool = _f(False, "Not supported by ember (saves on the main process); leave False.")
-    enable_jit_checkpoint: bool = _f(False, "Not supported by ember; leave False.")
     push_to_hub: bool = _f(False, "Not supported by ember (upload output_dir yourself); leave False.")
     hub_token: str | None = _f(None, "Not supported by ember; leave unset.")
     hub_private_repo: bool | None = _f(None, "Not supported by ember; leave unset.")
@@ -258,6 +272,4 @@ class TrainingFields:
     parallelism_config: str | None = _f(None, "Not supported by ember; leave unset.")
     dataloader_multiprocessing_context: str | None = _f(None, "Not supported by ember; leave unset.")
     dataloader_in_order: bool = _f(True, "Not supported by ember (always in order); leave True.")
-    ddp_static_graph: bool | None = _f(None, "Not supported by ember; leave unset.")
     debug: str | list[str] = _f("", "Not supported by ember; leave empty.")
-    skip_memory_metrics: bool = _f(True, "Not supported by ember (no memory metrics); leave True.")

@@ -22,30 +22,17 @@ _GENERIC_FIX = "leave it at its default"
 # fmt: off
 HF_ONLY_FIELDS: dict[str, str] = {
     "optim_target_modules": "use an optimizer that needs no target modules",
-    "average_tokens_across_devices": "ember always normalises the loss by the tokens of all ranks",
     "bf16_full_eval": "evaluation runs under the training precision (bf16=True autocasts it)",
     "fp16_full_eval": "evaluation runs under the training precision",
-    "activation_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
-    "activation_checkpointing_kwargs": "pass the options to model.gradient_checkpointing_enable() yourself",
-    "gradient_checkpointing": "call model.gradient_checkpointing_enable() before building the Trainer",
-    "gradient_checkpointing_kwargs": "pass the options to model.gradient_checkpointing_enable() yourself",
-    "torch_compile": "compile the model yourself (model.compile()) before building the Trainer",
-    "torch_compile_backend": "compile the model yourself (model.compile(backend=...))",
-    "torch_compile_mode": "compile the model yourself (model.compile(mode=...))",
     "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
     "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
-    "neftune_noise_alpha": "add NEFTune noise in the model's embedding forward yourself",
-    "torch_empty_cache_steps": "call torch.cuda.empty_cache() from a callback's on_step_end",
-    "auto_find_batch_size": "pick per_device_train_batch_size yourself",
     "project": "name the project in your tracker's own settings",
     "trackio_space_id": "trackio is not a report_to backend of ember",
     "trackio_bucket_id": "trackio is not a report_to backend of ember",
     "trackio_static_space_id": "trackio is not a report_to backend of ember",
     "eval_do_concat_batches": "use batch_eval_metrics=True to avoid holding all predictions",
     "eval_use_gather_object": "ember gathers tensors only",
-    "save_on_each_node": "ember saves on the global main process only; use a shared file system",
-    "enable_jit_checkpoint": "ember saves a checkpoint on SIGTERM by itself (see ember/preemption.py)",
     "push_to_hub": "upload output_dir with huggingface_hub's upload_folder after training",
     "hub_token": "upload output_dir with huggingface_hub after training",
     "hub_private_repo": "upload output_dir with huggingface_hub after training",
@@ -57,9 +44,7 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "parallelism_config": "use fsdp/fsdp_config or ddp_* fields",
     "dataloader_multiprocessing_context": "set torch.multiprocessing's start method in your script",
     "dataloader_in_order": "ember's samplers always yield batches in order",
-    "ddp_static_graph": "ember wraps DDP without static_graph",
     "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
-    "skip_memory_metrics": "ember does not report memory metrics",
 }
 # fmt: on
 UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
@@ -68,8 +53,6 @@ UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
 # gradient_checkpointing None -> False, debug "" -> [], accelerator_config None -> a dict of its defaults,
 # and masks tokens. They are accepted and stored as the declared default.
 _DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {
-    "activation_checkpointing": (False,),
-    "gradient_checkpointing": (False,),
     "debug": ([], None),
     "hub_token": ("<HUB_TOKEN>",),
     "accelerator_config": (

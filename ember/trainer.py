@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from . import loop
 from .args import TrainingArguments, check_eval_dataset
+from .batch_size import MicroBatchSplit
 from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from .checkpoint.writer import CheckpointWriter
 from .data import (
@@ -36,6 +37,9 @@ from .data import (
 from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
+from .memory import MemoryTracker
+from .models.neftune import neftune_noise
+from .models.pipeline import label_smoothing_for, prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import Precision
@@ -43,6 +47,7 @@ from .preemption import PreemptionWatcher, TrainingPreempted
 from .progress import LossTracker, RunProgress, TrainPlan, plan_steps
 from .state import CallbackStates, TrainerControl, TrainerState
 from .throughput import Throughput, count_parameters, device_peak_flops, model_flops_per_token
+from .trainer_surface import TrainerSurface
 from .utils import enable_full_determinism, set_seed, to_device
 
 if TYPE_CHECKING:
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ember")
 
 
-class Trainer:
+class Trainer(TrainerSurface):
     """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
 
     #: Signals that make train() checkpoint at the end of the current step and exit; add
@@ -93,6 +98,7 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.label_shift = shifts_labels(self.model)
+        self._label_smoothing = label_smoothing_for(self.model, self.args.label_smoothing_factor)
         self.label_names = self.args.label_names or _default_label_names(self.model)
         self.state = TrainerState(
             is_local_process_zero=self.strategy.is_local_main, is_world_process_zero=self.strategy.is_main
@@ -254,6 +260,7 @@ class Trainer:
     ) -> TrainOutput:
         args = self.args
         self._start_time = time.perf_counter()
+        self._memory = MemoryTracker(not args.skip_memory_metrics).start("train")
         if self.model_init is not None:
             # As transformers: a fresh model (seeded) per train() call, with a fresh optimizer.
             self._seed_everything()
@@ -262,7 +269,8 @@ class Trainer:
             self.optimizer, self.lr_scheduler = None, None
         loader = self.get_train_dataloader()
         plan = plan_steps(args, self._train_batch_sampler, self.strategy.dp_world_size)
-        model = self.model_wrapped = self.strategy.setup_model(self.model)
+        # The model pipeline (adapters -> activation checkpointing -> compile), then the strategy wraps.
+        model = self.model_wrapped = self.strategy.setup_model(prepare_model(self.model, args))
         self.create_optimizer_and_scheduler(plan.max_steps)
         model, self.optimizer = self.strategy.setup_optimizer(model, self.optimizer)
         self.model_wrapped = model
@@ -274,7 +282,10 @@ class Trainer:
         self._fire("on_train_begin")
         if args.eval_on_start and self.state.global_step == 0:
             self._evaluate(ignore_keys_for_eval)
-        with PreemptionWatcher(self.preemption_signals) as preemption:
+        with (
+            PreemptionWatcher(self.preemption_signals) as preemption,
+            neftune_noise(model, args.neftune_noise_alpha),
+        ):
             for epoch in range(self._progress.epoch, plan.num_epochs):
                 if self.state.global_step >= plan.max_steps:
                     break
@@ -282,7 +293,7 @@ class Trainer:
                 steps = loop.grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
                 for micro_batches in steps:
                     self._fire("on_step_begin")
-                    step = loop.run_optimizer_step(self, model, micro_batches)
+                    step = self._batch_split.run_step(self, model, micro_batches)
                     self._progress.loss.add(step.loss)
                     self._step_lr = step.learning_rate
                     self._advance(epoch, micro_batches, plan)
@@ -314,6 +325,9 @@ class Trainer:
         self.control = TrainerControl()
         self._plan = plan
         self._progress = self._new_progress()
+        self._batch_split = MicroBatchSplit(
+            self.args.auto_find_batch_size, self.args.per_device_train_batch_size
+        )
         self._current_flos = 0.0
         model = self.strategy.unwrap(self.model_wrapped)
         self._throughput = Throughput(
@@ -387,7 +401,7 @@ class Trainer:
             chunked = self._chunked_loss(model, inputs, num_items_in_batch)
             if chunked is not None:
                 return chunked
-        smoothing = self.args.label_smoothing_factor > 0
+        smoothing = self._label_smoothing > 0
         labels = (
             inputs.pop("labels") if (smoothing or self.compute_loss_func) and "labels" in inputs else None
         )
@@ -395,9 +409,7 @@ class Trainer:
         if labels is not None and self.compute_loss_func is not None:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif labels is not None:
-            total = smoothed_loss_sum(
-                logits_of(outputs), labels, self.args.label_smoothing_factor, self.label_shift
-            )
+            total = smoothed_loss_sum(logits_of(outputs), labels, self._label_smoothing, self.label_shift)
             count = (
                 num_items_in_batch
                 if num_items_in_batch is not None
@@ -420,7 +432,7 @@ class Trainer:
             notice_fallback("a compute_loss_func is given (it needs the logits)")
             return None
         return chunked_causal_lm_loss(
-            model, inputs, num_items_in_batch, self.args.loss_chunk_size, self.args.label_smoothing_factor
+            model, inputs, num_items_in_batch, self.args.loss_chunk_size, self._label_smoothing
         )
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -493,6 +505,7 @@ class Trainer:
             sampler=self._train_batch_sampler,
             callbacks=CallbackStates(lambda: self.callback_handler.callbacks, self.control),
             rng=RngState(),
+            batch_split=self._batch_split,
         )
 
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
@@ -513,6 +526,8 @@ class Trainer:
         from .checkpoint.training import resume
 
         resume(self._stateful_parts(), self.strategy, self.args, self.state, checkpoint)
+        # The micro-batch size auto_find_batch_size found (the split came back with the checkpoint).
+        self.state.train_batch_size = self._batch_split.micro_batch_size
 
     def _keep_only_best_checkpoint(self) -> None:
         """As transformers: with save_total_limit=1, a finished run leaves only the best checkpoint."""
@@ -561,6 +576,7 @@ class Trainer:
         metrics["total_flos"] = float(self.state.total_flos)
         metrics["train_loss"] = train_loss
         metrics["epoch"] = float(self.state.epoch or 0.0)
+        metrics.update(self._memory.stop("train"))
         self.log(dict(metrics))
         self._fire("on_train_end")
         return TrainOutput(self.state.global_step, train_loss, metrics)
@@ -731,6 +747,7 @@ class Trainer:
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         start = time.perf_counter()
+        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_eval_dataloader(dataset)
         with torch.no_grad():
             # As transformers: without compute_metrics there is nothing to keep logits for.
@@ -738,6 +755,7 @@ class Trainer:
             output = evaluation_loop(self, loader, "Evaluation", loss_only, ignore_keys, metric_key_prefix)
         metrics = output.metrics or {}
         metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
+        metrics.update(memory.stop(metric_key_prefix))
         self.log(metrics)
         self._fire("on_evaluate", metrics=metrics)
         self.model_wrapped.train()
@@ -747,6 +765,7 @@ class Trainer:
         self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
     ) -> PredictionOutput:
         start = time.perf_counter()
+        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_test_dataloader(test_dataset)
         with torch.no_grad():
             output: EvalLoopOutput = evaluation_loop(
@@ -754,6 +773,7 @@ class Trainer:
             )
         metrics = output.metrics or {}
         metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
+        metrics.update(memory.stop(metric_key_prefix))
         self._fire("on_predict", metrics=metrics)
         return PredictionOutput(output.predictions, output.label_ids, metrics)
 

@@ -147,9 +147,7 @@ def test_renamed_transformers_field_gets_a_pointer() -> None:
         TrainingArguments(warmup_ratio=0.1)  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize(
-    "name", ["push_to_hub", "ddp_static_graph", "torch_compile", "gradient_checkpointing"]
-)
+@pytest.mark.parametrize("name", ["push_to_hub", "use_liger_kernel", "hub_always_push"])
 def test_unsupported_transformers_field(name: str) -> None:
     with pytest.raises(UnsupportedFieldError, match=f"`{name}`"):
         TrainingArguments(**{name: True})  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from typing import Any
 from ember.args import REPORT_TO_BACKENDS as SUPPORTED_REPORT_TO
 from ember.args import TrainingArguments, _normalise_report_to
 from ember.callbacks.early_stopping import EarlyStoppingCallback
+from ember.callbacks.empty_cache import EmptyCacheCallback
 from ember.callbacks.events import EVENTS, EventRecorder, TrainerCallback, check_events
 from ember.callbacks.flow import DefaultFlowCallback
 from ember.callbacks.handler import CallbackHandler
@@ -70,6 +71,8 @@ def build_callbacks(args: TrainingArguments, user_callbacks: Iterable[Any] | Non
         DefaultFlowCallback(),
         PrinterCallback() if args.disable_tqdm else ProgressCallback(),
     ]
+    if args.torch_empty_cache_steps:
+        callbacks.append(EmptyCacheCallback(args.torch_empty_cache_steps))
     for name in trackers:
         tracker_cls = TRACKERS[name].load()
         if not any(isinstance(cb, tracker_cls) for cb in callbacks + user):

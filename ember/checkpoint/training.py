@@ -3,6 +3,7 @@
 Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never pickle)::
 
     config.json, model.safetensors[.index.json], tokenizer files   # as save_pretrained writes them
+    (a PEFT model: adapter_model.safetensors + adapter_config.json instead, see model.py)
     trainer_state.json                                              # transformers' format
     training_args.json
     optimizer.{safetensors,json}                                    # optimizer.state_dict()
@@ -31,8 +32,8 @@ import torch
 
 from ..state import TrainerState
 from .atomic import find_resumable_checkpoint, load_checkpoint_dir
-from .files import CheckpointError, read_json, relocate_in_run, resolve_inside, write_text
-from .model import WEIGHTS_NAME, save_model_files
+from .files import CheckpointError, read_json, relocate_in_run, write_text
+from .model import load_model_files, save_model_files
 from .rotation import rotate_checkpoints
 from .state_io import load_state, save_state
 
@@ -69,6 +70,7 @@ class Parts:
     sampler: Stateful | None
     callbacks: Stateful
     rng: Stateful
+    batch_split: Stateful | None = None  # auto_find_batch_size's micro-batch split
 
 
 def rank_name(rank: int) -> str:
@@ -118,6 +120,7 @@ def take_snapshot(
             "sampler": parts.sampler.state_dict() if parts.sampler is not None else {},
             **parts.progress.state_dict(),
             "world_size": strategy.world_size,
+            **({"batch_split": parts.batch_split.state_dict()} if parts.batch_split is not None else {}),
         }
     rank_state = None
     if not only_model:
@@ -157,37 +160,8 @@ def write_snapshot(snap: Snapshot, folder: Path) -> None:
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the weights of a checkpoint folder into `model` (single file or sharded with an index)."""
-    from safetensors.torch import load_file
-
-    index = folder / f"{WEIGHTS_NAME}.index.json"
-    if index.exists():
-        doc = read_json(index)
-        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no weight_map; the file is damaged.")
-        shards = {resolve_inside(folder, v, index, f"weight_map[{k!r}]") for k, v in weight_map.items()}
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(shards):
-            tensors.update(load_file(str(shard)))
-    elif (folder / WEIGHTS_NAME).exists():
-        tensors = load_file(str(folder / WEIGHTS_NAME))
-    else:
-        raise FileNotFoundError(f"{folder} holds no {WEIGHTS_NAME}; it is not a checkpoint of a model.")
-    result = model.load_state_dict(tensors, strict=False)
-    own = model.state_dict()
-    loaded = {_storage(own[k]) for k in tensors if k in own}
-    # Tied weights (e.g. lm_head = wte) are written once; their twins share storage and are filled.
-    missing = [k for k in result.missing_keys if _storage(own[k]) not in loaded]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"The weights in {folder} do not fit the model: missing {missing[:5]}, unexpected "
-            f"{list(result.unexpected_keys)[:5]}. Was the checkpoint written for another architecture?"
-        )
-
-
-def _storage(t: torch.Tensor) -> tuple[int, int]:
-    return (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+    """Load the model of a checkpoint folder into `model` (full, sharded, PEFT adapter or plain)."""
+    load_model_files(model, folder)
 
 
 def restore_training_state(parts: Parts, strategy: Strategy, args: TrainingArguments, folder: Path) -> None:
@@ -208,6 +182,8 @@ def restore_training_state(parts: Parts, strategy: Strategy, args: TrainingArgum
     parts.progress.load_state_dict(shared)
     if args.ignore_data_skip:
         parts.progress.restart_epoch_data()
+    if parts.batch_split is not None and "batch_split" in shared:
+        parts.batch_split.load_state_dict(shared["batch_split"])  # what auto_find_batch_size found
     rank_file = folder / f"{rank_name(strategy.rank)}.json"
     if rank_file.exists():
         mine = load_state(folder, rank_name(strategy.rank))

@@ -46,8 +46,10 @@ class DDPStrategy(MultiProcess):
         find_unused_parameters: bool | None = None,
         bucket_cap_mb: int | None = None,
         broadcast_buffers: bool | None = None,
+        static_graph: bool | None = None,
     ) -> None:
         super().__init__(env, device, backend, precision)
+        self.static_graph = bool(static_graph)
         self.find_unused_parameters = bool(find_unused_parameters)
         self.bucket_cap_mb = bucket_cap_mb
         self.broadcast_buffers = broadcast_buffers
@@ -64,6 +66,7 @@ class DDPStrategy(MultiProcess):
             find_unused_parameters=args.ddp_find_unused_parameters,
             bucket_cap_mb=args.ddp_bucket_cap_mb,
             broadcast_buffers=args.ddp_broadcast_buffers,
+            static_graph=args.ddp_static_graph,
         )
 
     def setup_model(self, model: nn.Module) -> nn.Module:
@@ -73,6 +76,8 @@ class DDPStrategy(MultiProcess):
         if not any(p.requires_grad for p in module.parameters()):
             raise ValueError("DDP needs a model with trainable parameters; none requires grad.")
         kwargs: dict[str, Any] = {"find_unused_parameters": self.find_unused_parameters}
+        if self.static_graph:
+            kwargs["static_graph"] = True
         if self.bucket_cap_mb is not None:
             kwargs["bucket_cap_mb"] = self.bucket_cap_mb
         if self.device.type == "cuda":

@@ -78,7 +78,10 @@ class FSDPStrategy(MultiProcess):
             return model
         offload = bool(self.config.get("cpu_offload"))
         if self.config.get("activation_checkpointing"):
-            enable_activation_checkpointing(model, self._block_types(model))
+            from ..models.pipeline import enable_activation_checkpointing
+
+            # The same path as the activation_checkpointing argument, on FSDP's own blocks.
+            enable_activation_checkpointing(model, blocks=self._blocks(model))
         kwargs: dict[str, Any] = {
             "mesh": self.mesh,
             "reshard_after_forward": bool(self.config.get("reshard_after_forward", True)),
@@ -109,9 +112,6 @@ class FSDPStrategy(MultiProcess):
             return None
         reduce = self.config.get("mixed_precision_reduce_dtype", "float32")
         return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=getattr(torch, reduce))
-
-    def _block_types(self, model: nn.Module) -> tuple[type, ...]:
-        return tuple({type(m) for m in self._blocks(model)})
 
     def _blocks(self, model: nn.Module) -> list[nn.Module]:
         """Submodules that get their own `fully_shard`: the unit of gather/free (auto_wrap_policy)."""
@@ -174,18 +174,19 @@ class FSDPStrategy(MultiProcess):
         return cast(dict[str, torch.Tensor], full)
 
     def load_model_weights(self, model: nn.Module, folder: Path) -> None:
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from ..checkpoint.model import WEIGHTS_NAME
+        from ..checkpoint.model import load_model_files
 
-        full = load_file(str(folder / WEIGHTS_NAME))
-        with collective("loading the model", self.rank):
-            set_model_state_dict(
-                model,
-                cast(dict[str, Any], full),
-                options=StateDictOptions(full_state_dict=True, strict=False),
-            )
+        def apply(full: dict[str, torch.Tensor]) -> None:
+            with collective("loading the model", self.rank):
+                set_model_state_dict(
+                    model,
+                    cast(dict[str, Any], full),
+                    options=StateDictOptions(full_state_dict=True, strict=False),
+                )
+
+        load_model_files(model, folder, apply=apply)
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         return None  # written sharded by `_extra_checkpoint_steps`
@@ -271,14 +272,3 @@ def _blocks_by_size(model: nn.Module, min_params: int) -> list[nn.Module]:
 
     visit(model)
     return chosen
-
-
-def enable_activation_checkpointing(model: nn.Module, block_types: tuple[type, ...]) -> None:
-    """Recompute each block's activations in backward instead of storing them."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(enable):  # transformers models: keeps parameter names unchanged
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, block_types))

@@ -26,6 +26,15 @@ def spans_devices(model: nn.Module) -> bool:
     return isinstance(device_map, dict) and len(set(device_map.values())) > 1
 
 
+def placed_by_loader(model: nn.Module) -> bool:
+    """Whether the model's loader placed it and `.to` must not move it: spread over several
+    devices by transformers (`device_map=...`), or quantized by bitsandbytes (placed when loading;
+    `.to` would re-quantize or refuse, and transformers' Trainer skips them too)."""
+    if getattr(model, "quantization_method", None) == "bitsandbytes":  # a str enum in transformers
+        return True
+    return spans_devices(model)
+
+
 class SingleDevice:
     """One process, one device (the `Strategy` of base.py). Collectives return their input;
     `no_sync` does nothing. A model that transformers spread over several devices stays where it
@@ -63,8 +72,8 @@ class SingleDevice:
 
     # -- model -----------------------------------------------------------------------------------
     def place_model(self, model: nn.Module) -> nn.Module:
-        """Move the model to this process's device; one that spans devices is left as it is."""
-        if spans_devices(model):
+        """Move the model to this process's device; one its loader placed is left as it is."""
+        if placed_by_loader(model):
             return model
         return model.to(self.device)
 

@@ -86,3 +86,28 @@ def test_a_failed_write_on_one_rank_stops_all_and_keeps_older_checkpoints(ddp):
         "rank(s) [1]" in rank0["message"] and "intact (newest complete one: checkpoint-2)" in rank0["message"]
     )
     assert "No space left on device" in rank1["message"]
+
+
+def test_activation_checkpointing_under_ddp_gives_the_same_weights(ddp):
+    plain, meta = _result(ddp, "ddp")
+    checkpointed, meta_ac = _result(ddp, "ddp-ac")
+    assert max_diff(plain, checkpointed) < 1e-6
+    assert meta["losses"] == pytest.approx(meta_ac["losses"], abs=1e-6)
+
+
+def test_ddp_static_graph_gives_the_same_weights(ddp):
+    plain, meta = _result(ddp, "ddp")
+    static, meta_static = _result(ddp, "ddp-static")
+    assert max_diff(plain, static) < 1e-6
+    assert meta["losses"] == pytest.approx(meta_static["losses"], abs=1e-6)
+
+
+def test_lora_under_ddp_resumes_bit_exactly_from_its_adapter_checkpoint(ddp):
+    uninterrupted, meta = _result(ddp, "ddp-lora")
+    resumed, meta_resumed = _result(ddp, "ddp-lora-resume")
+    params = [k for k in uninterrupted if k.startswith("param.")]
+    assert any("lora_" in k for k in params) and params == [k for k in resumed if k.startswith("param.")]
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in params)
+    assert meta["losses"] == meta_resumed["losses"]
+    ckpt = ddp / "ddp-lora-resume" / "checkpoint-4"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()

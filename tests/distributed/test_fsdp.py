@@ -87,3 +87,8 @@ def test_sharded_checkpoint_resumes_in_a_plain_single_process(fsdp, tmp_path, si
     trainer = lm_trainer(str(run), per_device_train_batch_size=4)
     trainer.train(resume_from_checkpoint=True)
     assert max_diff(lm_state(trainer), _state(fsdp, "fsdp")) < 1e-6
+
+
+def test_activation_checkpointing_under_fsdp_gives_the_same_weights(fsdp):
+    assert max_diff(_state(fsdp, "fsdp-ac"), _state(fsdp, "fsdp")) < 1e-6
+    assert _meta(fsdp, "fsdp-ac")["losses"] == pytest.approx(_meta(fsdp, "fsdp")["losses"], abs=1e-6)

@@ -92,9 +92,18 @@ def token_accuracy(pred: Any) -> dict[str, float]:
     return {"accuracy": float((guess == target)[mask].mean()), "rows": float(labels.shape[0])}
 
 
-def lm_trainer(out: str, callbacks: list[TrainerCallback] | None = None, **kw: Any) -> Trainer:
+def lora_gpt2() -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["c_attn", "c_proj"])
+    return get_peft_model(tiny_gpt2(seed=0), config)
+
+
+def lm_trainer(
+    out: str, callbacks: list[TrainerCallback] | None = None, lora: bool = False, **kw: Any
+) -> Trainer:
     return Trainer(
-        model_init=lambda: tiny_gpt2(seed=0),
+        model_init=lora_gpt2 if lora else (lambda: tiny_gpt2(seed=0)),
         args=lm_args(out, **kw),
         train_dataset=lm_examples(LM_TRAIN, seed=1),
         eval_dataset=lm_examples(LM_EVAL, seed=2),
@@ -357,6 +366,16 @@ SUITES = {
     "contract": lambda out, o: (strategy_contract(out, o), meta_fsdp(out)),
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
+        train_and_evaluate(out, "ddp-ac", activation_checkpointing=True),
+        train_and_evaluate(out, "ddp-lora", lora=True),
+        interrupted_resume(out, "ddp-lora-resume", stop_at=2, lora=True),
+        train_and_evaluate(
+            out,
+            "ddp-static",
+            ddp_static_graph=True,
+            gradient_accumulation_steps=1,
+            per_device_train_batch_size=4,
+        ),
         interrupted_resume(out, "ddp-resume", stop_at=2, save_async=True),
         preempted_resume(out),
         failing_checkpoint(out),
@@ -365,6 +384,7 @@ SUITES = {
     "fsdp": lambda out, o: (
         train_and_evaluate(out, "ddp-ref"),
         train_and_evaluate(out, "fsdp", fsdp=True),
+        train_and_evaluate(out, "fsdp-ac", fsdp=True, activation_checkpointing=True),
         interrupted_resume(out, "fsdp-resume", stop_at=2, fsdp=True, save_async=True),
     ),
     "deepspeed": lambda out, o: deepspeed_suite(out, o),
