@@ -349,6 +349,20 @@ class TrainingArguments:
     verify_checkpoints: bool = _f(False, "On resume, re-hash every checkpoint file against its manifest.")
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
+    nonfinite_step_policy: str = _f(
+        "skip",
+        "A step whose gradient norm is NaN/inf: 'skip' (no update, counted, warned), 'stop' (raise at "
+        "once) or 'ignore' (update anyway, as transformers does).",
+    )
+    max_consecutive_nonfinite_steps: int = _f(
+        3, "With nonfinite_step_policy='skip': this many non-finite steps in a row stop training."
+    )
+    loss_spike_zscore: float | None = _f(
+        None,
+        "Roll back a step whose loss is more than this many standard deviations above the mean of the "
+        "last loss_spike_window steps (to the state kept every loss_spike_window steps); None: off.",
+    )
+    loss_spike_window: int = _f(50, "Steps of loss history for loss_spike_zscore, also its warmup.")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
@@ -730,6 +744,7 @@ def validate(args: TrainingArguments) -> None:
     _check_dataloader(args)
     _check_log_levels(args)
     _check_hardware(args)
+    _check_guards(args)
     from .distributed.options import check_distributed_args
 
     check_distributed_args(args)
@@ -1071,3 +1086,18 @@ def _check_hardware(args: TrainingArguments) -> None:
         )
     if args.tf32 and (args.use_cpu or not _cuda_available()):
         raise ValueError("`tf32` needs an NVIDIA GPU (Ampere or newer) and none is in use; leave tf32 unset.")
+
+
+def _check_guards(args: TrainingArguments) -> None:
+    """The step guards' fields (ember/guards.py)."""
+    from .guards import NONFINITE_POLICIES
+
+    _choose("nonfinite_step_policy", args.nonfinite_step_policy, NONFINITE_POLICIES, "a policy")
+    _at_least(args, "max_consecutive_nonfinite_steps", 1, "use 1 to stop at the first run of them")
+    _at_least(args, "loss_spike_window", 2, "use at least 2 steps so a standard deviation exists")
+    z = args.loss_spike_zscore
+    if z is not None and not (math.isfinite(z) and z > 0):
+        raise ValueError(
+            f"`loss_spike_zscore` must be a positive number of standard deviations (e.g. 6), got {z!r}; "
+            "or None to turn spike rollback off."
+        )

@@ -64,14 +64,23 @@ def run_optimizer_step(
     if args.max_grad_norm and args.max_grad_norm > 0:
         precision.unscale_(optimizer)
         grad_norm = strategy.clip_grad_norm(model, args.max_grad_norm)
+    guard_norm = grad_norm
+    if guard_norm is None and trainer.step_guard.needs_grad_norm:
+        guard_norm = strategy.clip_grad_norm(model, math.inf)  # the global norm; scales by 1
+    skip = trainer.step_guard.skip_update(trainer, step_loss, guard_norm)
     trainer.control = cb.on_pre_optimizer_step(args, state, trainer.control)
-    precision.step(optimizer)
+    if not skip:
+        precision.step(optimizer)
+    else:
+        precision.drop_step(optimizer)
     trainer.control = cb.on_optimizer_step(args, state, trainer.control)
     # The step log reports the rate this update used, as transformers does (read before it moves).
     trainer._step_lr = float(optimizer.param_groups[0]["lr"])
-    if not precision.step_was_skipped() and not trainer.scheduler_waits_for_metrics:
+    if not skip and not precision.step_was_skipped() and not trainer.scheduler_waits_for_metrics:
         trainer.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if not skip:
+        trainer.step_guard.after_update(trainer)
     return step_loss, grad_norm
 
 

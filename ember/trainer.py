@@ -34,6 +34,7 @@ from .data import (
 )
 from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
+from .guards import StepGuard
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
@@ -297,6 +298,11 @@ class Trainer:
         self._plan = plan
         self._position = {"epoch": 0, "step_in_epoch": 0}
         self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
+        self.step_guard = StepGuard(
+            self.args,
+            self.precision.skips_nonfinite_steps,
+            getattr(self.strategy, "grad_norm_before_step", True),
+        )
         self._last_logged_step = 0
         self._current_flos = 0.0
         model = self.strategy.unwrap(self.model_wrapped)
@@ -401,6 +407,8 @@ class Trainer:
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
             logs["learning_rate"] = self._step_lr
+            if self.step_guard.nonfinite_steps:
+                logs["nonfinite_steps"] = float(self.step_guard.nonfinite_steps)
             self._transient_logs = self._throughput.rates(self.strategy.all_reduce_sum)
             self._last_logged_step = self.state.global_step
             self.store_flos()

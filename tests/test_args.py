@@ -51,7 +51,16 @@ def test_every_transformers_field_exists_and_unsupported_ones_are_transformers_f
     hf_names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
     ours = {f.name for f in dataclasses.fields(TrainingArguments)}
     assert hf_names - ours == set()
-    assert ours - hf_names == {"save_async", "verify_checkpoints", "flops_per_token", "device_peak_flops"}
+    assert ours - hf_names == {
+        "save_async",
+        "verify_checkpoints",
+        "flops_per_token",
+        "device_peak_flops",
+        "nonfinite_step_policy",
+        "max_consecutive_nonfinite_steps",
+        "loss_spike_zscore",
+        "loss_spike_window",
+    }
     assert hf_names > UNSUPPORTED_HF_FIELDS
 
 

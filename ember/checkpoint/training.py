@@ -87,6 +87,7 @@ def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
             "sampler": sampler.state_dict() if sampler is not None else {},
             "loss": {"total": trainer._loss.total, "total_steps": trainer._loss.total_steps},
             "last_logged_step": trainer._last_logged_step,
+            "guard": trainer.step_guard.state_dict(),
             "world_size": strategy.world_size,
         }
     rank_state = None
@@ -183,6 +184,7 @@ def restore_training_state(trainer: Trainer, folder: Path) -> None:
     trainer._loss.total = float(shared["loss"]["total"])
     trainer._loss.total_steps = int(shared["loss"]["total_steps"])
     trainer._last_logged_step = int(shared["last_logged_step"])
+    trainer.step_guard.load_state_dict(shared.get("guard") or {})
     position = {k: int(v) for k, v in shared["position"].items()}
     if trainer.args.ignore_data_skip:
         # transformers' meaning: keep the epoch count, but start that epoch's data from its beginning.

@@ -86,3 +86,15 @@ def test_a_failed_write_on_one_rank_stops_all_and_keeps_older_checkpoints(ddp):
         "rank(s) [1]" in rank0["message"] and "intact (newest complete one: checkpoint-2)" in rank0["message"]
     )
     assert "No space left on device" in rank1["message"]
+
+
+def test_a_nan_on_one_rank_makes_every_rank_skip_the_step(tmp_path):
+    # Rank 1 alone has a NaN loss at step 3; the all-reduced gradients are NaN on both ranks, so
+    # both skip the update and stay equal and finite.
+    run_suite(tmp_path, "nonfinite")
+    ranks = [json.loads((tmp_path / f"nonfinite-rank{r}.json").read_text()) for r in (0, 1)]
+    for summary in ranks:
+        assert summary["finite"]
+        assert summary["nonfinite_steps"] == 1
+        assert summary["global_step"] == 4
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]

@@ -302,6 +302,36 @@ def locked(out: Path) -> None:
     assert not (out / "free" / LOCK_NAME).exists()
 
 
+class NanOnThisRank(Trainer):
+    """Rank 1's loss is NaN at step 3: a fault one rank sees and the other does not."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if RANK == 1 and self.state.global_step == 2 and model.training:
+            return loss * float("nan")
+        return loss
+
+
+def nonfinite(out: Path) -> None:
+    """Both ranks must skip the step whose gradients one rank made NaN, and stay identical."""
+    base = lm_trainer(str(out / "nonfinite"), max_steps=4, max_grad_norm=0.0)
+    trainer = NanOnThisRank(
+        model=tiny_gpt2(seed=0),
+        args=base.args,
+        train_dataset=base.train_dataset,
+        data_collator=pad_lm_batch,
+    )
+    trainer.train()
+    params = lm_state(trainer)
+    summary = {
+        "nonfinite_steps": trainer.step_guard.nonfinite_steps,
+        "finite": all(bool(torch.isfinite(v).all()) for v in params.values()),
+        "checksum": float(sum(v.double().sum() for v in params.values())),
+        "global_step": trainer.state.global_step,
+    }
+    (out / f"nonfinite-rank{RANK}.json").write_text(json.dumps(summary))
+
+
 SUITES = {
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
@@ -320,6 +350,7 @@ SUITES = {
     "die": lambda out, o: die(out),
     "stall": lambda out, o: stall(out),
     "locked": lambda out, o: locked(out),
+    "nonfinite": lambda out, o: nonfinite(out),
 }
 
 

@@ -1,0 +1,119 @@
+"""Step guards: non-finite steps are skipped (or stop training), loss spikes are rolled back."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import IterableDataset
+
+from ember import Trainer, TrainingArguments
+from ember.guards import NonFiniteStepError
+from tests.helpers import RegressionModel, params_of
+
+BATCH = 4
+
+
+class Batches(IterableDataset):  # type: ignore[type-arg]
+    """Fixed regression items, in order; items of the batches in `poisoned` get a NaN input."""
+
+    def __init__(self, n_batches: int, poisoned: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n_batches * BATCH, generator=g)
+        self.y = 2.0 * self.x + 3.0
+        self.poisoned, self.drop = set(poisoned), set(drop)
+
+    def __iter__(self) -> Any:
+        for i in range(len(self.x)):
+            if i // BATCH in self.drop:
+                continue
+            x = self.x[i] * float("nan") if i // BATCH in self.poisoned else self.x[i]
+            yield {"input_x": x, "labels": self.y[i]}
+
+
+def _trainer(tmp_path, data: Any, steps: int, **kw: Any) -> Trainer:
+    base: dict[str, Any] = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1,
+        optim="adamw_torch",
+        use_cpu=True,
+        seed=0,
+    )
+    base.update(kw)
+    torch.manual_seed(0)
+    return Trainer(model=RegressionModel(), args=TrainingArguments(**base), train_dataset=data)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])  # clipping on: its norm; off: computed for the check
+def test_a_nan_batch_is_skipped_and_equals_a_run_without_it(tmp_path, caplog, max_grad_norm):
+    poisoned = _trainer(tmp_path / "a", Batches(6, poisoned=(2,)), 6, max_grad_norm=max_grad_norm)
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        poisoned.train()
+    without = _trainer(tmp_path / "b", Batches(6, drop=(2,)), 5, max_grad_norm=max_grad_norm)
+    without.train()
+    got, want = params_of(poisoned.model), params_of(without.model)
+    assert all(torch.isfinite(v).all() for v in got.values())
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert poisoned.step_guard.nonfinite_steps == 1
+    # The count is in the logs from the skipped step on, and the warning names the step and batch.
+    counted = [h.get("nonfinite_steps") for h in poisoned.state.log_history if "loss" in h]
+    assert counted == [None, None, 1.0, 1.0, 1.0, 1.0]
+    assert "step 3 (epoch 0, micro-batches 2-2 of the epoch)" in caplog.text
+    assert poisoned.state.global_step == 6
+
+
+def test_with_accumulation_one_nan_micro_batch_skips_the_whole_step(tmp_path):
+    poisoned = _trainer(
+        tmp_path / "a", Batches(8, poisoned=(3,)), 4, gradient_accumulation_steps=2, max_grad_norm=0.0
+    )
+    poisoned.train()
+    without = _trainer(
+        tmp_path / "b", Batches(8, drop=(2, 3)), 3, gradient_accumulation_steps=2, max_grad_norm=0.0
+    )
+    without.train()
+    got, want = params_of(poisoned.model), params_of(without.model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_consecutive_nonfinite_steps_stop_with_an_error_naming_the_field(tmp_path):
+    trainer = _trainer(tmp_path, Batches(8, poisoned=(2, 3, 4, 5)), 8, max_consecutive_nonfinite_steps=3)
+    with pytest.raises(NonFiniteStepError, match="max_consecutive_nonfinite_steps") as err:
+        trainer.train()
+    assert "3 optimizer steps in a row" in str(err.value)
+    assert trainer.state.global_step == 4  # steps 3 and 4 skipped, step 5 raised
+    assert all(torch.isfinite(v).all() for v in params_of(trainer.model).values())
+
+
+def test_stop_policy_raises_at_the_first_nonfinite_step(tmp_path):
+    trainer = _trainer(tmp_path, Batches(6, poisoned=(1,)), 6, nonfinite_step_policy="stop")
+    with pytest.raises(NonFiniteStepError, match="nonfinite_step_policy='skip'"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_ignore_policy_updates_anyway_as_transformers(tmp_path):
+    trainer = _trainer(tmp_path, Batches(4, poisoned=(1,)), 4, nonfinite_step_policy="ignore")
+    trainer.train()
+    assert any(torch.isnan(v).any() for v in params_of(trainer.model).values())
+    assert trainer.step_guard.nonfinite_steps == 0
+
+
+def test_guard_fields_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="nonfinite_step_policy"):
+        TrainingArguments(output_dir=str(tmp_path), nonfinite_step_policy="skipp")
+    with pytest.raises(ValueError, match="max_consecutive_nonfinite_steps"):
+        TrainingArguments(output_dir=str(tmp_path), max_consecutive_nonfinite_steps=0)
+    with pytest.raises(ValueError, match="loss_spike_zscore"):
+        TrainingArguments(output_dir=str(tmp_path), loss_spike_zscore=math.nan)
+    with pytest.raises(ValueError, match="loss_spike_window"):
+        TrainingArguments(output_dir=str(tmp_path), loss_spike_window=1)
