@@ -143,6 +143,7 @@ class SpikeGuard:
         self.rollbacks: list[list[int]] = []
         self._good_steps = 0
         self._copy: dict[str, Any] | None = None
+        self._copy_step = 0
 
     def is_spike(self, loss: float) -> bool:
         if len(self.losses) < self.window:
@@ -164,6 +165,7 @@ class SpikeGuard:
         self._good_steps += 1
         if self._copy is None or self._good_steps % self.window == 0:
             self._copy = _copy_training_state(trainer)
+            self._copy_step = trainer.state.global_step + 1  # the update just applied
 
     def roll_back(self, trainer: Trainer, loss: float) -> None:
         mean, std = self._last_stats
@@ -173,15 +175,15 @@ class SpikeGuard:
             _restore_training_state(trainer, self._copy)
         logger.warning(
             "ember: loss spike at %s: %.6g is more than %g standard deviations above the mean %.6g "
-            "(std %.3g) of the last %d steps; the update is dropped and the model, optimizer, scheduler "
-            "and RNG are rolled back to the copy kept %d good steps ago (rollback %d).",
+            "(std %.3g) of the last %d steps; its update is dropped and the model, optimizer, scheduler "
+            "and RNG are rolled back to their state after step %d (rollback %d).",
             where,
             loss,
             self.zscore,
             mean,
             std,
             len(self.losses),
-            self._good_steps % self.window if self._copy is not None else 0,
+            self._copy_step,
             len(self.rollbacks),
         )
 

@@ -20,10 +20,18 @@ BATCH = 4
 class Batches(IterableDataset):  # type: ignore[type-arg]
     """Fixed regression items, in order; items of the batches in `poisoned` get a NaN input."""
 
-    def __init__(self, n_batches: int, poisoned: tuple[int, ...] = (), drop: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        n_batches: int,
+        poisoned: tuple[int, ...] = (),
+        drop: tuple[int, ...] = (),
+        spiked: tuple[int, ...] = (),
+    ) -> None:
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(n_batches * BATCH, generator=g)
         self.y = 2.0 * self.x + 3.0
+        for b in spiked:  # labels a hundred times too large: a corrupt batch with a finite loss
+            self.y[b * BATCH : (b + 1) * BATCH] *= 100
         self.poisoned, self.drop = set(poisoned), set(drop)
 
     def __iter__(self) -> Any:
@@ -117,3 +125,53 @@ def test_guard_fields_are_validated(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), loss_spike_zscore=math.nan)
     with pytest.raises(ValueError, match="loss_spike_window"):
         TrainingArguments(output_dir=str(tmp_path), loss_spike_window=1)
+
+
+def _spike_run(tmp_path, data: Any, steps: int, **kw: Any) -> Trainer:
+    return _trainer(tmp_path, data, steps, loss_spike_zscore=3.0, loss_spike_window=4, **kw)
+
+
+def test_a_spike_right_after_a_kept_copy_only_drops_its_own_update(tmp_path, caplog):
+    # Copies are kept after good steps 1, 4 and 8; batch 8 (step 9) spikes: rolling back to the
+    # copy of step 8 is exactly a run that never saw batch 8.
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        spiked = _spike_run(tmp_path / "a", Batches(12, spiked=(8,)), 12)
+        spiked.train()
+    without = _trainer(tmp_path / "b", Batches(12, drop=(8,)), 11)
+    without.train()
+    got, want = params_of(spiked.model), params_of(without.model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert spiked.step_guard.spikes is not None
+    assert spiked.step_guard.spikes.rollbacks == [[0, 8]]
+    assert "loss spike at step 9" in caplog.text
+    assert spiked.state.global_step == 12
+
+
+def test_a_spike_rolls_back_the_steps_since_the_last_copy(tmp_path):
+    # Batch 10 spikes at step 11; the copy is from step 8, so steps 9-11 leave no trace.
+    spiked = _spike_run(tmp_path / "a", Batches(14, spiked=(10,)), 14)
+    spiked.train()
+    without = _trainer(tmp_path / "b", Batches(14, drop=(8, 9, 10)), 11)
+    without.train()
+    got, want = params_of(spiked.model), params_of(without.model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert spiked.step_guard.spikes is not None and spiked.step_guard.spikes.rollbacks == [[0, 10]]
+
+
+def test_without_spike_detection_the_spike_is_applied(tmp_path):
+    plain = _trainer(tmp_path / "a", Batches(12, spiked=(8,)), 12)
+    plain.train()
+    without = _trainer(tmp_path / "b", Batches(12, drop=(8,)), 11)
+    without.train()
+    got, want = params_of(plain.model), params_of(without.model)
+    assert not all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_rollbacks_and_the_loss_window_survive_a_checkpoint(tmp_path):
+    first = _spike_run(tmp_path / "a", Batches(12, spiked=(8,)), 12, save_strategy="steps", save_steps=10)
+    first.train()
+    resumed = _spike_run(tmp_path / "a", Batches(12, spiked=(8,)), 12)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-10"))
+    assert resumed.step_guard.spikes is not None
+    assert resumed.step_guard.spikes.rollbacks == [[0, 8]]
+    assert len(resumed.step_guard.spikes.losses) == 4
