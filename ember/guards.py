@@ -63,6 +63,7 @@ class StepGuard:
         )
         self.nonfinite_steps = 0
         self.consecutive = 0
+        self.empty_steps = 0
         self.spikes: SpikeGuard | None = None
         if args.loss_spike_zscore is not None:
             self.spikes = SpikeGuard(args.loss_spike_zscore, args.loss_spike_window)
@@ -70,6 +71,24 @@ class StepGuard:
     @property
     def needs_grad_norm(self) -> bool:
         return self.checks_nonfinite
+
+    def is_empty_step(self, trainer: Trainer, local_targets: torch.Tensor, total: torch.Tensor) -> bool:
+        """True when no micro-batch of this step, on any rank, has a target (all labels -100).
+
+        Such a step has no loss to learn from; running it would still move the weights (momentum,
+        weight decay), so it is skipped whole, counted, and logs a loss of 0.
+        """
+        # One process: the count is on the host already; several: the all-reduced one (a sync).
+        targets = local_targets if trainer.strategy.world_size == 1 else total
+        if int(targets) > 0:
+            return False
+        self.empty_steps += 1
+        logger.warning(
+            "ember: no targets at %s (every label is -100): the step is skipped (%d such steps so far).",
+            describe_step(trainer),
+            self.empty_steps,
+        )
+        return True
 
     def skip_update(self, trainer: Trainer, step_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
         """True when this step's update must not be applied (the caller then zeroes the gradients)."""
@@ -83,6 +102,11 @@ class StepGuard:
                 self.spikes.roll_back(trainer, loss)
                 return True
         return False
+
+    def counts(self) -> dict[str, float]:
+        """The guard's counters for the step log, once they are not zero."""
+        named = {"nonfinite_steps": self.nonfinite_steps, "empty_steps": self.empty_steps}
+        return {k: float(v) for k, v in named.items() if v}
 
     def after_update(self, trainer: Trainer) -> None:
         if self.spikes is not None:
@@ -111,7 +135,11 @@ class StepGuard:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"nonfinite_steps": self.nonfinite_steps, "consecutive": self.consecutive}
+        state: dict[str, Any] = {
+            "nonfinite_steps": self.nonfinite_steps,
+            "consecutive": self.consecutive,
+            "empty_steps": self.empty_steps,
+        }
         if self.spikes is not None:
             state["spikes"] = self.spikes.state_dict()
         return state
@@ -119,6 +147,7 @@ class StepGuard:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.consecutive = int(state.get("consecutive", 0))
+        self.empty_steps = int(state.get("empty_steps", 0))
         if self.spikes is not None and state.get("spikes"):
             self.spikes.load_state_dict(state["spikes"])
 

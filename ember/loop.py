@@ -44,7 +44,11 @@ def run_optimizer_step(
     strategy, precision, cb = trainer.strategy, trainer.precision, trainer.callback_handler
     args, state = trainer.args, trainer.state
     counts = [count_targets(b, trainer.label_shift) for b in micro_batches]
-    total = strategy.all_reduce_sum(torch.stack(counts).sum().to(strategy.device, non_blocking=True))
+    local = torch.stack(counts).sum()
+    total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))
+    if trainer.step_guard.is_empty_step(trainer, local, total):
+        trainer._step_lr = float(trainer.optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
+        return torch.zeros((), device=strategy.device), None
     total = total.clamp_(min=1)
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1

@@ -392,7 +392,9 @@ class Trainer:
         else:
             loss = loss_from_outputs(outputs, inputs, self.label_names)
             if num_items_in_batch is not None:
-                loss = loss * (count_targets(inputs, self.label_shift) / num_items_in_batch)
+                share = count_targets(inputs, self.label_shift)
+                # Without targets the model's mean loss is 0/0 = nan; its share of the step is 0.
+                loss = torch.where(share > 0, loss * (share / num_items_in_batch), torch.zeros_like(loss))
         return (loss, outputs) if return_outputs else loss
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -407,8 +409,7 @@ class Trainer:
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
             logs["learning_rate"] = self._step_lr
-            if self.step_guard.nonfinite_steps:
-                logs["nonfinite_steps"] = float(self.step_guard.nonfinite_steps)
+            logs.update(self.step_guard.counts())
             self._transient_logs = self._throughput.rates(self.strategy.all_reduce_sum)
             self._last_logged_step = self.state.global_step
             self.store_flos()

@@ -175,3 +175,60 @@ def test_rollbacks_and_the_loss_window_survive_a_checkpoint(tmp_path):
     assert resumed.step_guard.spikes is not None
     assert resumed.step_guard.spikes.rollbacks == [[0, 8]]
     assert len(resumed.step_guard.spikes.losses) == 4
+
+
+# -- steps without targets ---------------------------------------------------------------------------
+
+
+def _lm_run(tmp_path, empty: set[int], steps: int) -> Trainer:
+    """Tiny GPT-2, GA=2; the micro-batches numbered in `empty` (in collation order) get labels -100."""
+    from tests.helpers import lm_examples, pad_lm_batch, tiny_gpt2
+
+    calls = [0]
+
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = pad_lm_batch(features)
+        if calls[0] in empty:
+            batch["labels"][:] = -100
+        calls[0] += 1
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1,
+        use_cpu=True,
+        optim="adamw_torch",
+        logging_nan_inf_filter=False,  # a nan would reach the logs as it is
+    )
+    trainer = Trainer(
+        model=tiny_gpt2(), args=args, train_dataset=lm_examples(12, seed=1), data_collator=collate
+    )
+    trainer.train()
+    return trainer
+
+
+def test_a_micro_batch_without_targets_adds_nothing_and_no_nan(tmp_path):
+    # The model's own mean loss over zero targets is 0/0; its share of the step must be 0, not nan.
+    trainer = _lm_run(tmp_path, {1}, 2)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert trainer.step_guard.nonfinite_steps == 0 and trainer.step_guard.empty_steps == 0
+
+
+def test_a_step_without_targets_is_skipped_and_counted(tmp_path):
+    # Step 2's micro-batches (collations 2 and 3) have no targets: the weights stay as after step 1.
+    trainer = _lm_run(tmp_path / "a", {2, 3}, 2)
+    one_step = _lm_run(tmp_path / "b", set(), 1)
+    got, want = params_of(trainer.model), params_of(one_step.model)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert trainer.step_guard.empty_steps == 1
+    step_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert step_logs[1]["loss"] == 0.0 and step_logs[1]["empty_steps"] == 1.0
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
