@@ -744,7 +744,7 @@ def validate(args: TrainingArguments) -> None:
     _check_dataloader(args)
     _check_log_levels(args)
     _check_hardware(args)
-    _check_guards(args)
+    _check_reliability(args)
     from .distributed.options import check_distributed_args
 
     check_distributed_args(args)
@@ -1088,8 +1088,24 @@ def _check_hardware(args: TrainingArguments) -> None:
         raise ValueError("`tf32` needs an NVIDIA GPU (Ampere or newer) and none is in use; leave tf32 unset.")
 
 
-def _check_guards(args: TrainingArguments) -> None:
-    """The step guards' fields (ember/guards.py)."""
+def _check_reliability(args: TrainingArguments) -> None:
+    """Values that pass the range checks yet break a run later: NaN, infinity, an unusable output_dir;
+    and the step guards' fields (ember/guards.py)."""
+    for name in ("learning_rate", "max_grad_norm", "weight_decay", "warmup_steps", "adam_epsilon"):
+        if math.isnan(getattr(args, name)):
+            raise ValueError(f"`{name}` is NaN; set it to a number (max_grad_norm: 0 turns clipping off).")
+    for name in ("learning_rate", "max_grad_norm", "num_train_epochs"):
+        if math.isinf(getattr(args, name)):
+            raise ValueError(
+                f"`{name}`={getattr(args, name)} is infinite; set a finite number "
+                "(for an open-ended run, set max_steps and stop it with a callback)."
+            )
+    if math.isnan(args.num_train_epochs):
+        raise ValueError("`num_train_epochs` is NaN; set a number of epochs (or max_steps).")
+    if not str(args.output_dir).strip():
+        raise ValueError("`output_dir` is empty; name a folder for checkpoints and logs (or leave it unset).")
+    if os.path.isfile(args.output_dir):
+        raise ValueError(f"`output_dir`={args.output_dir!r} is a file; point output_dir at a folder.")
     from .guards import NONFINITE_POLICIES
 
     _choose("nonfinite_step_policy", args.nonfinite_step_policy, NONFINITE_POLICIES, "a policy")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .data.checks import check_first_step
 from .loss import count_targets
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def run_optimizer_step(
     """
     strategy, precision, cb = trainer.strategy, trainer.precision, trainer.callback_handler
     args, state = trainer.args, trainer.state
+    check_first_step(trainer, model, micro_batches)
     counts = [count_targets(b, trainer.label_shift) for b in micro_batches]
     local = torch.stack(counts).sum()
     total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))

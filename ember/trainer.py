@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from . import loop
+from . import checks, loop
 from .args import TrainingArguments, check_eval_dataset
 from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from .checkpoint.writer import CheckpointWriter
@@ -32,6 +32,7 @@ from .data import (
     pick_collator,
     remove_unused_columns,
 )
+from .data.checks import check_dataset_items, check_scalar_loss
 from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from .guards import StepGuard
@@ -193,6 +194,7 @@ class Trainer:
             raise ValueError(
                 "evaluate() needs an eval dataset: pass `eval_dataset` to Trainer(...) or evaluate()."
             )
+        checks.check_eval_dataset_not_empty(dataset)
         loader = build_eval_dataloader(
             self._prepare_dataset(dataset, "evaluation"),
             self.args,
@@ -221,6 +223,7 @@ class Trainer:
     ) -> TrainOutput:
         from .checkpoint.lock import hold_output_dir
 
+        checks.check_output_dir_writable(self.args.output_dir)
         # One writer per output_dir: a second run there is refused before it touches anything.
         with hold_output_dir(self.args.output_dir, self.strategy):
             try:
@@ -244,8 +247,11 @@ class Trainer:
             self.model = self.model_wrapped = self.call_model_init(trial).to(self.strategy.device)
             self.callback_handler.model = self.model
             self.optimizer, self.lr_scheduler = None, None
+        if self.train_dataset is not None:
+            check_dataset_items(self.train_dataset, "train_dataset")
         loader = self.get_train_dataloader()
         plan = loop.plan_steps(args, loader, self._train_batch_sampler)
+        checks.check_plan(args, plan.max_steps)
         model = self.model_wrapped = self.strategy.setup_model(self.model)
         self.create_optimizer_and_scheduler(plan.max_steps)
         model, self.optimizer = self.strategy.setup_optimizer(model, self.optimizer)
@@ -254,6 +260,7 @@ class Trainer:
         self._begin_state(plan)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
+            checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
         model.train()
         self.control = cb.on_train_begin(args, self.state, self.control)
         if args.eval_on_start and self.state.global_step == 0:
@@ -357,6 +364,7 @@ class Trainer:
                 loss = self.compute_loss(model, inputs) / self.args.gradient_accumulation_steps
             else:
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        check_scalar_loss(loss)
         self.strategy.backward(self.precision.scale(loss), model)
         return loss.detach()
 
@@ -442,12 +450,9 @@ class Trainer:
             return False
         key = self.args.metric_for_best_model
         key = key if key.startswith("eval_") else f"eval_{key}"
-        if key not in metrics:
-            raise KeyError(
-                f"metric_for_best_model `{key}` is not among the eval metrics {sorted(metrics)}; "
-                "set metric_for_best_model to one of them."
-            )
-        value = float(metrics[key])
+        value = checks.best_metric_value(metrics, key)
+        if value is None:  # NaN: never the best
+            return False
         better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)
         if self.state.best_metric is None or better(value, self.state.best_metric):
             self.state.best_metric = value
