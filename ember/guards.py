@@ -72,28 +72,43 @@ class StepGuard:
     def needs_grad_norm(self) -> bool:
         return self.checks_nonfinite
 
-    def is_empty_step(self, trainer: Trainer, local_targets: torch.Tensor, total: torch.Tensor) -> bool:
-        """True when no micro-batch of this step, on any rank, has a target (all labels -100).
+    def is_empty_step(self, trainer: Trainer, local_targets: torch.Tensor) -> bool:
+        """One process: True when no micro-batch of this step has a target (all labels -100).
 
-        Such a step has no loss to learn from; running it would still move the weights (momentum,
-        weight decay), so it is skipped whole, counted, and logs a loss of 0.
+        Such a step has no loss to learn from, but an update would still move the weights
+        (momentum, weight decay), so it is skipped whole, counted, and logs a loss of 0. The count
+        is on the host, so this costs no sync. With several processes the step runs (each
+        micro-batch without targets adds 0) and `skip_update` tests the all-reduced count together
+        with the gradient norm, in the step's one sync.
         """
-        # One process: the count is on the host already; several: the all-reduced one (a sync).
-        targets = local_targets if trainer.strategy.world_size == 1 else total
-        if int(targets) > 0:
+        if trainer.strategy.world_size > 1 or int(local_targets) > 0:
             return False
-        self.empty_steps += 1
-        logger.warning(
-            "ember: no targets at %s (every label is -100): the step is skipped (%d such steps so far).",
-            describe_step(trainer),
-            self.empty_steps,
-        )
+        self._on_empty(trainer)
         return True
 
-    def skip_update(self, trainer: Trainer, step_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """True when this step's update must not be applied (the caller then zeroes the gradients)."""
-        if self.checks_nonfinite and grad_norm is not None and not bool(torch.isfinite(grad_norm)):
-            self._on_nonfinite(trainer, float(grad_norm))
+    def skip_update(
+        self,
+        trainer: Trainer,
+        step_loss: torch.Tensor,
+        grad_norm: torch.Tensor | None,
+        total_targets: torch.Tensor | None = None,
+    ) -> bool:
+        """True when this step's update must not be applied (the caller then zeroes the gradients).
+
+        `total_targets`: the step's target count on all ranks (before clamping).
+        """
+        tests: list[torch.Tensor] = []
+        if self.checks_nonfinite and grad_norm is not None:
+            tests.append(torch.isfinite(grad_norm))
+        has_targets = None
+        if total_targets is not None and trainer.strategy.world_size > 1:
+            has_targets = torch.gt(total_targets, 0)
+            tests.append(has_targets)
+        if tests and not bool(tests[0] if len(tests) == 1 else tests[0] & tests[1]):  # the one sync
+            if has_targets is not None and not bool(has_targets):
+                self._on_empty(trainer)
+                return True
+            self._on_nonfinite(trainer, float(grad_norm) if grad_norm is not None else math.nan)
             return True
         self.consecutive = 0
         if self.spikes is not None:
@@ -111,6 +126,14 @@ class StepGuard:
     def after_update(self, trainer: Trainer) -> None:
         if self.spikes is not None:
             self.spikes.maybe_keep_copy(trainer)
+
+    def _on_empty(self, trainer: Trainer) -> None:
+        self.empty_steps += 1
+        logger.warning(
+            "ember: no targets at %s (every label is -100): the step is skipped (%d such steps so far).",
+            describe_step(trainer),
+            self.empty_steps,
+        )
 
     def _on_nonfinite(self, trainer: Trainer, norm: float) -> None:
         self.nonfinite_steps += 1

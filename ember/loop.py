@@ -48,10 +48,10 @@ def run_optimizer_step(
     counts = [count_targets(b, trainer.label_shift) for b in micro_batches]
     local = torch.stack(counts).sum()
     total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))
-    if trainer.step_guard.is_empty_step(trainer, local, total):
+    if trainer.step_guard.is_empty_step(trainer, local):
         trainer._step_lr = float(trainer.optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
         return torch.zeros((), device=strategy.device), None
-    total = total.clamp_(min=1)
+    targets, total = total, total.clamp(min=1)
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
@@ -73,7 +73,7 @@ def run_optimizer_step(
     guard_norm = grad_norm
     if guard_norm is None and trainer.step_guard.needs_grad_norm:
         guard_norm = strategy.clip_grad_norm(model, math.inf)  # the global norm; scales by 1
-    skip = trainer.step_guard.skip_update(trainer, step_loss, guard_norm)
+    skip = trainer.step_guard.skip_update(trainer, step_loss, guard_norm, targets)
     trainer.control = cb.on_pre_optimizer_step(args, state, trainer.control)
     if not skip:
         precision.step(optimizer)

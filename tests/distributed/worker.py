@@ -313,21 +313,34 @@ class NanOnThisRank(Trainer):
 
 
 def nonfinite(out: Path) -> None:
-    """Both ranks must skip the step whose gradients one rank made NaN, and stay identical."""
-    base = lm_trainer(str(out / "nonfinite"), max_steps=4, max_grad_norm=0.0)
+    """Both ranks must skip the step whose gradients one rank made NaN (step 3), and the step where
+    no rank has a target (step 4), and stay identical; rank 0 alone without targets (step 1) is a
+    normal step."""
+    calls = [0]
+
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = pad_lm_batch(features)
+        if calls[0] in (6, 7) or (RANK == 0 and calls[0] in (0, 1)):
+            batch["labels"][:] = -100
+        calls[0] += 1
+        return batch
+
+    base = lm_trainer(str(out / "nonfinite"), max_steps=5, max_grad_norm=0.0)
     trainer = NanOnThisRank(
         model=tiny_gpt2(seed=0),
         args=base.args,
         train_dataset=base.train_dataset,
-        data_collator=pad_lm_batch,
+        data_collator=collate,
     )
     trainer.train()
     params = lm_state(trainer)
     summary = {
         "nonfinite_steps": trainer.step_guard.nonfinite_steps,
+        "empty_steps": trainer.step_guard.empty_steps,
         "finite": all(bool(torch.isfinite(v).all()) for v in params.values()),
         "checksum": float(sum(v.double().sum() for v in params.values())),
         "global_step": trainer.state.global_step,
+        "losses": losses(trainer),
     }
     (out / f"nonfinite-rank{RANK}.json").write_text(json.dumps(summary))
 
