@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import IterableDataset
 
 from ember import Trainer, TrainingArguments
@@ -232,3 +233,23 @@ def test_a_step_without_targets_is_skipped_and_counted(tmp_path):
     step_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert step_logs[1]["loss"] == 0.0 and step_logs[1]["empty_steps"] == 1.0
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_fp16_leaves_nonfinite_steps_to_its_scaler_and_a_dropped_step_closes_the_scaler_step():
+    # GradScaler runs on CPU too, so the fp16 object is tested here; fp16 training itself needs CUDA.
+    from ember.guards import StepGuard
+    from ember.precision import Fp16Precision
+
+    precision = Fp16Precision(torch.device("cpu"))
+    args = TrainingArguments(output_dir="unused", use_cpu=True)
+    assert not StepGuard(args, precision.skips_nonfinite_steps, True).checks_nonfinite
+    assert StepGuard(args, False, True).checks_nonfinite
+    assert not StepGuard(args, False, grad_norm_before_step=False).checks_nonfinite  # DeepSpeed ZeRO
+
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # without drop_step the second unscale_ raises
+        precision.scale(model(torch.ones(1, 2)).sum()).backward()
+        precision.unscale_(optimizer)
+        precision.drop_step(optimizer)
+        optimizer.zero_grad()
