@@ -104,3 +104,7 @@ def test_a_nan_on_one_rank_or_no_targets_anywhere_makes_every_rank_skip_the_step
         assert summary["losses"][2:4] == [0.0, 0.0]
         assert all(x > 0 for x in summary["losses"][:2] + summary["losses"][4:])
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    spikes = [json.loads((tmp_path / f"spike-ddp-rank{r}.json").read_text()) for r in (0, 1)]
+    for summary in spikes:
+        assert summary["finite"] and summary["rollbacks"] == [[1, 1]]  # step 5: epoch 1, its second step
+    assert spikes[0]["checksum"] == spikes[1]["checksum"]

@@ -345,6 +345,31 @@ def nonfinite(out: Path) -> None:
     (out / f"nonfinite-rank{RANK}.json").write_text(json.dumps(summary))
 
 
+class SpikeAt(Trainer):
+    """The loss (and so the gradients) of step 5 is 100 times too large on every rank."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss * 100 if self.state.global_step == 4 and model.training else loss
+
+
+def spike(out: Path, name: str, **kw: Any) -> None:
+    """Every rank rolls the spiking step back the same way (DDP: full copies; FSDP: local shards)."""
+    base = lm_trainer(str(out / name), max_steps=6, loss_spike_zscore=50.0, loss_spike_window=3, **kw)
+    trainer = SpikeAt(
+        model=tiny_gpt2(seed=0), args=base.args, train_dataset=base.train_dataset, data_collator=pad_lm_batch
+    )
+    trainer.train()
+    params = lm_state(trainer)
+    assert trainer.step_guard.spikes is not None
+    summary = {
+        "rollbacks": trainer.step_guard.spikes.rollbacks,
+        "finite": all(bool(torch.isfinite(v).all()) for v in params.values()),
+        "checksum": float(sum(v.double().sum() for v in params.values())),
+    }
+    (out / f"{name}-rank{RANK}.json").write_text(json.dumps(summary))
+
+
 SUITES = {
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
@@ -363,7 +388,8 @@ SUITES = {
     "die": lambda out, o: die(out),
     "stall": lambda out, o: stall(out),
     "locked": lambda out, o: locked(out),
-    "nonfinite": lambda out, o: nonfinite(out),
+    "nonfinite": lambda out, o: (nonfinite(out), spike(out, "spike-ddp")),
+    "spike-fsdp": lambda out, o: spike(out, "spike-fsdp", fsdp=True),
 }
 
 
