@@ -339,6 +339,20 @@ class TrainingArguments:
         "to the plain loss, with a notice, where it cannot apply.",
     )
     loss_chunk_size: int = _f(1024, "Tokens per chunk of the chunked loss (chunked_loss=True).")
+    nonfinite_step_policy: str = _f(
+        "skip",
+        "A step whose gradient norm is NaN/inf: 'skip' (no update, counted, warned), 'stop' (raise at "
+        "once) or 'ignore' (update anyway, as transformers does).",
+    )
+    max_consecutive_nonfinite_steps: int = _f(
+        3, "With nonfinite_step_policy='skip': this many non-finite steps in a row stop training."
+    )
+    loss_spike_zscore: float | None = _f(
+        None,
+        "Roll back a step whose loss is more than this many standard deviations above the mean of the "
+        "last loss_spike_window steps (to the state kept every loss_spike_window steps); None: off.",
+    )
+    loss_spike_window: int = _f(50, "Steps of loss history for loss_spike_zscore, also its warmup.")
     # --- Fine-tuning: the model pipeline (ember/models) ---
     activation_checkpointing: bool | None = _f(
         None, "Recompute activations in backward to save memory (~20-30% slower).", nargs="?", const=True
@@ -732,6 +746,7 @@ def validate(args: TrainingArguments) -> None:
     _check_dataloader(args)
     _check_log_levels(args)
     _check_hardware(args)
+    _check_reliability(args)
     from .distributed.options import check_distributed_args
     from .models.options import check_model_args
 
@@ -1076,3 +1091,34 @@ def _check_hardware(args: TrainingArguments) -> None:
         )
     if args.tf32 and (args.use_cpu or not _cuda_available()):
         raise ValueError("`tf32` needs an NVIDIA GPU (Ampere or newer) and none is in use; leave tf32 unset.")
+
+
+def _check_reliability(args: TrainingArguments) -> None:
+    """Values that pass the range checks yet break a run later: NaN, infinity, an unusable output_dir;
+    and the step guards' fields (ember/guards.py)."""
+    for name in ("learning_rate", "max_grad_norm", "weight_decay", "warmup_steps", "adam_epsilon"):
+        if math.isnan(getattr(args, name)):
+            raise ValueError(f"`{name}` is NaN; set it to a number (max_grad_norm: 0 turns clipping off).")
+    for name in ("learning_rate", "max_grad_norm", "num_train_epochs"):
+        if math.isinf(getattr(args, name)):
+            raise ValueError(
+                f"`{name}`={getattr(args, name)} is infinite; set a finite number "
+                "(for an open-ended run, set max_steps and stop it with a callback)."
+            )
+    if math.isnan(args.num_train_epochs):
+        raise ValueError("`num_train_epochs` is NaN; set a number of epochs (or max_steps).")
+    if not str(args.output_dir).strip():
+        raise ValueError("`output_dir` is empty; name a folder for checkpoints and logs (or leave it unset).")
+    if os.path.isfile(args.output_dir):
+        raise ValueError(f"`output_dir`={args.output_dir!r} is a file; point output_dir at a folder.")
+    from .guards import NONFINITE_POLICIES
+
+    _choose("nonfinite_step_policy", args.nonfinite_step_policy, NONFINITE_POLICIES, "a policy")
+    _at_least(args, "max_consecutive_nonfinite_steps", 1, "use 1 to stop at the first run of them")
+    _at_least(args, "loss_spike_window", 2, "use at least 2 steps so a standard deviation exists")
+    z = args.loss_spike_zscore
+    if z is not None and not (math.isfinite(z) and z > 0):
+        raise ValueError(
+            f"`loss_spike_zscore` must be a positive number of standard deviations (e.g. 6), got {z!r}; "
+            "or None to turn spike rollback off."
+        )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import checked_metrics
 from .outputs import EvalLoopOutput, EvalPrediction
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ def evaluation_loop(
                     batch_losses if want_losses else None,
                 )
                 metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+                if is_last:  # earlier calls only accumulate; what they return is not used
+                    metrics = checked_metrics(metrics)
         elif not loss_only:
             for acc, value in zip((preds, labels, inputs_acc, losses_acc), outputs):
                 acc.add(value)
@@ -166,7 +169,7 @@ def evaluation_loop(
         and all_labels is not None
     ):
         pred = EvalPrediction(all_preds, all_labels, inputs_acc.result(), losses_acc.result())
-        metrics = trainer.compute_metrics(pred)
+        metrics = checked_metrics(trainer.compute_metrics(pred))
     num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))
     mean_loss = _mean_loss(strategy.all_reduce_sum(loss_sums), num_samples, args.logging_nan_inf_filter)
     mean_loss = mean_loss if has_loss else None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .data.checks import check_first_step
 from .loss import count_targets
 
 if TYPE_CHECKING:
@@ -43,9 +44,14 @@ def run_optimizer_step(
     """
     strategy, precision, cb = trainer.strategy, trainer.precision, trainer.callback_handler
     args, state = trainer.args, trainer.state
+    check_first_step(trainer, model, micro_batches)
     counts = [count_targets(b, trainer.label_shift) for b in micro_batches]
-    total = strategy.all_reduce_sum(torch.stack(counts).sum().to(strategy.device, non_blocking=True))
-    total = total.clamp_(min=1)
+    local = torch.stack(counts).sum()
+    total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))
+    if trainer.step_guard.is_empty_step(trainer, local):
+        trainer._step_lr = float(trainer.optimizer.param_groups[0]["lr"])  # type: ignore[union-attr]
+        return torch.zeros((), device=strategy.device), None
+    targets, total = total, total.clamp(min=1)
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
@@ -64,14 +70,23 @@ def run_optimizer_step(
     if args.max_grad_norm and args.max_grad_norm > 0:
         precision.unscale_(optimizer)
         grad_norm = strategy.clip_grad_norm(model, args.max_grad_norm)
+    guard_norm = grad_norm
+    if guard_norm is None and trainer.step_guard.needs_grad_norm:
+        guard_norm = strategy.clip_grad_norm(model, math.inf)  # the global norm; scales by 1
+    skip = trainer.step_guard.skip_update(trainer, step_loss, guard_norm, targets)
     trainer.control = cb.on_pre_optimizer_step(args, state, trainer.control)
-    precision.step(optimizer)
+    if not skip:
+        precision.step(optimizer)
+    else:
+        precision.drop_step(optimizer)
     trainer.control = cb.on_optimizer_step(args, state, trainer.control)
     # The step log reports the rate this update used, as transformers does (read before it moves).
     trainer._step_lr = float(optimizer.param_groups[0]["lr"])
-    if not precision.step_was_skipped() and not trainer.scheduler_waits_for_metrics:
+    if not skip and not precision.step_was_skipped() and not trainer.scheduler_waits_for_metrics:
         trainer.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if not skip:
+        trainer.step_guard.after_update(trainer)
     return step_loss, grad_norm
 
 

@@ -18,6 +18,8 @@ class FullPrecision:
     """fp32 (or whatever dtype the model has): every hook is a no-op."""
 
     name = "fp32"
+    #: Whether this precision skips steps with non-finite gradients itself (the step guard then does not).
+    skips_nonfinite_steps = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -37,6 +39,9 @@ class FullPrecision:
 
     def step_was_skipped(self) -> bool:
         return False
+
+    def drop_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The step guard kept this step's update from happening."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -60,6 +65,7 @@ class Fp16Precision(FullPrecision):
     """fp16 autocast with dynamic loss scaling; a step whose gradients overflowed is skipped."""
 
     name = "fp16"
+    skips_nonfinite_steps = True
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
@@ -81,6 +87,12 @@ class Fp16Precision(FullPrecision):
         self._scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
+
+    def drop_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # After unscale_, GradScaler refuses a second unscale_ until update(); its inf checks are
+        # recorded, so update() can close the step (lowering the scale if they found an overflow).
+        if any(s["found_inf_per_device"] for s in self.scaler._per_optimizer_states.values()):
+            self.scaler.update()
 
     def step_was_skipped(self) -> bool:
         # GradScaler lowers its scale exactly when it skipped the step for inf/nan gradients.

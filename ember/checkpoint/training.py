@@ -88,6 +88,7 @@ def take_snapshot(trainer: Trainer, copy: bool) -> Snapshot:
             "sampler": sampler.state_dict() if sampler is not None else {},
             "loss": {"total": trainer._loss.total, "total_steps": trainer._loss.total_steps},
             "last_logged_step": trainer._last_logged_step,
+            "guard": trainer.step_guard.state_dict(),
             "world_size": strategy.world_size,
             "batch_split": trainer._batch_split.state_dict(),
         }
@@ -159,6 +160,7 @@ def restore_training_state(trainer: Trainer, folder: Path) -> None:
     if "batch_split" in shared:  # the micro-batch size auto_find_batch_size found
         trainer._batch_split.load_state_dict(shared["batch_split"])
         trainer.state.train_batch_size = trainer._batch_split.micro_batch_size
+    trainer.step_guard.load_state_dict(shared.get("guard") or {})
     position = {k: int(v) for k, v in shared["position"].items()}
     if trainer.args.ignore_data_skip:
         # transformers' meaning: keep the epoch count, but start that epoch's data from its beginning.
