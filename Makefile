@@ -28,7 +28,7 @@ demo: setup
 example-classify: setup
 	OMP_NUM_THREADS=2 $(BIN)/python examples/text_classification.py --impl $(IMPL) \
 		--output_dir runs/bbc-news-$(IMPL) --do_train --do_eval --do_predict \
-		--max_train_samples 480 --max_seq_length 128 --num_train_epochs 1 \
+		--max_train_samples 960 --max_seq_length 64 --num_train_epochs 1 \
 		--per_device_train_batch_size 16 --per_device_eval_batch_size 64 \
 		--learning_rate 5e-4 --warmup_steps 0.1 --logging_steps 5 --save_strategy no \
 		--seed 0 --report_to none --use_cpu --disable_tqdm True
@@ -37,8 +37,8 @@ example-classify: setup
 example-clm: setup
 	OMP_NUM_THREADS=2 $(BIN)/python examples/causal_lm.py --impl $(IMPL) \
 		--output_dir runs/smollm2-shakespeare-$(IMPL) --do_train --do_eval --lora \
-		--block_size 256 --max_steps 60 --per_device_train_batch_size 4 --per_device_eval_batch_size 8 \
-		--max_eval_samples 32 --learning_rate 1e-3 --warmup_steps 5 --logging_steps 10 --save_strategy no \
+		--block_size 256 --max_steps 20 --per_device_train_batch_size 1 --per_device_eval_batch_size 4 \
+		--max_eval_samples 8 --learning_rate 1e-3 --warmup_steps 2 --logging_steps 5 --save_strategy no \
 		--seed 0 --report_to none --use_cpu --disable_tqdm True
 
 test: setup
