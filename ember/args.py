@@ -27,6 +27,8 @@ from enum import Enum
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from ember.integrations import TRACKER_NAMES, available_trackers
+
 if TYPE_CHECKING:
     import torch
     from typing_extensions import Self
@@ -105,7 +107,7 @@ SCHEDULER_TYPES: tuple[str, ...] = tuple(m.value for m in SchedulerType)
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(m.value for m in OptimizerNames)
 TRAIN_SAMPLING_STRATEGIES: tuple[str, ...] = ("random", "sequential", "group_by_length")
 TOKENS_SEEN_MODES: tuple[str, ...] = ("no", "all", "non_padding")
-REPORT_TO_BACKENDS: tuple[str, ...] = ("jsonl",)
+REPORT_TO_BACKENDS: tuple[str, ...] = TRACKER_NAMES  # the registry in ember.integrations owns the names
 
 # Fields of transformers 5.24's TrainingArguments that ember does not implement, each with what to do instead.
 # They are real dataclass fields at transformers' defaults (declared at the end of the class), so that a
@@ -195,7 +197,7 @@ _MOVED_FIELDS: dict[str, str] = {
     "per_gpu_train_batch_size": "Use `per_device_train_batch_size`",
     "per_gpu_eval_batch_size": "Use `per_device_eval_batch_size`",
     "overwrite_output_dir": "Remove it; ember writes into `output_dir` and resumes only when asked",
-    "logging_dir": "Remove it; ember logs to `output_dir/logs.jsonl`",
+    "logging_dir": "Remove it (as in transformers 5); for TensorBoard set TENSORBOARD_LOGGING_DIR",
 }
 
 
@@ -886,13 +888,14 @@ def _normalise_report_to(value: str | list[str] | None) -> list[str]:
         if name == "none":
             continue
         if name == "all":
-            out.extend(REPORT_TO_BACKENDS)
+            out.extend(available_trackers())  # installed ones only, as transformers does
         elif name in REPORT_TO_BACKENDS:
             out.append(name)
         else:
             raise ValueError(
                 f"report_to={name!r} is not supported by ember yet.{_suggest(name, REPORT_TO_BACKENDS)} "
-                "Use 'jsonl', 'all' or 'none' in `report_to`, or log from a callback."
+                f"Use {', '.join(map(repr, REPORT_TO_BACKENDS))}, 'all' or 'none' in `report_to`, "
+                "or log from a callback."
             )
     return list(dict.fromkeys(out))
 

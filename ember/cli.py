@@ -67,7 +67,7 @@ _HELP = (
     _USAGE
     + """
   ember train CONFIG.yaml [--FIELD VALUE ...]   train, evaluate, save and sample (--help: every field)
-  ember report RUN_DIR                          summarise RUN_DIR/logs.jsonl
+  ember report RUN_DIR [RUN_DIR ...] [--out DIR]   summarise and plot runs (logs.jsonl) into report.html
 """
 )
 
@@ -383,15 +383,34 @@ def generate_text(model: Any, tokenizer: Any, spec: Mapping[str, Any]) -> str:
 
 
 def _report_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ember report", description="Summarise RUN_DIR/logs.jsonl.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="an output_dir (or its logs.jsonl file)")
+    from ember.report import RunLog, default_out_dir, find_runs, run_names, write_report
+
+    parser = argparse.ArgumentParser(
+        prog="ember report",
+        description="Summarise runs from their logs.jsonl; plot them (overlaid) into one HTML page.",
+    )
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", nargs="+", help="an output_dir, its logs.jsonl, or a folder of runs"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the PNGs and report.html go (default: RUN_DIR/report; "
+        "for several runs, `report` in the folder that holds them)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="print the text summary only")
     ns = parser.parse_args(argv)
-    path = Path(ns.run_dir)
-    path = path / "logs.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; point to the output_dir of a run (it holds logs.jsonl).")
-    records = read_logs(path)
-    print(format_report(records, str(path)))
+    logs = find_runs(ns.run_dir)
+    runs = []
+    for log, name in zip(logs, run_names(logs)):
+        summary = format_report(read_logs(log), str(log))
+        print(f"== {name}\n{summary}\n" if len(logs) > 1 else summary, flush=True)
+        runs.append(RunLog(name, read_logs(log), summary))
+    if ns.no_plots:
+        return 0
+    out = Path(ns.out) if ns.out else default_out_dir(logs)
+    written = write_report(runs, out)
+    print(f"\nwrote {len(written) - 1} plots and {out / 'report.html'}")
     return 0
 
 

@@ -9,7 +9,7 @@ updated batch by batch and memory stays flat in the dataset size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,7 +66,7 @@ class _Accumulator:
         self.offload()
         if not self.cpu_parts:
             return None
-        return _map(lambda *ts: concat_padded(list(ts)).numpy(), *self.cpu_parts)
+        return _map(lambda *ts: _numpy(concat_padded(list(ts))), *self.cpu_parts)
 
 
 def _map(fn: Callable[..., Any], *values: Any) -> Any:
@@ -74,13 +74,17 @@ def _map(fn: Callable[..., Any], *values: Any) -> Any:
     first = values[0]
     if isinstance(first, (tuple, list)):
         return type(first)(_map(fn, *inner) for inner in zip(*values))
-    if isinstance(first, dict):
+    if isinstance(first, Mapping):
         return {k: _map(fn, *(v[k] for v in values)) for k in first}
     return fn(*values)
 
 
-def _to_numpy(value: Any) -> Any:
-    return _map(lambda t: t.detach().cpu().numpy(), value) if value is not None else None
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """`t` as a numpy array; dtypes numpy lacks (bfloat16, float8) become float32 first."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()
+    return t.numpy()
 
 
 def evaluation_loop(
@@ -100,7 +104,8 @@ def evaluation_loop(
     model.eval()
 
     preds, labels, inputs_acc, losses_acc = (_Accumulator(args.eval_accumulation_steps) for _ in range(4))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=strategy.device)
+    # [sum of all losses, sum of finite losses, samples with a finite loss], each sample-weighted.
+    loss_sums = torch.zeros(3, dtype=torch.float64, device=strategy.device)
     num_samples = 0
     metrics: dict[str, Any] = {}
     has_loss = False
@@ -116,7 +121,11 @@ def evaluation_loop(
         if loss is not None:
             # transformers weights each batch's mean loss by its sample count; so do we.
             if not padding:
-                loss_sum += loss.detach().double() * batch_size
+                weighted = loss.detach().double() * batch_size
+                finite = torch.isfinite(weighted)
+                loss_sums += torch.stack(
+                    [weighted, torch.where(finite, weighted, 0.0), finite.double() * batch_size]
+                )
             has_loss = True
         num_samples += 0 if padding else batch_size
         outputs, rows_left = _gathered(
@@ -134,8 +143,16 @@ def evaluation_loop(
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         outputs = (logits, batch_labels, batch_inputs, batch_losses)
         if batch_metrics:
-            pred = EvalPrediction(*(_to_numpy(v) for v in outputs))
-            metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+            # As transformers: the batch's tensors as they are (torch metric code runs on them), and
+            # `inputs` is the whole batch; no call for a batch without logits or labels.
+            if logits is not None and batch_labels is not None:
+                pred = EvalPrediction(
+                    logits,
+                    batch_labels,
+                    batch if want_inputs else None,
+                    batch_losses if want_losses else None,
+                )
+                metrics = trainer.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
         elif not loss_only:
             for acc, value in zip((preds, labels, inputs_acc, losses_acc), outputs):
                 acc.add(value)
@@ -151,9 +168,19 @@ def evaluation_loop(
         pred = EvalPrediction(all_preds, all_labels, inputs_acc.result(), losses_acc.result())
         metrics = trainer.compute_metrics(pred)
     num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))
-    mean_loss = float(strategy.all_reduce_sum(loss_sum)) / num_samples if has_loss and num_samples else None
+    mean_loss = _mean_loss(strategy.all_reduce_sum(loss_sums), num_samples, args.logging_nan_inf_filter)
+    mean_loss = mean_loss if has_loss else None
     metrics = _prefixed(metrics, mean_loss, metric_key_prefix)
     return EvalLoopOutput(all_preds, all_labels, metrics, num_samples)
+
+
+def _mean_loss(sums: torch.Tensor, num_samples: int, filter_nan_inf: bool) -> float | None:
+    """The sample-weighted mean loss; with the NaN/inf filter, over the finite batches only
+    (when there is one), as transformers computes `eval_loss`."""
+    total, finite_total, finite_samples = (float(x) for x in sums)
+    if filter_nan_inf and finite_samples > 0:
+        return finite_total / finite_samples
+    return total / num_samples if num_samples else None
 
 
 def _gathered(
@@ -203,7 +230,7 @@ def _rows(*values: Any) -> int:
     for value in values:
         if isinstance(value, torch.Tensor):
             return int(value.shape[0]) if value.dim() else 1
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             value = list(value.values())
         if isinstance(value, (tuple, list)) and value:
             rows = _rows(*value)
@@ -217,7 +244,7 @@ def _first_rows(value: Any, n: int) -> Any:
 
 
 def _batch_size(batch: Any) -> int:
-    for value in batch.values() if isinstance(batch, dict) else batch:
+    for value in batch.values() if isinstance(batch, Mapping) else batch:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
         if isinstance(value, list):
@@ -263,7 +290,7 @@ def _is_tensors(value: Any) -> bool:
 
 
 def logits_without(outputs: Any, ignore: list[str]) -> Any:
-    if isinstance(outputs, dict):
+    if isinstance(outputs, Mapping):
         # Caches (past_key_values) and other non-tensors are not predictions.
         values = tuple(v for k, v in outputs.items() if k not in ignore and k != "loss" and _is_tensors(v))
     elif isinstance(outputs, (tuple, list)):

@@ -67,6 +67,8 @@ def run_optimizer_step(
     trainer.control = cb.on_pre_optimizer_step(args, state, trainer.control)
     precision.step(optimizer)
     trainer.control = cb.on_optimizer_step(args, state, trainer.control)
+    # The step log reports the rate this update used, as transformers does (read before it moves).
+    trainer._step_lr = float(optimizer.param_groups[0]["lr"])
     if not precision.step_was_skipped() and not trainer.scheduler_waits_for_metrics:
         trainer.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -78,9 +80,9 @@ class LossTracker:
 
     Each step only appends its (detached) loss to a list: no kernel, no sync. At log time the
     step losses are stacked, summed across ranks, and averaged; with transformers' NaN/inf
-    filter on, a non-finite step counts as the mean of the finite ones. `total` is what
-    `train_loss` reports and what a checkpoint stores, so a resumed run logs the same train_loss as
-    an uninterrupted one.
+    filter on, a non-finite step adds the running sum of its window divided by (steps before
+    it + 1). `total` is what `train_loss` reports and what a checkpoint stores, so a resumed run
+    logs the same train_loss as an uninterrupted one.
     """
 
     def __init__(self, device: torch.device, filter_nan_inf: bool) -> None:
@@ -105,9 +107,12 @@ class LossTracker:
         steps = len(self.pending)
         self.pending = []
         if self.filter:
-            finite = torch.isfinite(losses)
-            count = int(finite.sum())
-            mean = float(torch.where(finite, losses, 0.0).sum()) / count if count else math.nan
+            # transformers' rule: a non-finite step adds the mean of this window so far (steps
+            # before it), so a window of only non-finite steps logs 0.0, never nan.
+            window = 0.0
+            for i, value in enumerate(losses.tolist()):
+                window += value if math.isfinite(value) else window / (1 + i)
+            mean = window / steps
         else:
             mean = float(losses.mean())
         self.total += mean * steps

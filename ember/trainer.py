@@ -8,12 +8,14 @@ in the precision object. The trainer never asks which backend or precision it ru
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,8 +40,11 @@ from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from .precision import build_precision
 from .preemption import PreemptionWatcher, TrainingPreempted
 from .state import TrainerControl, TrainerState
-from .throughput import Throughput, device_peak_flops, model_flops_per_token
+from .throughput import Throughput, count_parameters, device_peak_flops, model_flops_per_token
 from .utils import enable_full_determinism, set_seed, to_device
+
+if TYPE_CHECKING:
+    from .search import BestRun
 
 logger = logging.getLogger("ember")
 
@@ -50,6 +55,9 @@ class Trainer:
     #: Signals that make train() checkpoint at the end of the current step and exit; add
     #: `signal.SIGUSR1` for schedulers that warn with it.
     preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
+    #: Set while hyperparameter_search runs ("optuna"), and the objective of the current trial.
+    hp_search_backend: str | None = None
+    objective: Any = None
 
     def __init__(
         self,
@@ -100,6 +108,8 @@ class Trainer:
         self._checkpoint_writer = CheckpointWriter(async_=self.args.save_async)
         self._train_batch_sampler: Any = None
         self._last_logged_step = 0
+        self._current_flos = 0.0
+        self._step_lr = 0.0
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
@@ -271,6 +281,7 @@ class Trainer:
         self._position = {"epoch": 0, "step_in_epoch": 0}
         self._loss = loop.LossTracker(self.strategy.device, self.args.logging_nan_inf_filter)
         self._last_logged_step = 0
+        self._current_flos = 0.0
         model = self.strategy.unwrap(self.model_wrapped)
         self._throughput = Throughput(
             self.args.flops_per_token or model_flops_per_token(model),
@@ -294,6 +305,7 @@ class Trainer:
         self.state.global_step += 1
         self._position["step_in_epoch"] += 1
         self._throughput.add(micro_batches)
+        self._current_flos += float(sum(self.floating_point_ops(b) for b in micro_batches))
         steps = plan.steps_per_epoch
         self.state.epoch = epoch + (self._position["step_in_epoch"] / steps if steps else 0.0)
         if self.args.include_num_input_tokens_seen not in ("no", False):
@@ -370,9 +382,11 @@ class Trainer:
             logs: dict[str, float] = {"loss": self._loss.pop_mean(self.strategy.all_reduce_sum)}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
-            logs["learning_rate"] = self._current_lr()
-            logs.update(self._throughput.rates(self.strategy.all_reduce_sum))
+            # As transformers: the rate this step's update used, read before the scheduler stepped.
+            logs["learning_rate"] = self._step_lr
+            self._transient_logs = self._throughput.rates(self.strategy.all_reduce_sum)
             self._last_logged_step = self.state.global_step
+            self.store_flos()
             self.log(logs)
         metrics = None
         if self.control.should_evaluate:
@@ -383,9 +397,6 @@ class Trainer:
         if self.control.should_save:
             self._save_checkpoint(metrics)
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-
-    def _current_lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
     def _evaluate(self, trial: Any, ignore_keys: list[str] | None) -> dict[str, float]:
         metrics = self.evaluate(ignore_keys=ignore_keys)
@@ -422,12 +433,21 @@ class Trainer:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
         from .checkpoint.training import save_checkpoint
 
+        self.store_flos()
         save_checkpoint(self)
 
     def _resume(self, checkpoint: str | bool) -> None:
         from .checkpoint.training import resume
 
         resume(self, checkpoint)
+
+    def _keep_only_best_checkpoint(self) -> None:
+        """As transformers: with save_total_limit=1, a finished run leaves only the best checkpoint."""
+        from .checkpoint.rotation import keep_only
+
+        if self.strategy.is_main:
+            keep_only(self.args.output_dir, Path(str(self.state.best_model_checkpoint)))
+        self.strategy.barrier()
 
     def _exit_preempted(self) -> None:
         self._checkpoint_writer.wait()
@@ -451,6 +471,8 @@ class Trainer:
                 self.state.best_metric,
             )
             self.strategy.load_model_weights(self.model_wrapped, Path(self.state.best_model_checkpoint))
+        if self.args.save_total_limit == 1 and self.state.best_model_checkpoint is not None:
+            self._keep_only_best_checkpoint()
         if self._loss.steps_since_log:
             self._loss.pop_mean(self.strategy.all_reduce_sum)
         train_loss = self._loss.total / max(self._loss.total_steps, 1)
@@ -461,6 +483,7 @@ class Trainer:
             num_samples=plan.num_samples_seen(self.state.global_step),
             num_steps=self.state.global_step,
         )
+        self.store_flos()
         metrics["total_flos"] = float(self.state.total_flos)
         metrics["train_loss"] = train_loss
         metrics["epoch"] = float(self.state.epoch or 0.0)
@@ -469,12 +492,156 @@ class Trainer:
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Record `logs` in `state.log_history` and hand them to the callbacks' `on_log`.
+
+        A step log's wall-clock figures (samples/s, tokens/s, MFU; set aside by the loop) go to
+        `on_log` only: trackers and the progress bar show them, while the history keeps what two
+        identical runs, or a resumed and an uninterrupted one, agree on.
+        """
+        transient = self.__dict__.pop("_transient_logs", None)
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
         if self.args.include_num_input_tokens_seen not in ("no", False):
             logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.state.log_history.append({**logs, "step": self.state.global_step})
-        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+        shown = {**logs, **transient} if transient else logs
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, shown)
+
+    def store_flos(self) -> None:
+        """Add the FLOPs counted since the last call, summed over ranks, to `state.total_flos`."""
+        flos = torch.tensor(self._current_flos, dtype=torch.float64)
+        self.state.total_flos += float(self.strategy.all_reduce_sum(flos))
+        self._current_flos = 0.0
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Forward + backward FLOPs of one micro-batch: 6 x parameters x tokens of the main input.
+
+        transformers models count their non-embedding parameters; a plain module counts all of
+        them. A batch without the model's main input (`main_input_name`, default input_ids)
+        counts 0, as in transformers. Override this for a better estimate.
+        """
+        model = self.strategy.unwrap(self.model_wrapped)
+        ids = inputs.get(getattr(model, "main_input_name", "input_ids"))
+        if not isinstance(ids, torch.Tensor):
+            return 0
+        cached = self.__dict__.get("_flops_params")
+        if cached is None or cached[0] is not model:
+            cached = self.__dict__["_flops_params"] = (model, count_parameters(model))
+        return 6 * ids.numel() * cached[1]
+
+    # -- transformers' script helpers -----------------------------------------------------------------
+    def is_world_process_zero(self) -> bool:
+        return self.strategy.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.strategy.is_local_main
+
+    def metrics_format(self, metrics: dict[str, float]) -> dict[str, Any]:
+        from .reporting import metrics_format
+
+        return metrics_format(metrics)
+
+    def log_metrics(self, split: str, metrics: dict[str, float]) -> None:
+        """Print `metrics` as an aligned table headed by `split` (main process only)."""
+        from .reporting import metrics_table
+
+        if self.is_world_process_zero():
+            print(metrics_table(split, metrics))
+
+    def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
+        """Write `output_dir/{split}_results.json`; with `combined`, merge into `all_results.json`."""
+        if not self.is_world_process_zero():
+            return
+        folder = Path(self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / f"{split}_results.json", metrics)
+        if combined:
+            merged_path = folder / "all_results.json"
+            merged = json.loads(merged_path.read_text(encoding="utf-8")) if merged_path.exists() else {}
+            merged.update(metrics)
+            _write_json(merged_path, merged)
+
+    def save_state(self) -> None:
+        """Write `output_dir/trainer_state.json` (main process only)."""
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write a draft `output_dir/README.md`: names, hyperparameters and the results table.
+
+        Local only: nothing is looked up or pushed to a hub.
+        """
+        from .reporting import model_card
+
+        if not self.is_world_process_zero():
+            return
+        text = model_card(
+            self,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        Path(self.args.output_dir, "README.md").write_text(text, encoding="utf-8")
+
+    def num_examples(self, dataloader: Any) -> int:
+        """Samples in `dataloader`'s dataset, or batches x batch size when it has no length."""
+        try:
+            return len(dataloader.dataset)
+        except (AttributeError, TypeError):
+            return len(dataloader) * self.args.per_device_train_batch_size
+
+    def num_tokens(self, train_dl: Any, max_steps: int | None = None) -> int:
+        """Tokens of `input_ids` in `train_dl` (only its first `max_steps` x GA batches if given)."""
+        limit = None if max_steps is None else max_steps * self.args.gradient_accumulation_steps
+        total = 0
+        for i, batch in enumerate(train_dl):
+            if limit is not None and i >= limit:
+                break
+            ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+            if isinstance(ids, torch.Tensor):
+                total += ids.numel()
+        return total
+
+    def get_num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def get_learning_rates(self) -> list[float]:
+        return [group["lr"] for group in self._require_optimizer().param_groups]
+
+    def get_optimizer_group(self, param: str | torch.nn.Parameter | None = None) -> Any:
+        """The parameter group holding `param`, or every group's parameter list when None."""
+        optimizer = self._require_optimizer()
+        if param is not None:
+            for group in optimizer.param_groups:
+                if any(p is param for p in group["params"]):
+                    return group
+        return [group["params"] for group in optimizer.param_groups]
+
+    def _require_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise ValueError(
+                "The trainer has no optimizer yet; call train() or create_optimizer() before asking for it."
+            )
+        return self.optimizer
 
     # -- evaluation ----------------------------------------------------------------------------------
     def model_for_eval(self) -> nn.Module:
@@ -550,6 +717,27 @@ class Trainer:
                 self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
             )
 
+    # -- hyperparameter search -----------------------------------------------------------------------
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], Any] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> BestRun | list[BestRun]:
+        """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
+        with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
+        `direction` is a list). `backend`: "optuna" (default) or "ray". `kwargs` go to the backend
+        (optuna: `create_study` and `optimize`; ray: `tune.run`). See `ember.search`."""
+        from .search import hyperparameter_search
+
+        return hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )
+
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         self.callback_handler.add_callback(callback)
@@ -572,6 +760,10 @@ def _check_constructor(
     if cls_kwargs is not None and optimizers[0] is not None:
         raise ValueError("Pass either `optimizers` or `optimizer_cls_and_kwargs`, not both.")
     check_eval_dataset(args, eval_dataset is not None)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _is_iterable(dataset: Any) -> bool:

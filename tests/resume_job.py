@@ -52,7 +52,7 @@ def job_args(output_dir: str, **overrides: object) -> TrainingArguments:
         save_steps=2,
         logging_steps=3,
         dataloader_num_workers=2,
-        report_to="none",
+        report_to="jsonl",  # the test waits for logs.jsonl to know training has started
         disable_tqdm=True,
         use_cpu=True,
         seed=7,

@@ -35,7 +35,7 @@ def tiny_job(tmp: Path, **args: Any) -> dict[str, Any]:
             "eval_strategy": "steps",
             "eval_steps": 2,
             "save_strategy": "no",
-            "report_to": "none",
+            "report_to": "jsonl",  # `ember report` reads logs.jsonl
             "disable_tqdm": True,
             "prediction_loss_only": True,
             **args,

@@ -8,11 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ember.args import REPORT_TO_BACKENDS as SUPPORTED_REPORT_TO
+from ember.args import _normalise_report_to
 from ember.callbacks.early_stopping import EarlyStoppingCallback
 from ember.callbacks.events import EVENTS, EventRecorder, TrainerCallback, check_events
 from ember.callbacks.flow import DefaultFlowCallback
 from ember.callbacks.handler import CallbackHandler
 from ember.callbacks.progress import PrinterCallback, ProgressCallback
+from ember.integrations import TRACKERS
 from ember.state import (
     ExportableState,
     TrainerControl,
@@ -41,49 +44,34 @@ __all__ = [
     "restore_callback_states",
 ]
 
-# Trackers ember ships so far; "all" means all of these, "none" none of them.
-SUPPORTED_REPORT_TO = ("jsonl",)
-
 
 def normalize_report_to(report_to: str | Iterable[str] | None) -> list[str]:
-    """``report_to`` as a list of tracker names: None/"none" -> [], "all" -> every supported one.
+    """``report_to`` as a list of tracker names: None/"none" -> [], "all" -> every installed one.
 
-    Raises ValueError naming ``report_to`` for a tracker ember does not ship yet.
+    The rules (and the error naming an unsupported tracker) live with `TrainingArguments`, which
+    already normalises ``args.report_to``; this is for code that holds a raw value.
     """
-    if report_to is None:
-        return []
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
-    if "none" in names:
-        return []
-    if "all" in names:
-        return list(SUPPORTED_REPORT_TO)
-    unknown = [name for name in names if name not in SUPPORTED_REPORT_TO]
-    if unknown:
-        raise ValueError(
-            f"report_to={unknown} is not supported by ember yet; use one of "
-            f"{['none', 'all', *SUPPORTED_REPORT_TO]} (the JSONL log is always written)."
-        )
-    return list(dict.fromkeys(names))
+    names = report_to if report_to is None or isinstance(report_to, str) else list(report_to)
+    return _normalise_report_to(names)
 
 
 def build_callbacks(args: Any, user_callbacks: Iterable[Any] | None = None) -> list[Any]:
     """The callbacks a Trainer starts with: defaults first, then the user's, in their order.
 
-    Defaults: `DefaultFlowCallback`, then `PrinterCallback` if ``args.disable_tqdm`` else
-    `ProgressCallback`, then `JsonlLoggerCallback`. The JSONL log is ember's embedded tracker and
-    is always on, even with ``report_to="none"`` (it costs one small file append per log), unless
-    the user passes their own `JsonlLoggerCallback`. ``args.report_to`` is still validated, so an
-    unsupported tracker name fails here, before training starts. Classes in `user_callbacks` are
+    Defaults, as transformers: `DefaultFlowCallback`, then `PrinterCallback` if
+    ``args.disable_tqdm`` else `ProgressCallback`; then one callback per tracker in
+    ``args.report_to`` (``"jsonl"`` adds `JsonlLoggerCallback`, unless the user passes their own).
+    ``report_to="none"`` adds nothing and writes no file. Classes in `user_callbacks` are
     instantiated.
     """
-    from ember.integrations.jsonl import JsonlLoggerCallback
-
-    normalize_report_to(getattr(args, "report_to", None))
+    trackers = normalize_report_to(getattr(args, "report_to", None))
     user = [cb() if isinstance(cb, type) else cb for cb in (user_callbacks or ())]
     callbacks: list[Any] = [
         DefaultFlowCallback(),
         PrinterCallback() if getattr(args, "disable_tqdm", False) else ProgressCallback(),
     ]
-    if not any(isinstance(cb, JsonlLoggerCallback) for cb in user):
-        callbacks.append(JsonlLoggerCallback())
+    for name in trackers:
+        tracker_cls = TRACKERS[name].load()
+        if not any(isinstance(cb, tracker_cls) for cb in callbacks + user):
+            callbacks.append(tracker_cls())
     return callbacks + user

@@ -6,6 +6,7 @@ Both write on the world process zero only, so a multi-process run prints each li
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from ember.callbacks.events import TrainerCallback
@@ -39,15 +40,23 @@ def _tokens_per_second(logs: dict[str, Any]) -> float | None:
 
 class ProgressCallback(TrainerCallback):
     """A tqdm bar over ``state.max_steps`` (steps, rate, ETA), its postfix showing the latest loss,
-    learning rate, grad norm and tokens/s (when the logs carry a ``*tokens_per_second`` value),
-    and a second bar over the eval batches while evaluating. Each log dict is also written above
-    the bar. Long strings in logs are cut to `max_str_len` characters."""
+    learning rate, grad norm and tokens/s (when the logs carry a ``*tokens_per_second`` value).
+    Each log dict is also written above the bar. Long strings in logs are cut to `max_str_len`
+    characters.
+
+    Evaluation during training shows its progress as the training bar's description
+    (``eval 3/10``) instead of a second bar: a second bar moves the cursor up and down with escape
+    sequences, which litter a piped or redirected log with ``[A`` and tear the training line in
+    some terminals. `evaluate()` or `predict()` outside training get a bar of their own.
+    """
 
     def __init__(self, max_str_len: int = 100) -> None:
         self.max_str_len = max_str_len
         self.training_bar: Any = None
         self.prediction_bar: Any = None
         self.current_step = 0
+        self._eval_done = 0
+        self._eval_refreshed_at = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
@@ -67,30 +76,45 @@ class ProgressCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not _has_length(eval_dataloader):
             return
+        if self.training_bar is not None:
+            self._show_eval_on_training_bar(len(eval_dataloader))
+            return
         if self.prediction_bar is None:
             from tqdm.auto import tqdm
 
-            self.prediction_bar = tqdm(
-                total=len(eval_dataloader), leave=self.training_bar is None, dynamic_ncols=True
-            )
+            self.prediction_bar = tqdm(total=len(eval_dataloader), dynamic_ncols=True)
         self.prediction_bar.update(1)
 
-    def _close_prediction_bar(self) -> None:
+    def _show_eval_on_training_bar(self, total: int) -> None:
+        self._eval_done += 1
+        bar = self.training_bar
+        bar.set_description_str(f"eval {self._eval_done}/{total}", refresh=False)
+        # Redrawn at tqdm's own pace (mininterval), like update() would, plus the first and last batch.
+        now = time.monotonic()
+        if self._eval_done in (1, total) or now - self._eval_refreshed_at >= bar.mininterval:
+            bar.refresh()
+            self._eval_refreshed_at = now
+
+    def _end_eval(self) -> None:
         if self.prediction_bar is not None:
             self.prediction_bar.close()
             self.prediction_bar = None
+        if self._eval_done and self.training_bar is not None:
+            self.training_bar.set_description_str("", refresh=False)  # the next write/update redraws
+        self._eval_done = 0
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._close_prediction_bar()
+        self._end_eval()
 
     def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._close_prediction_bar()
+        self._end_eval()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         if self.training_bar is None or not logs:
             return
+        self._end_eval()  # evaluate() logs its metrics before on_evaluate fires
         postfix = {short: _short(logs[key], self.max_str_len) for key, short in _POSTFIX_KEYS if key in logs}
         tokens_per_second = _tokens_per_second(logs)
         if tokens_per_second is not None:

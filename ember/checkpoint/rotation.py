@@ -13,7 +13,7 @@ from .atomic import is_complete_checkpoint, sorted_checkpoints
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["remove_stale_tmp", "rotate_checkpoints", "sorted_checkpoints"]
+__all__ = ["keep_only", "remove_stale_tmp", "rotate_checkpoints", "sorted_checkpoints"]
 
 # `checkpoint-N.tmp` (a write in progress when the process died) and `checkpoint-N.replaced.tmp`
 # (the old folder of a re-saved step). Nothing else in output_dir is ours to delete.
@@ -41,12 +41,14 @@ def rotate_checkpoints(
     save_total_limit: int | None,
     keep: Iterable[str | os.PathLike[str]] = (),
 ) -> list[Path]:
-    """Keep the newest `save_total_limit` complete checkpoints plus those in `keep`; return the deleted.
+    """Delete the oldest complete checkpoints until `save_total_limit` are left; return the deleted.
 
-    The best model (passed in `keep`) never counts against the limit, so a limit of N always leaves
-    the N newest checkpoints to resume from, plus the best one when it is older. Incomplete
-    `checkpoint-N` folders are neither counted nor deleted: they are not ours to judge. `None` or a
-    limit <= 0 keeps everything. Stale `*.tmp` folders are removed either way.
+    transformers' counting: the newest checkpoint (to resume from) and those in `keep` (the best
+    model) are never deleted, and they count against the limit, so `save_total_limit=2` with an
+    older best leaves exactly the best and the newest; a limit smaller than the protected set
+    leaves just the protected ones. Incomplete `checkpoint-N` folders are neither counted nor
+    deleted: they are not ours to judge. `None` or a limit <= 0 keeps everything. Stale `*.tmp`
+    folders are removed either way.
     """
     remove_stale_tmp(output_dir)
     if save_total_limit is None or save_total_limit <= 0:
@@ -55,9 +57,24 @@ def rotate_checkpoints(
     if len(complete) <= save_total_limit:
         return []
     kept_paths = {Path(p).resolve() for p in keep}
-    survivors = set(complete[-save_total_limit:]) | {p for p in complete if p.resolve() in kept_paths}
-    deleted = [p for p in complete if p not in survivors]
+    protected = {complete[-1]} | {p for p in complete if p.resolve() in kept_paths}
+    excess = len(complete) - max(save_total_limit, len(protected))
+    deleted = [p for p in complete if p not in protected][: max(excess, 0)]
     for path in deleted:
         logger.info("Deleting older checkpoint %s (save_total_limit=%d).", path, save_total_limit)
         shutil.rmtree(path, ignore_errors=True)
     return deleted
+
+
+def keep_only(output_dir: str | os.PathLike[str], keep: str | os.PathLike[str]) -> list[Path]:
+    """Delete every complete checkpoint in `output_dir` but `keep`; return the deleted.
+
+    For the end of a run with `save_total_limit=1` and a best model, where transformers leaves
+    the best checkpoint alone. Incomplete folders are left, as in `rotate_checkpoints`.
+    """
+    kept = Path(keep).resolve()
+    doomed = [p for p in sorted_checkpoints(output_dir) if is_complete_checkpoint(p) and p.resolve() != kept]
+    for path in doomed:
+        logger.info("Deleting checkpoint %s (save_total_limit=1 keeps only the best).", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

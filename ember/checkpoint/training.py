@@ -235,6 +235,23 @@ def _warn_on_changed_shape(trainer: Trainer, folder: Path, shared: dict[str, Any
         )
 
 
+def _keep_saved_intervals(trainer: Trainer, saved: TrainerState, folder: Path) -> None:
+    """As transformers: the checkpoint's logging/eval/save intervals go on; say so when args differ."""
+    for kind in ("logging_steps", "eval_steps", "save_steps"):
+        old, new = getattr(saved, kind), getattr(trainer.state, kind)
+        if old != new:
+            logger.warning(
+                "Resuming from %s: %s is %s in the checkpoint and %s in the arguments; the run goes on "
+                "with the checkpoint's %s (as transformers does). Start a new run to change it.",
+                folder,
+                kind,
+                old,
+                new,
+                old,
+            )
+            setattr(trainer.state, kind, old)
+
+
 def save_checkpoint(trainer: Trainer) -> None:
     """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
     final = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
@@ -271,6 +288,7 @@ def resume(trainer: Trainer, checkpoint: str | bool) -> None:
     else:
         folder = load_checkpoint_dir(str(checkpoint))
     saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))
+    _keep_saved_intervals(trainer, saved, folder)
     for name in (
         "epoch",
         "global_step",

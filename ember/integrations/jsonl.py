@@ -1,7 +1,7 @@
 """`JsonlLoggerCallback`: every log entry as one JSON line in ``output_dir/logs.jsonl``.
 
-This is ember's built-in tracker: always on, no dependency, and readable by ``ember report``,
-pandas (``pd.read_json(path, lines=True)``) or ``jq``.
+This is ember's built-in tracker (``report_to="jsonl"``, included in ``"all"``): no dependency,
+and readable by ``ember report``, pandas (``pd.read_json(path, lines=True)``) or ``jq``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from ember.callbacks import (
     normalize_report_to,
 )
 from ember.callbacks.events import TimelineError, matches_timeline, timeline_grammar
+from ember.integrations import available_trackers
 from ember.integrations.jsonl import JsonlLoggerCallback
 from ember.state import TrainerControl, TrainerState
 
@@ -299,14 +300,15 @@ def test_grammar_only_names_known_events():
 def test_build_callbacks_defaults_then_user():
     user = EarlyStoppingCallback()
     cbs = build_callbacks(_args(disable_tqdm=False, report_to="none"), [user])
-    # JSONL stays on with report_to="none": it is the embedded tracker.
-    assert [type(cb) for cb in cbs] == [
-        DefaultFlowCallback,
-        ProgressCallback,
-        JsonlLoggerCallback,
-        EarlyStoppingCallback,
-    ]
-    assert cbs[3] is user
+    # As transformers: report_to="none" means flow + progress and nothing else.
+    assert [type(cb) for cb in cbs] == [DefaultFlowCallback, ProgressCallback, EarlyStoppingCallback]
+    assert cbs[2] is user
+    for report_to in ("jsonl", ["jsonl"]):
+        cbs = build_callbacks(_args(disable_tqdm=True, report_to=report_to), [])
+        assert [type(cb) for cb in cbs] == [DefaultFlowCallback, PrinterCallback, JsonlLoggerCallback]
+    # "all": jsonl first, then every installed tracker (the registry's order).
+    cbs = build_callbacks(_args(disable_tqdm=True, report_to="all"), [])
+    assert [type(cb) for cb in cbs[:3]] == [DefaultFlowCallback, PrinterCallback, JsonlLoggerCallback]
 
 
 def test_build_callbacks_printer_and_no_duplicate_jsonl():
@@ -323,9 +325,10 @@ def test_build_callbacks_printer_and_no_duplicate_jsonl():
 
 def test_report_to_normalisation_and_errors():
     assert normalize_report_to(None) == [] and normalize_report_to("none") == []
-    assert normalize_report_to("all") == ["jsonl"] and normalize_report_to(["jsonl", "jsonl"]) == ["jsonl"]
-    with pytest.raises(ValueError, match=r"report_to=.*wandb"):
-        build_callbacks(_args(report_to=["wandb"]), [])
+    assert normalize_report_to("all") == available_trackers()
+    assert normalize_report_to(["jsonl", "jsonl"]) == ["jsonl"]
+    with pytest.raises(ValueError, match=r"report_to=.*comet_ml"):
+        build_callbacks(_args(report_to=["comet_ml"]), [])
 
 
 def test_deepcopy_and_pickle_give_an_independent_working_handler():

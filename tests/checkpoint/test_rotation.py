@@ -36,9 +36,10 @@ def test_sorted_checkpoints_is_numeric(tmp_path: Path) -> None:
         (1, (), [4]),
         (1, (2,), [2, 4]),  # best older than newest: both survive
         (1, (4,), [4]),
-        # The best never counts against the limit: the N newest stay resumable, plus the best.
-        (2, (1,), [1, 3, 4]),
-        (3, (1,), [1, 2, 3, 4]),
+        # As transformers: the best and the newest count against the limit.
+        (2, (1,), [1, 4]),
+        (3, (1,), [1, 3, 4]),
+        (2, (4,), [3, 4]),
         (None, (), [1, 2, 3, 4]),
         (0, (), [1, 2, 3, 4]),
         (10, (), [1, 2, 3, 4]),
