@@ -12,7 +12,8 @@ model card. `--impl transformers` runs it on transformers' Trainer instead of em
 changes which `Trainer`/`TrainingArguments` are imported.
 
     python examples/text_classification.py --output_dir runs/bbc --do_train --do_eval --do_predict \
-        --num_train_epochs 1 --learning_rate 1e-4 --per_device_train_batch_size 16 [--impl transformers]
+        --max_train_samples 480 --num_train_epochs 1 --learning_rate 5e-4 --warmup_steps 0.1 \
+        --per_device_train_batch_size 16 --save_strategy no --report_to none [--impl transformers]
 
 (`make example-classify` runs the settings the README reports.)
 """
