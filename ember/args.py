@@ -346,8 +346,16 @@ class TrainingArguments:
     local_rank: int = _f(-1, "Rank of this process on its machine, from the launcher; -1 if not distributed.")
     # --- ember only ---
     save_async: bool = _f(False, "Write checkpoints in a background thread while training goes on.")
+    verify_checkpoints: bool = _f(False, "On resume, re-hash every checkpoint file against its manifest.")
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
+    chunked_loss: bool = _f(
+        False,
+        "Causal LMs: compute the training loss from the last hidden states and the output head in chunks "
+        "of `loss_chunk_size` tokens, never holding the full logits (same loss and gradients). Falls back "
+        "to the plain loss, with a notice, where it cannot apply.",
+    )
+    loss_chunk_size: int = _f(1024, "Tokens per chunk of the chunked loss (chunked_loss=True).")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     average_tokens_across_devices: bool = _f(True, "Not supported by ember (it always averages); leave True.")
@@ -964,6 +972,7 @@ def _check_ranges(args: TrainingArguments) -> None:
     _at_least(args, "save_total_limit", 1, "use None to keep every checkpoint", optional=True)
     _at_least(args, "eval_accumulation_steps", 1, "use None to keep predictions on the device", optional=True)
     _at_least(args, "dataloader_num_workers", 0, "use 0 to load data in the main process")
+    _at_least(args, "loss_chunk_size", 1, "use a few hundred to a few thousand tokens, e.g. 1024")
     for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
         value = getattr(args, name)
         if not 0 <= value < 1:

@@ -1,5 +1,12 @@
 """Throughput in the logs: tokens/s, samples/s and, when FLOPs and the device peak are known, MFU.
 
+Three token counts, because padding makes them differ: `tokens_per_second` counts every input
+position (padding included, as transformers' figure does); `real_tokens_per_second` counts the
+target tokens the loss trains on (labels != -100 after the causal shift; without token labels,
+the non-padding inputs); MFU counts the non-padding inputs (attention_mask), since compute spent
+on padding is not model work. Packed rows (`position_ids` restarting, no attention mask) count one
+sample per restart.
+
 Counting happens on the CPU batch (shapes only), so it costs a few attribute reads per step and
 never synchronises with the device. Rates are taken between two log lines, so they describe the
 recent steps, not the average since start.
@@ -12,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .loss import count_targets
 
 # Dense peak FLOP/s per device for bf16/fp16 matmuls (and tf32 for fp32 training), by name fragment.
 # Sources: vendor datasheets (SXM parts; PCIe parts are lower, pass device_peak_flops for those).
@@ -68,9 +77,16 @@ def count_parameters(model: nn.Module) -> int:
 class Throughput:
     """Counts tokens and samples per step; `rates()` turns them into per-second figures at log time."""
 
-    def __init__(self, flops_per_token: float | None, peak_flops: float | None, world_size: int) -> None:
+    def __init__(
+        self,
+        flops_per_token: float | None,
+        peak_flops: float | None,
+        world_size: int,
+        label_shift: bool = False,
+    ) -> None:
         self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
-        self.tokens = 0
+        self.label_shift = label_shift
+        self.tokens = self.real_tokens = self.model_tokens = 0
         self.samples = 0
         self.since = time.perf_counter()
 
@@ -78,27 +94,48 @@ class Throughput:
         for batch in micro_batches:
             ids = batch.get("input_ids")
             if isinstance(ids, torch.Tensor):
+                mask = batch.get("attention_mask")
+                nonpad = int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
                 self.tokens += ids.numel()
-                self.samples += ids.shape[0]
+                self.model_tokens += nonpad
+                self.real_tokens += self._targets(batch, nonpad)
+                self.samples += _samples(batch, ids)
             else:
                 labels = batch.get("labels")
                 if isinstance(labels, torch.Tensor):
                     self.samples += labels.shape[0] if labels.dim() else 1
 
+    def _targets(self, batch: dict[str, Any], nonpad: int) -> int:
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and not labels.is_floating_point():
+            return int(count_targets(batch, self.label_shift))
+        return nonpad
+
     def rates(self, all_reduce_sum: Any) -> dict[str, float]:
         now = time.perf_counter()
         elapsed, self.since = now - self.since, now
-        counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64)
+        counts = torch.tensor(
+            [self.tokens, self.samples, self.real_tokens, self.model_tokens], dtype=torch.float64
+        )
         if self.world_size > 1:
             counts = all_reduce_sum(counts)
-        tokens, samples = float(counts[0]), float(counts[1])
-        self.tokens = self.samples = 0
+        tokens, samples, real, model_tokens = (float(c) for c in counts)
+        self.tokens = self.samples = self.real_tokens = self.model_tokens = 0
         if elapsed <= 0:
             return {}
         out = {"samples_per_second": round(samples / elapsed, 3)}
         if tokens:
             out["tokens_per_second"] = round(tokens / elapsed, 3)
+            out["real_tokens_per_second"] = round(real / elapsed, 3)
             if self.flops_per_token and self.peak_flops:
-                per_device = tokens / elapsed / self.world_size
+                per_device = model_tokens / elapsed / self.world_size
                 out["mfu"] = round(per_device * self.flops_per_token / self.peak_flops, 4)
         return out
+
+
+def _samples(batch: dict[str, Any], ids: torch.Tensor) -> int:
+    """Rows, or for packed rows (restarting position_ids, no attention mask) the examples in them."""
+    positions = batch.get("position_ids")
+    if isinstance(positions, torch.Tensor) and positions.dim() == 2 and batch.get("attention_mask") is None:
+        return int((positions == 0).sum())
+    return int(ids.shape[0])

@@ -218,6 +218,23 @@ class Trainer:
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
+        from .checkpoint.lock import hold_output_dir
+
+        # One writer per output_dir: a second run there is refused before it touches anything.
+        with hold_output_dir(self.args.output_dir, self.strategy):
+            try:
+                return self._train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+            except BaseException:
+                # A save in flight finishes before the lock goes; its error must not hide this one.
+                self._checkpoint_writer.settle()
+                raise
+
+    def _train(
+        self,
+        resume_from_checkpoint: str | bool | None,
+        trial: Any,
+        ignore_keys_for_eval: list[str] | None,
+    ) -> TrainOutput:
         args, cb = self.args, self.callback_handler
         self._start_time = time.perf_counter()
         if self.model_init is not None:
@@ -287,6 +304,7 @@ class Trainer:
             self.args.flops_per_token or model_flops_per_token(model),
             self.args.device_peak_flops or device_peak_flops(self.strategy.device, self.precision.name),
             self.strategy.world_size,
+            label_shift=self.label_shift,
         )
 
     def _epoch_batches(self, loader: Any, epoch: int) -> Any:
@@ -349,6 +367,10 @@ class Trainer:
         With `num_items_in_batch` (the step's target count on all ranks) the result is
         sum-of-target-losses / num_items_in_batch, so micro-batches add up to the exact step mean.
         """
+        if self.args.chunked_loss and not return_outputs:
+            chunked = self._chunked_loss(model, inputs, num_items_in_batch)
+            if chunked is not None:
+                return chunked
         smoothing = self.args.label_smoothing_factor > 0
         labels = (
             inputs.pop("labels") if (smoothing or self.compute_loss_func) and "labels" in inputs else None
@@ -371,6 +393,19 @@ class Trainer:
             if num_items_in_batch is not None:
                 loss = loss * (count_targets(inputs, self.label_shift) / num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _chunked_loss(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor | None:
+        """The chunked causal-LM loss (`chunked_loss=True`), or None where the plain path must run."""
+        from .chunked_loss import chunked_causal_lm_loss, notice_fallback
+
+        if self.compute_loss_func is not None:
+            notice_fallback("a compute_loss_func is given (it needs the logits)")
+            return None
+        return chunked_causal_lm_loss(
+            model, inputs, num_items_in_batch, self.args.loss_chunk_size, self.args.label_smoothing_factor
+        )
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return to_device(inputs, self.strategy.device, non_blocking=True)

@@ -1,16 +1,22 @@
 """A small training job run in a subprocess by the kill/preemption tests.
 
 usage: python -m tests.resume_job OUTPUT_DIR RESULT_FILE [--slow-save SECONDS] [--step-sleep SECONDS]
+       [--pause-at STEP --release FILE] [--save-async] [--save-total-limit N]
+       [--epochs N] [--ready FILE] [--slow-rotate SECONDS]
 
 Trains a dropout model on augmented data (random numbers drawn in __getitem__, two dataloader
 workers, GA=2), saving every 2 steps, always with resume_from_checkpoint=True when a checkpoint
 exists. On completion writes the final parameters and optimizer state to RESULT_FILE.
+With --pause-at, the job writes `FILE.paused` after step STEP and waits until FILE exists.
+With --ready, it writes FILE (holding the step it starts from) once training begins.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -40,6 +46,32 @@ class Sleep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         time.sleep(self.seconds)
+
+
+class Pause(TrainerCallback):
+    """Hold the run after one step until the test says go: a deterministic window for it to act."""
+
+    def __init__(self, step: int, release: str) -> None:
+        self.step, self.release = step, Path(release)
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step != self.step:
+            return
+        Path(f"{self.release}.paused").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not self.release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class Ready(TrainerCallback):
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        # Renamed into place, so a reader never sees it empty.
+        tmp = self.path.with_name(self.path.name + ".part")
+        tmp.write_text(str(state.global_step))
+        os.replace(tmp, self.path)
 
 
 def job_args(output_dir: str, **overrides: object) -> TrainingArguments:
@@ -88,6 +120,13 @@ def main() -> None:
     parser.add_argument("result")
     parser.add_argument("--slow-save", type=float, default=0.0)
     parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--pause-at", type=int, default=0)
+    parser.add_argument("--release", default="")
+    parser.add_argument("--save-async", action="store_true")
+    parser.add_argument("--save-total-limit", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--ready", default="")
+    parser.add_argument("--slow-rotate", type=float, default=0.0)
     opts = parser.parse_args()
     if opts.slow_save:
         # Widen the window in which a kill lands mid-save (the test's own slowdown, not ember's).
@@ -100,7 +139,28 @@ def main() -> None:
             time.sleep(opts.slow_save)
 
         training.write_snapshot = slow
-    trainer = make_trainer(opts.output_dir, step_sleep=opts.step_sleep)
+    if opts.slow_rotate:
+        # Widen the window between renaming a rotated checkpoint away and removing it.
+        from ember.checkpoint import rotation
+
+        fsync_dir = rotation.fsync_dir
+
+        def slow_fsync(path):  # type: ignore[no-untyped-def]
+            fsync_dir(path)
+            time.sleep(opts.slow_rotate)
+
+        rotation.fsync_dir = slow_fsync
+    trainer = make_trainer(
+        opts.output_dir,
+        step_sleep=opts.step_sleep,
+        save_async=opts.save_async,
+        save_total_limit=opts.save_total_limit,
+        num_train_epochs=opts.epochs,
+    )
+    if opts.ready:
+        trainer.add_callback(Ready(opts.ready))
+    if opts.pause_at:
+        trainer.add_callback(Pause(opts.pause_at, opts.release))
     resume = get_last_checkpoint(opts.output_dir) is not None
     out = trainer.train(resume_from_checkpoint=True if resume else None)
     state = final_state(trainer)

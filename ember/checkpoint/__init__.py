@@ -11,6 +11,7 @@ from .atomic import (
     load_checkpoint_dir,
     verify_checkpoint,
 )
+from .lock import OutputDirLockedError
 from .model import save_model_files
 from .rng import capture_rng_state, restore_rng_state
 from .rotation import remove_stale_tmp, rotate_checkpoints, sorted_checkpoints
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "CheckpointWriter",
+    "OutputDirLockedError",
     "atomic_checkpoint",
     "capture_rng_state",
     "find_resumable_checkpoint",

@@ -20,6 +20,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .files import CheckpointError, forget_digests, known_sha256, read_json, resolve_inside
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointWriteError",
+    "atomic_checkpoint",
+    "check_checkpoint_files",
+    "find_resumable_checkpoint",
+    "is_complete_checkpoint",
+    "load_checkpoint_dir",
+    "verify_checkpoint",
+]
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -31,10 +44,6 @@ TMP_SUFFIX = ".tmp"
 REPLACED_SUFFIX = ".replaced.tmp"
 _CHUNK = 8 << 20
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for by name cannot be used (incomplete, truncated, changed)."""
 
 
 class CheckpointWriteError(OSError):
@@ -64,6 +73,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder `path` (renames, new files) durable."""
+    _fsync_path(path, directory=True)
+
+
 def _fsync_path(path: Path, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
@@ -89,14 +103,18 @@ def _payload_files(folder: Path) -> list[Path]:
 
 
 def write_manifest(folder: Path) -> dict[str, Any]:
-    """fsync every file in `folder`, then write and fsync `manifest.json` (last, so it marks completion)."""
+    """fsync every file in `folder`, then write and fsync `manifest.json` (last, so it marks completion).
+
+    Files ember wrote through `files.write_bytes` were hashed as they were written; only the others
+    (`save_pretrained`'s, a tokenizer's) are read back to hash them.
+    """
     files: dict[str, dict[str, Any]] = {}
     payload = _payload_files(folder)
     for path in payload:
         _fsync_path(path)
         files[path.relative_to(folder).as_posix()] = {
             "size": path.stat().st_size,
-            "sha256": sha256_file(path),
+            "sha256": known_sha256(path) or sha256_file(path),
         }
     # Deepest first, so each folder's entry in its parent is synced after the folder itself.
     for sub in sorted({p.parent for p in payload} - {folder}, key=lambda p: -len(p.parts)):
@@ -112,6 +130,7 @@ def write_manifest(folder: Path) -> dict[str, Any]:
 
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+    forget_digests(path)
 
 
 def _publish(tmp: Path, final_dir: Path) -> None:
@@ -223,13 +242,14 @@ def verify_checkpoint(path: str | os.PathLike[str], deep: bool = True) -> str | 
     if not manifest_path.is_file():
         return f"no {MANIFEST_NAME} (incomplete write)"
     try:
-        with open(manifest_path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
+        manifest = read_json(manifest_path)
         files = manifest["files"]
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
             return f"{MANIFEST_NAME} is not an ember checkpoint manifest"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"{MANIFEST_NAME} is unreadable ({exc})"
+    except CheckpointError as exc:
+        return str(exc)
+    except (KeyError, TypeError, AttributeError) as exc:
+        return f"{MANIFEST_NAME} is not an ember checkpoint manifest ({type(exc).__name__}: {exc})"
     root = path.resolve()
     for rel, info in files.items():
         file = (path / rel).resolve()
@@ -239,7 +259,7 @@ def verify_checkpoint(path: str | os.PathLike[str], deep: bool = True) -> str | 
             return f"{rel}: missing file"
         try:
             expected = int(info["size"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return f"{MANIFEST_NAME} has no valid size for {rel}"
         size = file.stat().st_size
         if size != expected:
@@ -255,10 +275,56 @@ def is_complete_checkpoint(path: str | os.PathLike[str]) -> bool:
     return verify_checkpoint(path, deep=False) is None
 
 
-def find_resumable_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest `checkpoint-N` in `output_dir` that passes the size check; skipped ones are logged."""
+# The JSON files ember itself reads back from a checkpoint; `<name>.json` beside a
+# `<name>.safetensors` is a `save_state` pair (optimizer, trainer, rank-N, ZeRO partitions).
+_READ_BACK = ("trainer_state.json", "training_args.json", "model.safetensors.index.json")
+
+
+def check_checkpoint_files(path: str | os.PathLike[str]) -> None:
+    """Read every JSON file ember will load from checkpoint `path` (bounded, see `files.read_json`)
+    and check that each file name they hold stays inside the folder; `CheckpointError` naming the
+    file and entry otherwise. Run before anything is restored, so a bad file cannot leave a
+    half-restored trainer, and `resume_from_checkpoint=True` can fall back to an older checkpoint."""
+    path = Path(path)
+    for json_path in sorted(path.rglob("*.json")):
+        if json_path.name == MANIFEST_NAME:
+            continue
+        if json_path.name not in _READ_BACK and not json_path.with_suffix(".safetensors").is_file():
+            continue
+        doc = read_json(json_path)
+        if json_path.name == "trainer_state.json":
+            if not isinstance(doc, dict):
+                raise CheckpointError(f"{json_path} does not hold a JSON object; the file is damaged.")
+            best = doc.get("best_model_checkpoint")
+            if best is not None and not isinstance(best, str):
+                raise CheckpointError(f"{json_path}: best_model_checkpoint = {best!r} is not a path.")
+        elif json_path.name == "model.safetensors.index.json":
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{json_path} has no weight_map; the file is damaged.")
+            for key, shard in weight_map.items():
+                resolve_inside(path, shard, json_path, f"weight_map[{key!r}]")
+        elif isinstance(doc, dict) and "tensors" in doc:
+            resolve_inside(json_path.parent, doc["tensors"], json_path, '"tensors"')
+
+
+def usable_checkpoint(path: str | os.PathLike[str], deep: bool = False) -> str | None:
+    """None when checkpoint `path` can be resumed from (manifest and sizes, the JSON files ember
+    reads, and with `deep` every sha256), else the reason it cannot."""
+    reason = verify_checkpoint(path, deep=deep)
+    if reason is None:
+        try:
+            check_checkpoint_files(path)
+        except CheckpointError as exc:
+            reason = str(exc)
+    return reason
+
+
+def find_resumable_checkpoint(output_dir: str | os.PathLike[str], deep: bool = False) -> Path | None:
+    """The newest `checkpoint-N` in `output_dir` that can be resumed from (`usable_checkpoint`);
+    each one skipped on the way is logged with its reason."""
     for path in reversed(sorted_checkpoints(output_dir)):
-        reason = verify_checkpoint(path, deep=False)
+        reason = usable_checkpoint(path, deep=deep)
         if reason is None:
             return path
         logger.warning("Skipping checkpoint %s: %s.", path, reason)
@@ -270,10 +336,21 @@ def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Pat
 
     By default the manifest and every file's size are checked: that catches incomplete writes and
     truncation in about a millisecond. `deep=True` also re-hashes every byte (sha256, ~1 GB/s here),
-    which at billions of parameters takes minutes, so it is opt-in (`verify_checkpoint(path)`).
+    which at billions of parameters takes minutes, so it is opt-in (`verify_checkpoints=True`).
+    A run folder (one holding `checkpoint-N` folders, not a checkpoint itself) stands for its newest
+    usable checkpoint, as `resume_from_checkpoint=True` does.
     """
     path = Path(path)
-    reason = verify_checkpoint(path, deep=deep)
+    if checkpoint_step(path) is None and not (path / MANIFEST_NAME).exists() and sorted_checkpoints(path):
+        found = find_resumable_checkpoint(path, deep=deep)
+        if found is None:
+            raise CheckpointError(
+                f"Cannot resume from {path}: it is a run folder, and none of its checkpoints is complete "
+                "(see the warnings above). Pass a checkpoint folder, or start without resuming."
+            )
+        logger.info("%s is a run folder; resuming from its newest complete checkpoint, %s.", path, found.name)
+        return found
+    reason = usable_checkpoint(path, deep=deep)
     if reason is None:
         return path
     fallback = _newest_complete(path.parent, exclude=path)

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .files import save_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -35,10 +36,8 @@ def save_model_files(
 def save_plain_module(
     model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None
 ) -> None:
-    from safetensors.torch import save_file
-
     tensors = _dedupe_shared(state_dict if state_dict is not None else model.state_dict())
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
@@ -56,8 +55,3 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = tensor.detach().contiguous().cpu()
     return out
-
-
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)

@@ -30,6 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .files import (
+    MAX_JSON_DEPTH,
+    CheckpointError,
+    depth_exceeds,
+    read_json,
+    resolve_inside,
+    save_safetensors,
+    write_text,
+)
+
 STATE_FORMAT = "ember-state"
 STATE_VERSION = 1
 _TAG = "__ember__"
@@ -138,39 +148,52 @@ def save_state(state: Mapping[str, Any], folder: str | os.PathLike[str], name: s
 
     Nothing is written when some value cannot be stored: the TypeError names its key path.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(state, Mapping):
         raise TypeError(f"save_state({name!r}) needs a dict, got {type(state).__name__}.")
     encoder = _Encoder(name)
     tree = encoder.encode(state, "", "")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(encoder.tensors, str(folder / f"{name}.safetensors"), metadata={"format": "pt"})
+    save_safetensors(encoder.tensors, folder / f"{name}.safetensors", metadata={"format": "pt"})
     doc = {"format": STATE_FORMAT, "version": STATE_VERSION, "tensors": f"{name}.safetensors", "state": tree}
-    with open(folder / f"{name}.json", "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, allow_nan=False, separators=(",", ":"))
+    if depth_exceeds(doc, MAX_JSON_DEPTH):
+        # Refused now rather than at resume, where the reader bounds the depth it accepts.
+        raise TypeError(
+            f"Cannot save {name} state: it is nested more than {MAX_JSON_DEPTH - 8} levels deep, "
+            "beyond what a checkpoint is read back with; flatten it in state_dict()."
+        )
+    write_text(folder / f"{name}.json", json.dumps(doc, allow_nan=False, separators=(",", ":")))
 
 
 def load_state(
     folder: str | os.PathLike[str], name: str, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
-    """Read what `save_state(state, folder, name)` wrote; tensors are placed on `map_location`."""
+    """Read what `save_state(state, folder, name)` wrote; tensors are placed on `map_location`.
+
+    The files are untrusted: a damaged or crafted one raises `CheckpointError` (a ValueError for
+    the format checks below) naming the file, and the tensor file must lie inside `folder`.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
     json_path = folder / f"{name}.json"
-    with open(json_path, encoding="utf-8") as fh:
-        doc = json.load(fh)
+    doc = read_json(json_path)
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
         raise ValueError(f'{json_path} is not an ember state file (no "format": "{STATE_FORMAT}").')
-    if doc.get("version", 0) > STATE_VERSION:
+    version = doc.get("version", 0)
+    if not isinstance(version, int) or version > STATE_VERSION:
         raise ValueError(
-            f"{json_path} has state format version {doc['version']}; this ember reads up to "
+            f"{json_path} has state format version {version!r}; this ember reads up to "
             f"{STATE_VERSION}. Upgrade ember to load it."
         )
-    tensors = load_file(str(folder / doc["tensors"]), device=str(map_location))
-    state = _decode(doc["state"], tensors, json_path)
+    tensor_path = resolve_inside(folder, doc.get("tensors"), json_path, '"tensors"')
+    tensors = load_file(str(tensor_path), device=str(map_location))
+    try:
+        state = _decode(doc.get("state"), tensors, json_path)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(
+            f"{json_path} does not match {tensor_path.name} or is damaged ({type(exc).__name__}: {exc})."
+        ) from exc
     if not isinstance(state, dict):
         raise ValueError(f"{json_path} does not hold a dict at the top level.")
     return state

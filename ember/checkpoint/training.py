@@ -27,6 +27,7 @@ import torch
 
 from ..state import TrainerState, export_callback_states, restore_callback_states
 from .atomic import find_resumable_checkpoint, load_checkpoint_dir
+from .files import CheckpointError, read_json, relocate_in_run, resolve_inside, write_text
 from .model import WEIGHTS_NAME, save_model_files
 from .rng import capture_rng_state, restore_rng_state
 from .rotation import rotate_checkpoints
@@ -119,8 +120,8 @@ def write_snapshot(snap: Snapshot, folder: Path) -> None:
     """Write `snap` into `folder` (the temporary folder of an atomic checkpoint)."""
     if snap.is_main:
         save_model_files(snap.model, folder, snap.processing_class, state_dict=snap.model_state)
-        (folder / TRAINER_STATE_NAME).write_text(snap.trainer_state_json, encoding="utf-8")
-        (folder / ARGS_NAME).write_text(snap.args_json, encoding="utf-8")
+        write_text(folder / TRAINER_STATE_NAME, snap.trainer_state_json)
+        write_text(folder / ARGS_NAME, snap.args_json)
         if snap.optimizer is not None:
             save_state(snap.optimizer, folder, OPTIMIZER)
         if snap.trainer is not None:
@@ -135,10 +136,14 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
 
     index = folder / f"{WEIGHTS_NAME}.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        doc = read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map; the file is damaged.")
+        shards = {resolve_inside(folder, v, index, f"weight_map[{k!r}]") for k, v in weight_map.items()}
         tensors: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            tensors.update(load_file(str(folder / shard)))
+        for shard in sorted(shards):
+            tensors.update(load_file(str(shard)))
     elif (folder / WEIGHTS_NAME).exists():
         tensors = load_file(str(folder / WEIGHTS_NAME))
     else:
@@ -215,8 +220,10 @@ def _warn_on_changed_sampler(trainer: Trainer, saved: dict[str, Any]) -> None:
 
 def _warn_on_changed_shape(trainer: Trainer, folder: Path, shared: dict[str, Any]) -> None:
     try:
-        saved_args = json.loads((folder / ARGS_NAME).read_text())
-    except (OSError, ValueError):
+        saved_args = read_json(folder / ARGS_NAME)
+    except CheckpointError:
+        return
+    if not isinstance(saved_args, dict):
         return
     now = trainer.args
     changes = [
@@ -277,8 +284,9 @@ def save_checkpoint(trainer: Trainer) -> None:
 
 def resume(trainer: Trainer, checkpoint: str | bool) -> None:
     """Load `checkpoint` (or, with True, the newest complete one in output_dir) into `trainer`."""
+    deep = trainer.args.verify_checkpoints
     if checkpoint is True:
-        found = find_resumable_checkpoint(trainer.args.output_dir)
+        found = find_resumable_checkpoint(trainer.args.output_dir, deep=deep)
         if found is None:
             raise ValueError(
                 f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no complete checkpoint; "
@@ -286,8 +294,12 @@ def resume(trainer: Trainer, checkpoint: str | bool) -> None:
             )
         folder = found
     else:
-        folder = load_checkpoint_dir(str(checkpoint))
-    saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))
+        folder = load_checkpoint_dir(str(checkpoint), deep=deep)
+    saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))  # checked by the line above
+    # A moved run folder still names its best checkpoint by the old path: find it in this one.
+    saved.best_model_checkpoint = relocate_in_run(
+        saved.best_model_checkpoint, trainer.args.output_dir, folder / TRAINER_STATE_NAME
+    )
     _keep_saved_intervals(trainer, saved, folder)
     for name in (
         "epoch",

@@ -134,6 +134,14 @@ class CheckpointWriter:
         if pending is not None:
             pending.result()
 
+    def settle(self) -> None:
+        """Wait for the background save, logging (not raising) its error: for when another error
+        is already on its way up."""
+        try:
+            self.wait()
+        except Exception:
+            logger.exception("The checkpoint being written in the background failed as well.")
+
     def close(self) -> None:
         """Wait for the last save, then stop the background thread. Raises that save's error, if any."""
         try:

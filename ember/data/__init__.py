@@ -12,6 +12,7 @@ from .loaders import (
     resolve_data_seed,
     seed_worker,
 )
+from .packing import PackingCollator
 from .samplers import (
     ResumableBatchSampler,
     SeededBatch,
@@ -22,6 +23,7 @@ from .samplers import (
 )
 
 __all__ = [
+    "PackingCollator",
     "PaddingCollator",
     "ResumableBatchSampler",
     "SeededBatch",

@@ -125,7 +125,6 @@ def run_config(args: Any, model: Any) -> dict[str, Any]:
     return {**model_config_dict(model), **(to_dict() if callable(to_dict) else vars(args))}
 
 
-
 def __getattr__(name: str) -> Any:
     # Lazily: jsonl imports ember.callbacks, which imports ember.args, which imports this registry;
     # an eager import here would hand one of them a half-built module, whichever is imported first.

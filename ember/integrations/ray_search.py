@@ -61,12 +61,32 @@ def _trainable(config: dict[str, Any], search: TrialRun) -> None:
         tune.report({"objective": float(result.objective), "step": result.global_step, "done": True})
 
 
+def _check_concurrency(kwargs: dict[str, Any]) -> None:
+    # Ray applies `max_concurrent_trials` only by wrapping a `Searcher`; with a search generator
+    # (BasicVariantGenerator) it only logs a warning and runs as many trials at once as the
+    # resources allow, so a search that relies on the limit (e.g. for ASHA's order) silently differs.
+    from ray.tune.search import Searcher
+
+    search_alg = kwargs.get("search_alg")
+    if (
+        kwargs.get("max_concurrent_trials")
+        and search_alg is not None
+        and not isinstance(search_alg, (str, Searcher))
+    ):
+        raise ValueError(
+            f"max_concurrent_trials is ignored by Ray with search_alg={type(search_alg).__name__}; "
+            "set the limit on the search algorithm instead "
+            "(e.g. `BasicVariantGenerator(max_concurrent=N)`) and drop max_concurrent_trials."
+        )
+
+
 def run(search: TrialRun, n_trials: int, direction: str | list[str], **kwargs: Any) -> BestRun:
     tune = _import_tune()
     if isinstance(direction, list):
         raise ValueError(
             "backend='ray' optimises one objective; use backend='optuna' for several directions."
         )
+    _check_concurrency(kwargs)
     mode = direction[:3]  # "min" / "max"
     trainer = search.trainer
     kwargs.setdefault("resources_per_trial", {"cpu": 1, "gpu": 1 if torch.cuda.is_available() else 0})

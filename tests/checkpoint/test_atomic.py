@@ -134,7 +134,7 @@ def test_verify_reasons(tmp_path: Path) -> None:
     assert verify_checkpoint(final) == "no manifest.json (incomplete write)"
     assert verify_checkpoint(tmp_path / "nope") == "does not exist"
     (final / "manifest.json").write_text("{not json")
-    assert "manifest.json is unreadable" in verify_checkpoint(final)
+    assert "manifest.json is not valid JSON" in verify_checkpoint(final)
 
 
 def test_manifest_cannot_point_outside(tmp_path: Path) -> None:

@@ -286,6 +286,22 @@ def stall(out: Path) -> None:
     lm_trainer(str(out / "stall"), callbacks=callbacks, ddp_timeout=5, max_steps=50).train()
 
 
+def locked(out: Path) -> None:
+    """The test holds the lock on out/locked: every rank is refused (none waits in a collective);
+    then a run on a free folder works, locked by rank 0 alone."""
+    from ember.checkpoint.lock import LOCK_NAME, OutputDirLockedError
+
+    try:
+        lm_trainer(str(out / "locked"), max_steps=2).train()
+        raise AssertionError("a run on a locked output_dir should be refused")
+    except OutputDirLockedError as exc:
+        (out / f"locked-rank{RANK}.txt").write_text(str(exc))
+    trainer = lm_trainer(str(out / "free"), max_steps=2, save_strategy="steps", save_steps=2)
+    trainer.train()
+    trainer.strategy.barrier()
+    assert not (out / "free" / LOCK_NAME).exists()
+
+
 SUITES = {
     "ddp": lambda out, o: (
         train_and_evaluate(out, "ddp"),
@@ -303,6 +319,7 @@ SUITES = {
     "resume": resume_elsewhere,
     "die": lambda out, o: die(out),
     "stall": lambda out, o: stall(out),
+    "locked": lambda out, o: locked(out),
 }
 
 

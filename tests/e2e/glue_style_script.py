@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Local model folder."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the model's."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder if not the model's."}
+    )
 
 
 @dataclass

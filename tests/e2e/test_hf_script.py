@@ -41,9 +41,9 @@ RESULT_FILES = {
     "script_done.json",
 }
 
-GOOD = "good great happy fine nice warm bright love calm kind".split()
-BAD = "bad awful sad poor ugly cold dark hate angry cruel".split()
-FILLER = "the a day film book song house city road tree water music".split()
+GOOD = ["good", "great", "happy", "fine", "nice", "warm", "bright", "love", "calm", "kind"]
+BAD = ["bad", "awful", "sad", "poor", "ugly", "cold", "dark", "hate", "angry", "cruel"]
+FILLER = ["the", "a", "day", "film", "book", "song", "house", "city", "road", "tree", "water", "music"]
 
 
 def _sentence(rng: random.Random) -> tuple[str, int]:

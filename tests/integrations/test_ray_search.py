@@ -57,17 +57,22 @@ def test_ray_search_stops_bad_trials_and_finds_the_good_region(ray_cluster: None
     best = trainer.hyperparameter_search(
         backend="ray",
         hp_space=lambda _: {"learning_rate": tune.loguniform(1e-5, 3e-1)},
-        n_trials=5,
+        n_trials=4,
         scheduler=ASHAScheduler(metric="objective", mode="min", grace_period=1, reduction_factor=2, max_t=4),
-        search_alg=BasicVariantGenerator(random_state=0),
-        max_concurrent_trials=1,  # one order of arrival, so ASHA's decisions are reproducible
+        # One trial at a time, in the sampled order: ASHA's decision at a rung depends on the trials
+        # that reached it before, so the order of arrival must not depend on how fast workers start
+        # (two at once, the slow rate reached the first rung first on a loaded machine and was kept).
+        # random_state=2613 samples 0.03, 1.4e-4, 0.11, 1.3e-5: ASHA records 0.03 at the first
+        # evaluation and stops 1.4e-4 there, 0.11 is best, and 1.3e-5 fails in model_init.
+        search_alg=BasicVariantGenerator(random_state=2613, max_concurrent=1),
+        reuse_actors=True,  # a new worker process per trial costs seconds on a small machine
         storage_path=str(tmp_path / "ray_results"),
         verbose=0,
     )
     assert isinstance(best, BestRun) and best.run_summary is not None
     assert best.hyperparameters["learning_rate"] > 1e-2 and best.objective < 1.0
     trials = {t.trial_id: t for t in best.run_summary.trials}
-    assert best.run_id in trials and len(trials) == 5
+    assert best.run_id in trials and len(trials) == 4
 
     failed = [t for t in trials.values() if t.config["learning_rate"] < 2e-5]
     assert failed and all(t.status == "ERROR" for t in failed)
@@ -81,7 +86,8 @@ def test_ray_search_stops_bad_trials_and_finds_the_good_region(ray_cluster: None
             stopped.append(trial)
             assert steps == EVAL_STEPS  # stopped at the first evaluation, not later
             assert trial.last_result["objective"] > 10 * best.objective
-    assert stopped, "ASHA stopped no trial"
+    slow = [t for t in trials.values() if 2e-5 <= t.config["learning_rate"] < 1e-3]
+    assert slow and stopped == slow, "ASHA must stop exactly the slow learning rates"
     assert trainer.args.output_dir == str(tmp_path / "out") and trainer.model is not None  # restored
 
 
@@ -93,4 +99,12 @@ def test_ray_checks_the_space_and_direction_before_starting(tmp_path: Path) -> N
         trainer.hyperparameter_search(backend="ray", hp_space=lambda _: {"learning_rat": tune.uniform(0, 1)})
     with pytest.raises(ValueError, match="one objective.*optuna"):
         trainer.hyperparameter_search(backend="ray", direction=["minimize", "maximize"])
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    with pytest.raises(
+        ValueError, match=r"max_concurrent_trials is ignored.*BasicVariantGenerator\(max_concurrent=N\)"
+    ):
+        trainer.hyperparameter_search(
+            backend="ray", search_alg=BasicVariantGenerator(), max_concurrent_trials=1
+        )
     assert not list(tmp_path.glob("run-*"))  # no trial started

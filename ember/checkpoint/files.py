@@ -1,0 +1,261 @@
+"""Reading checkpoint files as untrusted input, and writing them with their sha256 taken on the way.
+
+Reading: every JSON file of a checkpoint goes through `read_json`, which bounds its size and
+nesting depth and names the file in every error; every file name a checkpoint mentions goes
+through `resolve_inside`, so no entry can point outside its folder.
+
+Writing: `write_bytes` and `save_safetensors` hash the bytes as they go to disk and remember the
+digest, so the manifest (`atomic.write_manifest`) needs no second read of what ember wrote itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for by name cannot be used (incomplete, truncated, changed)."""
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_json(
+    path: str | os.PathLike[str], max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH
+) -> Any:
+    """Parse a checkpoint's JSON file; `CheckpointError` naming the file if it is unreadable, not
+    JSON, larger than `max_bytes` or nested deeper than `max_depth`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+    if len(raw) > max_bytes:
+        raise CheckpointError(
+            f"{path} is larger than {max_bytes >> 20} MiB, more than any checkpoint JSON file ember "
+            "writes; it is damaged or not from a checkpoint. Use another checkpoint."
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        data = _TOO_DEEP
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is damaged.") from None
+    if data is _TOO_DEEP or depth_exceeds(data, max_depth):
+        raise CheckpointError(
+            f"{path} is nested more than {max_depth} levels deep, which no checkpoint file ember "
+            "writes is; the file is damaged or crafted. Use another checkpoint."
+        )
+    return data
+
+
+_TOO_DEEP = object()
+
+
+def depth_exceeds(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def resolve_inside(folder: str | os.PathLike[str], name: Any, source: Path, entry: str) -> Path:
+    """`folder / name`, refused unless it stays inside `folder` (no absolute path, no `..`, no
+    symlink out). `source` and `entry` name the file and the field the name came from."""
+    folder = Path(folder)
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is not a file name"
+    elif Path(name).is_absolute() or ".." in Path(name).parts:
+        problem = "points outside the checkpoint folder"
+    else:
+        target = (folder / name).resolve()
+        if folder.resolve() not in target.parents:
+            problem = "resolves outside the checkpoint folder"
+    if problem is not None:
+        raise CheckpointError(
+            f"{source}: {entry} = {name!r} {problem} ({folder}). A checkpoint only refers to files "
+            "inside itself, so this file was changed or crafted; use another checkpoint."
+        )
+    return folder / name
+
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-\d+$")
+
+
+def relocate_in_run(stored: Any, output_dir: str | os.PathLike[str], source: Path) -> str | None:
+    """Where the checkpoint path `stored` (trainer_state.json's best_model_checkpoint) lives now.
+
+    The stored string is kept when it names a folder of `output_dir`. Otherwise (the run folder
+    was moved or copied, or the entry points elsewhere) the folder of the same name inside
+    `output_dir` stands for it; when there is none, the path is dropped with a warning. A name that
+    is not `checkpoint-N` is refused: a checkpoint's own file never sends ember anywhere else.
+    """
+    if stored is None:
+        return None
+    if not isinstance(stored, str) or not _CHECKPOINT_NAME.match(Path(stored).name):
+        raise CheckpointError(
+            f"{source}: best_model_checkpoint = {stored!r} does not name a checkpoint-N folder; the "
+            "file was changed or crafted. Use another checkpoint."
+        )
+    root = Path(output_dir)
+    given = Path(stored)
+    if given.is_dir() and given.resolve().parent == root.resolve():
+        return stored
+    here = root / given.name
+    if here.is_dir():
+        logger.info(
+            "best_model_checkpoint %s is not in output_dir %s (the run folder was moved?); using %s.",
+            stored,
+            root,
+            here,
+        )
+        return str(here)
+    logger.warning(
+        "best_model_checkpoint %s (from %s) is not in output_dir %s: the best model so far is gone, so "
+        "load_best_model_at_end can only load a best checkpoint saved from now on.",
+        stored,
+        source,
+        root,
+    )
+    return None
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+# Digests of files written through this module: path -> (size, mtime_ns, inode, sha256). An entry
+# counts only while the file still has that size, time and inode, so a file rewritten by other code
+# is re-hashed rather than trusted.
+_DIGESTS: dict[str, tuple[int, int, int, str]] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def write_bytes(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:
+    """Write `chunks` to `path`, hashing them on the way (see `known_sha256`)."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for chunk in chunks:
+            digest.update(chunk)  # hashlib drops the GIL for large buffers: async saves overlap
+            fh.write(chunk)
+    st = os.stat(path)
+    with _DIGESTS_LOCK:
+        _DIGESTS[os.fspath(Path(path).absolute())] = (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ino,
+            digest.hexdigest(),
+        )
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    write_bytes(path, [text.encode("utf-8")])
+
+
+def known_sha256(path: Path) -> str | None:
+    """The sha256 recorded when `path` was written by `write_bytes`, if the file is unchanged since;
+    the record is consumed."""
+    with _DIGESTS_LOCK:
+        record = _DIGESTS.pop(os.fspath(path.absolute()), None)
+    if record is None:
+        return None
+    st = os.stat(path)
+    return record[3] if record[:3] == (st.st_size, st.st_mtime_ns, st.st_ino) else None
+
+
+def forget_digests(folder: Path) -> None:
+    """Drop the records of files under `folder` (a temporary folder that was removed)."""
+    prefix = os.fspath(folder.absolute()) + os.sep
+    with _DIGESTS_LOCK:
+        for key in [k for k in _DIGESTS if k.startswith(prefix)]:
+            del _DIGESTS[key]
+
+
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """Write `tensors` in the safetensors format (what `safetensors.torch.save_file` writes, loadable
+    by it), streaming each tensor's bytes through the hash instead of re-reading the file after.
+
+    Tensors of one dtype size are grouped, largest first, so every tensor starts aligned to its
+    element size (the header is padded to 8 bytes). Dtypes outside the table fall back to
+    safetensors itself (hashed later, by reading the file back).
+    """
+    if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in tensors.values()):
+        from safetensors.torch import save_file
+
+        save_file(dict(tensors), os.fspath(path), metadata=metadata)
+        return
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+
+    def chunks() -> Iterable[bytes | memoryview]:
+        yield struct.pack("<Q", len(encoded))
+        yield encoded
+        for name in order:
+            yield _raw_bytes(tensors[name])
+
+    write_bytes(path, chunks())
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    # A view of the tensor's own memory (no copy); numpy arrays export the buffer protocol.
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]

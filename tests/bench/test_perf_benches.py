@@ -1,0 +1,38 @@
+"""The chunked-loss and GPU benchmark children run in-process at tiny sizes: structure, not speed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_chunked_loss_bench_child_and_report():
+    from bench.chunked_loss import child, render, summarise
+
+    spec = {"seq": 16, "batch": 2, "steps": 3, "layers": 1, "width": 32, "chunk": 8, "vocab": 300}
+    runs = [child({**spec, "impl": impl}) for impl in ("plain", "chunked", "hf")]
+    assert all(r["ok"] and r["step_ms"] > 0 and r["step_peak_mib"] >= 0 for r in runs)
+    # labels start with -100, so all three count the same targets and report the same loss
+    assert runs[1]["losses"] == pytest.approx(runs[0]["losses"], rel=1e-5)
+    assert runs[2]["losses"] == pytest.approx(runs[0]["losses"], rel=1e-5)
+    summary = summarise(runs, [300])
+    config = {**spec, "rounds": 1, "argv": []}
+    machine = {"date_utc": "-", "platform": "-", "python": "-", "torch": "-", "load_avg": "-"}
+    text = render({"machine": machine, "config": config, "summary": summary})
+    assert "ember chunked_loss" in text and "chunked/hf step memory" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU exit path")
+def test_gpu_perf_exits_cleanly_without_cuda(capsys):
+    from bench.gpu_perf import main
+
+    assert main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_gpu_perf_child_runs_packed_bf16_on_cpu():
+    from bench.gpu_perf import child
+
+    spec = {"part": "packing", "min_len": 4, "max_len": 24, "row_length": 48, "batch": 4}
+    run = child({**spec, "layers": 1, "width": 64, "steps": 2, "impl": "ember:packed"})
+    assert run["ok"] and len(run["losses"]) == 2 and run["real_tokens_per_s"] > 0
