@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 import os
 import types
@@ -31,6 +32,7 @@ from .args_fields import (
 )
 from .args_hf import _check_hf_only, _suggest
 from .integrations import available_trackers
+from .names import NONFINITE_POLICIES
 
 _logger = logging.getLogger("ember.args")
 
@@ -55,6 +57,7 @@ def validate(args: TrainingFields) -> None:
     _check_dataloader(args)
     _check_log_levels(args)
     _check_hardware(args)
+    _check_reliability(args)
     from .args_distributed import check_distributed_args
     from .models.options import check_model_args
 
@@ -355,3 +358,32 @@ def _check_hardware(args: TrainingFields) -> None:
         )
     if args.tf32 and (args.use_cpu or not _cuda_available()):
         raise ValueError("`tf32` needs an NVIDIA GPU (Ampere or newer) and none is in use; leave tf32 unset.")
+
+
+def _check_reliability(args: TrainingFields) -> None:
+    """Values that pass the range checks yet break a run later: NaN, infinity, an unusable output_dir;
+    and the step guards' fields (ember/guards.py)."""
+    for name in ("learning_rate", "max_grad_norm", "weight_decay", "warmup_steps", "adam_epsilon"):
+        if math.isnan(getattr(args, name)):
+            raise ValueError(f"`{name}` is NaN; set it to a number (max_grad_norm: 0 turns clipping off).")
+    for name in ("learning_rate", "max_grad_norm", "num_train_epochs"):
+        if math.isinf(getattr(args, name)):
+            raise ValueError(
+                f"`{name}`={getattr(args, name)} is infinite; set a finite number "
+                "(for an open-ended run, set max_steps and stop it with a callback)."
+            )
+    if math.isnan(args.num_train_epochs):
+        raise ValueError("`num_train_epochs` is NaN; set a number of epochs (or max_steps).")
+    if not str(args.output_dir).strip():
+        raise ValueError("`output_dir` is empty; name a folder for checkpoints and logs (or leave it unset).")
+    if os.path.isfile(args.output_dir):
+        raise ValueError(f"`output_dir`={args.output_dir!r} is a file; point output_dir at a folder.")
+    _choose("nonfinite_step_policy", args.nonfinite_step_policy, NONFINITE_POLICIES, "a policy")
+    _at_least(args, "max_consecutive_nonfinite_steps", 1, "use 1 to stop at the first run of them")
+    _at_least(args, "loss_spike_window", 2, "use at least 2 steps so a standard deviation exists")
+    z = args.loss_spike_zscore
+    if z is not None and not (math.isfinite(z) and z > 0):
+        raise ValueError(
+            f"`loss_spike_zscore` must be a positive number of standard deviations (e.g. 6), got {z!r}; "
+            "or None to turn spike rollback off."
+        )

@@ -211,6 +211,20 @@ class TrainingFields:
         "to the plain loss, with a notice, where it cannot apply.",
     )
     loss_chunk_size: int = _f(1024, "Tokens per chunk of the chunked loss (chunked_loss=True).")
+    nonfinite_step_policy: str = _f(
+        "skip",
+        "A step whose gradient norm is NaN/inf: 'skip' (no update, counted, warned), 'stop' (raise at "
+        "once) or 'ignore' (update anyway, as transformers does).",
+    )
+    max_consecutive_nonfinite_steps: int = _f(
+        3, "With nonfinite_step_policy='skip': this many non-finite steps in a row stop training."
+    )
+    loss_spike_zscore: float | None = _f(
+        None,
+        "Roll back a step whose loss is more than this many standard deviations above the mean of the "
+        "last loss_spike_window steps (to the state kept every loss_spike_window steps); None: off.",
+    )
+    loss_spike_window: int = _f(50, "Steps of loss history for loss_spike_zscore, also its warmup.")
     # --- Fine-tuning: the model pipeline (ember/models) ---
     activation_checkpointing: bool | None = _f(
         None, "Recompute activations in backward to save memory (~20-30% slower).", nargs="?", const=True

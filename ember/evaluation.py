@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import checked_metrics
 from .loss import IGNORE_INDEX
 from .outputs import EvalLoopOutput, EvalPrediction
 
@@ -191,7 +192,8 @@ def _batch_metrics(
     pred = EvalPrediction(
         logits, labels, batch if "inputs" in want else None, losses if "loss" in want else None
     )
-    return host.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+    metrics = host.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+    return checked_metrics(metrics) if is_last else metrics  # earlier calls only accumulate
 
 
 def _finish(
@@ -212,8 +214,8 @@ def _finish(
         and all_preds is not None
         and all_labels is not None
     ):
-        metrics = host.compute_metrics(
-            EvalPrediction(all_preds, all_labels, inputs.result(), losses.result())
+        metrics = checked_metrics(
+            host.compute_metrics(EvalPrediction(all_preds, all_labels, inputs.result(), losses.result()))
         )
     strategy = host.strategy
     num_samples = int(strategy.all_reduce_sum(torch.tensor(num_samples, device=strategy.device)))

@@ -7,6 +7,7 @@ never waits for the device inside a step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -15,11 +16,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from .data.checks import check_first_step
 from .loss import count_targets
 
 if TYPE_CHECKING:
     from .args import TrainingArguments
     from .distributed.base import Strategy
+    from .guards import StepGuard
+    from .progress import RunProgress
     from .state import TrainerControl, TrainerState
 
 
@@ -33,6 +37,9 @@ class StepHost(Protocol):
     optimizer: torch.optim.Optimizer | None
     lr_scheduler: Any
     label_shift: bool
+    step_guard: StepGuard
+    model_wrapped: nn.Module
+    _progress: RunProgress
 
     @property
     def scheduler_waits_for_metrics(self) -> bool: ...
@@ -73,9 +80,15 @@ def run_optimizer_step(host: StepHost, model: nn.Module, micro_batches: list[dic
     strategy = host.strategy
     precision = strategy.precision
     args = host.args
+    check_first_step(host, model, micro_batches)
     counts = [count_targets(b, host.label_shift) for b in micro_batches]
-    total = strategy.all_reduce_sum(torch.stack(counts).sum().to(strategy.device, non_blocking=True))
-    total = total.clamp_(min=1)
+    local = torch.stack(counts).sum()
+    total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))
+    if host.step_guard.is_empty_step(host, local):
+        assert host.optimizer is not None, "train() builds the optimizer before the first step"
+        learning_rate = float(host.optimizer.param_groups[0]["lr"])
+        return StepResult(torch.zeros((), device=strategy.device), None, learning_rate)
+    targets, total = total, total.clamp(min=1)
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
@@ -94,12 +107,21 @@ def run_optimizer_step(host: StepHost, model: nn.Module, micro_batches: list[dic
     if args.max_grad_norm and args.max_grad_norm > 0:
         precision.unscale_(optimizer)
         grad_norm = strategy.clip_grad_norm(model, args.max_grad_norm)
+    guard_norm = grad_norm
+    if guard_norm is None and host.step_guard.needs_grad_norm:
+        guard_norm = strategy.clip_grad_norm(model, math.inf)  # the global norm; scales by 1
+    skip = host.step_guard.skip_update(host, step_loss, guard_norm, targets)
     host._fire("on_pre_optimizer_step")
-    precision.step(optimizer)
+    if not skip:
+        precision.step(optimizer)
+    else:
+        precision.drop_step(optimizer)
     host._fire("on_optimizer_step")
     # The step log reports the rate this update used, as transformers does (read before it moves).
     learning_rate = float(optimizer.param_groups[0]["lr"])
-    if not precision.step_was_skipped() and not host.scheduler_waits_for_metrics:
+    if not skip and not precision.step_was_skipped() and not host.scheduler_waits_for_metrics:
         host.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if not skip:
+        host.step_guard.after_update(host)
     return StepResult(step_loss, grad_norm, learning_rate)

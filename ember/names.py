@@ -34,3 +34,6 @@ SCHEDULER_NAMES: tuple[str, ...] = (
 
 #: `train_sampling_strategy` (data/loaders.py builds the sampler for each).
 SAMPLING_STRATEGIES: tuple[str, ...] = ("random", "sequential", "group_by_length")
+
+#: `nonfinite_step_policy` (guards.py: what a step with NaN/inf gradients does).
+NONFINITE_POLICIES: tuple[str, ...] = ("skip", "stop", "ignore")

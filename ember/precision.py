@@ -27,6 +27,8 @@ class Precision:
 
     name = "fp32"
     dtype: torch.dtype | None = None
+    #: Whether this precision skips steps with non-finite gradients itself (the step guard then does not).
+    skips_nonfinite_steps = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -46,6 +48,9 @@ class Precision:
 
     def step_was_skipped(self) -> bool:
         return False
+
+    def drop_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The step guard kept this step's update from happening."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -75,6 +80,7 @@ class Fp16Precision(Precision):
 
     name = "fp16"
     dtype = torch.float16
+    skips_nonfinite_steps = True
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
@@ -96,6 +102,12 @@ class Fp16Precision(Precision):
         self._scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
+
+    def drop_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # After unscale_, GradScaler refuses a second unscale_ until update(); its inf checks are
+        # recorded, so update() can close the step (lowering the scale if they found an overflow).
+        if any(s["found_inf_per_device"] for s in self.scaler._per_optimizer_states.values()):
+            self.scaler.update()
 
     def step_was_skipped(self) -> bool:
         # GradScaler lowers its scale exactly when it skipped the step for inf/nan gradients.

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from . import loop
+from . import checks, loop
 from .args import TrainingArguments, check_eval_dataset
 from .batch_size import MicroBatchSplit
 from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
@@ -34,8 +34,10 @@ from .data import (
     pick_collator,
     remove_unused_columns,
 )
+from .data.checks import check_dataset_items, check_scalar_loss
 from .distributed import build_strategy
 from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
+from .guards import StepGuard
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from .memory import MemoryTracker
 from .models.neftune import neftune_noise
@@ -111,7 +113,7 @@ class Trainer(TrainerSurface):
             self.optimizer,
             self.lr_scheduler,
         )
-        self._progress = self._new_progress()
+        self._new_step_parts()
         self._checkpoint_writer = CheckpointWriter(async_=self.args.save_async)
         self._train_batch_sampler: Any = None
         self._current_flos = 0.0
@@ -136,8 +138,15 @@ class Trainer(TrainerSurface):
         handler = getattr(self.callback_handler, event)
         self.control = handler(self.args, self.state, self.control, **kwargs)
 
-    def _new_progress(self) -> RunProgress:
-        return RunProgress(LossTracker(self.strategy.device, self.args.logging_nan_inf_filter))
+    def _new_step_parts(self) -> None:
+        """Fresh run-state parts (position and loss, micro-batch split, step guard) for a new run."""
+        self._progress = RunProgress(LossTracker(self.strategy.device, self.args.logging_nan_inf_filter))
+        self._batch_split = MicroBatchSplit(
+            self.args.auto_find_batch_size, self.args.per_device_train_batch_size
+        )
+        self.step_guard = StepGuard(
+            self.args, self.precision.skips_nonfinite_steps, self.strategy.grad_norm_before_step
+        )
 
     # -- building parts ----------------------------------------------------------------------------
     def _seed_everything(self) -> None:
@@ -215,6 +224,7 @@ class Trainer(TrainerSurface):
             raise ValueError(
                 "evaluate() needs an eval dataset: pass `eval_dataset` to Trainer(...) or evaluate()."
             )
+        checks.check_eval_dataset_not_empty(dataset)
         loader = build_eval_dataloader(
             self._prepare_dataset(dataset, "evaluation"),
             self.args,
@@ -243,6 +253,7 @@ class Trainer(TrainerSurface):
     ) -> TrainOutput:
         from .checkpoint.run_folder import hold_output_dir
 
+        checks.check_output_dir_writable(self.args.output_dir)
         # One writer per output_dir: a second run there is refused before it touches anything.
         with hold_output_dir(self.args.output_dir, self.strategy):
             try:
@@ -267,8 +278,7 @@ class Trainer(TrainerSurface):
             self.model = self.model_wrapped = self.strategy.place_model(self.call_model_init(trial))
             self.callback_handler.model = self.model
             self.optimizer, self.lr_scheduler = None, None
-        loader = self.get_train_dataloader()
-        plan = plan_steps(args, self._train_batch_sampler, self.strategy.dp_world_size)
+        loader, plan = self._plan_run()
         # The model pipeline (adapters -> activation checkpointing -> compile), then the strategy wraps.
         model = self.model_wrapped = self.strategy.setup_model(prepare_model(self.model, args))
         self.create_optimizer_and_scheduler(plan.max_steps)
@@ -278,6 +288,7 @@ class Trainer(TrainerSurface):
         self._begin_state(plan)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
+            checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
         model.train()
         self._fire("on_train_begin")
         if args.eval_on_start and self.state.global_step == 0:
@@ -312,6 +323,15 @@ class Trainer(TrainerSurface):
                     break
         return self._finish_training()
 
+    def _plan_run(self) -> tuple[Any, TrainPlan]:
+        """The training loader and the run's length, refused before any work if either is unusable."""
+        if self.train_dataset is not None:
+            check_dataset_items(self.train_dataset, "train_dataset")
+        loader = self.get_train_dataloader()
+        plan = plan_steps(self.args, self._train_batch_sampler, self.strategy.dp_world_size)
+        checks.check_plan(self.args, plan.max_steps)
+        return loader, plan
+
     def _begin_state(self, plan: TrainPlan) -> None:
         self.state = TrainerState(
             max_steps=plan.max_steps,
@@ -324,10 +344,7 @@ class Trainer(TrainerSurface):
         self.state.epoch = 0.0
         self.control = TrainerControl()
         self._plan = plan
-        self._progress = self._new_progress()
-        self._batch_split = MicroBatchSplit(
-            self.args.auto_find_batch_size, self.args.per_device_train_batch_size
-        )
+        self._new_step_parts()
         self._current_flos = 0.0
         model = self.strategy.unwrap(self.model_wrapped)
         self._throughput = Throughput(
@@ -382,6 +399,7 @@ class Trainer(TrainerSurface):
                 loss = self.compute_loss(model, inputs) / self.args.gradient_accumulation_steps
             else:
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        check_scalar_loss(loss)
         self.strategy.backward(self.precision.scale(loss), model)
         return loss.detach()
 
@@ -419,7 +437,9 @@ class Trainer(TrainerSurface):
         else:
             loss = loss_from_outputs(outputs, inputs, self.label_names)
             if num_items_in_batch is not None:
-                loss = loss * (count_targets(inputs, self.label_shift) / num_items_in_batch)
+                share = count_targets(inputs, self.label_shift)
+                # Without targets the model's mean loss is 0/0 = nan; its share of the step is 0.
+                loss = torch.where(share > 0, loss * (share / num_items_in_batch), torch.zeros_like(loss))
         return (loss, outputs) if return_outputs else loss
 
     def _chunked_loss(
@@ -446,6 +466,7 @@ class Trainer(TrainerSurface):
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
             logs["learning_rate"] = self._step_lr
+            logs.update(self.step_guard.counts())
             self._transient_logs = self._throughput.rates(self.strategy.all_reduce_sum)
             progress.last_logged_step = self.state.global_step
             self.store_flos()
@@ -478,12 +499,9 @@ class Trainer(TrainerSurface):
             return False
         key = self.args.metric_for_best_model
         key = key if key.startswith("eval_") else f"eval_{key}"
-        if key not in metrics:
-            raise KeyError(
-                f"metric_for_best_model `{key}` is not among the eval metrics {sorted(metrics)}; "
-                "set metric_for_best_model to one of them."
-            )
-        value = float(metrics[key])
+        value = checks.best_metric_value(metrics, key)
+        if value is None:  # NaN: never the best
+            return False
         better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)
         if self.state.best_metric is None or better(value, self.state.best_metric):
             self.state.best_metric = value
@@ -506,6 +524,7 @@ class Trainer(TrainerSurface):
             callbacks=CallbackStates(lambda: self.callback_handler.callbacks, self.control),
             rng=RngState(),
             batch_split=self._batch_split,
+            guard=self.step_guard,
         )
 
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:

@@ -58,6 +58,10 @@ def test_every_transformers_field_exists_and_unsupported_ones_are_transformers_f
         "device_peak_flops",
         "chunked_loss",
         "loss_chunk_size",
+        "nonfinite_step_policy",
+        "max_consecutive_nonfinite_steps",
+        "loss_spike_zscore",
+        "loss_spike_window",
     }
     assert hf_names > UNSUPPORTED_HF_FIELDS
 

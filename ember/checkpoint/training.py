@@ -12,7 +12,8 @@ Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never
     manifest.json                  # written last: sizes and sha256 of every file above
 
 Every part is a `state_dict()`; this module only moves those dicts. It receives the parts by name
-(`Parts`: model, optimizer, scheduler, precision, progress, sampler, callbacks, rng) with the
+(`Parts`: model, optimizer, scheduler, precision, progress, sampler, callbacks, rng, and the
+batch split and step guard) with the
 strategy, which saves and loads model and optimizer however they are placed; it knows nothing of
 the object that runs the loop. A snapshot is taken on the training thread (copied to CPU when the
 write runs in the background), and the write touches only the snapshot, so training may go on
@@ -71,6 +72,7 @@ class Parts:
     callbacks: Stateful
     rng: Stateful
     batch_split: Stateful | None = None  # auto_find_batch_size's micro-batch split
+    guard: Stateful | None = None  # the step guard (guards.py)
 
 
 def rank_name(rank: int) -> str:
@@ -119,6 +121,7 @@ def take_snapshot(
             "precision": parts.precision.state_dict(),
             "sampler": parts.sampler.state_dict() if parts.sampler is not None else {},
             **parts.progress.state_dict(),
+            **({"guard": parts.guard.state_dict()} if parts.guard is not None else {}),
             "world_size": strategy.world_size,
             **({"batch_split": parts.batch_split.state_dict()} if parts.batch_split is not None else {}),
         }
@@ -184,6 +187,8 @@ def restore_training_state(parts: Parts, strategy: Strategy, args: TrainingArgum
         parts.progress.restart_epoch_data()
     if parts.batch_split is not None and "batch_split" in shared:
         parts.batch_split.load_state_dict(shared["batch_split"])  # what auto_find_batch_size found
+    if parts.guard is not None:
+        parts.guard.load_state_dict(shared.get("guard") or {})  # step-guard counters, spike window
     rank_file = folder / f"{rank_name(strategy.rank)}.json"
     if rank_file.exists():
         mine = load_state(folder, rank_name(strategy.rank))

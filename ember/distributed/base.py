@@ -65,6 +65,11 @@ class Strategy(Protocol):
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor: ...
 
+    @property
+    def grad_norm_before_step(self) -> bool:
+        """Whether the gradient norm exists before the optimizer steps (DeepSpeed ZeRO computes it
+        inside its own step), so the step guard can test it."""
+
     # -- state -------------------------------------------------------------------------------------
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The full state dict for saving; every rank calls it, the main process's counts."""

@@ -232,6 +232,11 @@ class DeepSpeedStrategy(MultiProcess):
         with collective("the gradient reduction in backward", self.rank):
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
+    @property
+    def grad_norm_before_step(self) -> bool:
+        # ZeRO computes the norm inside its own step: before it there is nothing to test.
+        return self.stage == 0
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         if self.stage == 0:
             # Stage 0 holds full, already reduced gradients but reports no norm; clipping here first

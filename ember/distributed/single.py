@@ -99,6 +99,10 @@ class SingleDevice:
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         loss.backward()
 
+    @property
+    def grad_norm_before_step(self) -> bool:
+        return True
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         # foreach keeps this one fused kernel per dtype group instead of a launch per tensor;
         # clip_grad_norm_ itself skips parameters without a gradient.

@@ -111,3 +111,25 @@ def test_lora_under_ddp_resumes_bit_exactly_from_its_adapter_checkpoint(ddp):
     assert meta["losses"] == meta_resumed["losses"]
     ckpt = ddp / "ddp-lora-resume" / "checkpoint-4"
     assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+
+
+def test_a_nan_on_one_rank_or_no_targets_anywhere_makes_every_rank_skip_the_step(tmp_path):
+    # Rank 1 alone has a NaN loss at step 3: the all-reduced gradients are NaN on both ranks, so
+    # both skip it. Step 4 has no target on either rank: skipped on both. Step 1 has none on rank
+    # 0 only: a normal step. The ranks stay equal and finite.
+    run_suite(tmp_path, "nonfinite")
+    ranks = [json.loads((tmp_path / f"nonfinite-rank{r}.json").read_text()) for r in (0, 1)]
+    for summary in ranks:
+        assert summary["finite"]
+        assert summary["nonfinite_steps"] == 1
+        assert summary["empty_steps"] == 1
+        assert summary["global_step"] == 5
+        # The empty step logs 0; so does the NaN step (logging_nan_inf_filter's rule for a window
+        # of only non-finite steps); the others are real losses.
+        assert summary["losses"][2:4] == [0.0, 0.0]
+        assert all(x > 0 for x in summary["losses"][:2] + summary["losses"][4:])
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    spikes = [json.loads((tmp_path / f"spike-ddp-rank{r}.json").read_text()) for r in (0, 1)]
+    for summary in spikes:
+        assert summary["finite"] and summary["rollbacks"] == [[1, 1]]  # step 5: epoch 1, its second step
+    assert spikes[0]["checksum"] == spikes[1]["checksum"]

@@ -92,3 +92,11 @@ def test_sharded_checkpoint_resumes_in_a_plain_single_process(fsdp, tmp_path, si
 def test_activation_checkpointing_under_fsdp_gives_the_same_weights(fsdp):
     assert max_diff(_state(fsdp, "fsdp-ac"), _state(fsdp, "fsdp")) < 1e-6
     assert _meta(fsdp, "fsdp-ac")["losses"] == pytest.approx(_meta(fsdp, "fsdp")["losses"], abs=1e-6)
+
+
+def test_a_loss_spike_is_rolled_back_on_every_rank_under_fsdp(tmp_path):
+    # The in-memory copy holds each rank's own shards; the decision uses the all-reduced loss.
+    run_suite(tmp_path, "spike-fsdp")
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / f"spike-fsdp-rank{rank}.json").read_text())
+        assert summary["finite"] and summary["rollbacks"] == [[1, 1]]  # step 5: epoch 1, its second step

@@ -362,6 +362,74 @@ def locked(out: Path) -> None:
     assert not (out / "free" / LOCK_NAME).exists()
 
 
+class NanOnThisRank(Trainer):
+    """Rank 1's loss is NaN at step 3: a fault one rank sees and the other does not."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if RANK == 1 and self.state.global_step == 2 and model.training:
+            return loss * float("nan")
+        return loss
+
+
+def nonfinite(out: Path) -> None:
+    """Both ranks must skip the step whose gradients one rank made NaN (step 3), and the step where
+    no rank has a target (step 4), and stay identical; rank 0 alone without targets (step 1) is a
+    normal step."""
+    calls = [0]
+
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = pad_lm_batch(features)
+        if calls[0] in (6, 7) or (RANK == 0 and calls[0] in (0, 1)):
+            batch["labels"][:] = -100
+        calls[0] += 1
+        return batch
+
+    base = lm_trainer(str(out / "nonfinite"), max_steps=5, max_grad_norm=0.0)
+    trainer = NanOnThisRank(
+        model=tiny_gpt2(seed=0),
+        args=base.args,
+        train_dataset=base.train_dataset,
+        data_collator=collate,
+    )
+    trainer.train()
+    params = lm_state(trainer)
+    summary = {
+        "nonfinite_steps": trainer.step_guard.nonfinite_steps,
+        "empty_steps": trainer.step_guard.empty_steps,
+        "finite": all(bool(torch.isfinite(v).all()) for v in params.values()),
+        "checksum": float(sum(v.double().sum() for v in params.values())),
+        "global_step": trainer.state.global_step,
+        "losses": losses(trainer),
+    }
+    (out / f"nonfinite-rank{RANK}.json").write_text(json.dumps(summary))
+
+
+class SpikeAt(Trainer):
+    """The loss (and so the gradients) of step 5 is 100 times too large on every rank."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss * 100 if self.state.global_step == 4 and model.training else loss
+
+
+def spike(out: Path, name: str, **kw: Any) -> None:
+    """Every rank rolls the spiking step back the same way (DDP: full copies; FSDP: local shards)."""
+    base = lm_trainer(str(out / name), max_steps=6, loss_spike_zscore=50.0, loss_spike_window=3, **kw)
+    trainer = SpikeAt(
+        model=tiny_gpt2(seed=0), args=base.args, train_dataset=base.train_dataset, data_collator=pad_lm_batch
+    )
+    trainer.train()
+    params = lm_state(trainer)
+    assert trainer.step_guard.spikes is not None
+    summary = {
+        "rollbacks": trainer.step_guard.spikes.rollbacks,
+        "finite": all(bool(torch.isfinite(v).all()) for v in params.values()),
+        "checksum": float(sum(v.double().sum() for v in params.values())),
+    }
+    (out / f"{name}-rank{RANK}.json").write_text(json.dumps(summary))
+
+
 SUITES = {
     "contract": lambda out, o: (strategy_contract(out, o), meta_fsdp(out)),
     "ddp": lambda out, o: (
@@ -392,6 +460,8 @@ SUITES = {
     "die": lambda out, o: die(out),
     "stall": lambda out, o: stall(out),
     "locked": lambda out, o: locked(out),
+    "nonfinite": lambda out, o: (nonfinite(out), spike(out, "spike-ddp")),
+    "spike-fsdp": lambda out, o: spike(out, "spike-fsdp", fsdp=True),
 }
 
 
