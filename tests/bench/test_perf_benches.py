@@ -11,9 +11,9 @@ def test_chunked_loss_bench_child_and_report():
 
     spec = {"seq": 16, "batch": 2, "steps": 3, "layers": 1, "width": 32, "chunk": 8, "vocab": 300}
     runs = [child({**spec, "impl": impl}) for impl in ("plain", "chunked", "hf")]
-    # Step memory (process peak RSS minus RSS before train) is only meaningful in a fresh process, which is how
-    # the benchmark runs each measurement; inside pytest the process peak and current RSS come from different
-    # counters and may differ by a little either way, so only its presence is checked here.
+    # Step memory (process peak RSS minus RSS before train) means something only in a fresh process, as
+    # the benchmark runs each measurement; inside pytest the process peak and the current RSS come from
+    # different counters and may differ a little either way, so only its presence is checked here.
     assert all(r["ok"] and r["step_ms"] > 0 and isinstance(r["step_peak_mib"], float) for r in runs)
     # labels start with -100, so all three count the same targets and report the same loss
     assert runs[1]["losses"] == pytest.approx(runs[0]["losses"], rel=1e-5)
