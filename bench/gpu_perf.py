@@ -93,15 +93,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     collator: Any = PackingCollator(max_length=spec.get("row_length")) if variant == "packed" else _pad
     extra = {"chunked_loss": True} if variant == "chunked" else {}
     clock = step_clock_callback(TrainerCallback)
-
-    class SeenLogs(TrainerCallback):  # throughput reaches on_log, not state.log_history
-        def __init__(self) -> None:
-            self.logs: list[dict[str, Any]] = []
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-            self.logs.append(dict(logs or {}))
-
-    seen = SeenLogs()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
@@ -123,13 +114,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             **extra,
         )
         trainer = Trainer(
-            model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[clock, seen]
+            model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[clock]
         )
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         trainer.train()
-    logs = [h for h in seen.logs if "loss" in h]
+    logs = [h for h in clock.logs if "loss" in h]
     return {
         **spec,
         "ok": True,

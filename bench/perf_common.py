@@ -66,14 +66,20 @@ def current_rss_mib() -> float:
 def step_clock_callback(base: type) -> Any:
     """A TrainerCallback (of ember or transformers) that stamps the end of every optimizer step.
 
-    Wall time and this process's CPU time: with one thread on a shared machine, CPU time per step
-    is what the code costs, while wall time also counts the time other processes held the core.
+    It also keeps every log dict it is handed: ember's throughput figures reach `on_log` but not
+    `state.log_history`. Wall time and this process's CPU time: with one thread on a shared machine,
+    CPU time per step is what the code costs, while wall time also counts the time other processes
+    held the core.
     """
 
     class Clock(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             self.times: list[float] = []
             self.cpu: list[float] = []
+            self.logs: list[dict[str, Any]] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            self.logs.append(dict(logs or {}))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.times.append(time.perf_counter())
