@@ -254,6 +254,11 @@ class TrainingFields:
         True, "Leave out the *_mem_* metrics (CPU RSS, CUDA memory) of train/eval."
     )
     torch_empty_cache_steps: int | None = _f(None, "Empty the device's cache every this many steps.")
+    tune_cpu_malloc: bool = _f(
+        True,
+        "On a CPU under glibc, keep freed tensor memory in the heap between steps (mallopt) instead of "
+        "returning it to the kernel and faulting it in again; skipped when MALLOC_*/LD_PRELOAD chose.",
+    )
     average_tokens_across_devices: bool = _f(
         True, "Normalise the loss by the tokens of all ranks (ember always does; False only on 1 process)."
     )

