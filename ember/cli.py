@@ -416,7 +416,9 @@ def _report_command(argv: list[str]) -> int:
 
 def read_logs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of the last run in a logs.jsonl (a run that starts again at a lower step begins
-    a new one, e.g. the same output_dir reused)."""
+    a new one, e.g. the same output_dir reused), or the `log_history` of a trainer_state.json."""
+    if Path(path).suffix == ".json":
+        return _state_log_history(path)
     runs: list[list[dict[str, Any]]] = [[]]
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -429,6 +431,17 @@ def read_logs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             runs.append([])
         runs[-1].append(record)
     return runs[-1]
+
+
+def _state_log_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not JSON ({err}).") from None
+    history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise ConfigError(f"{path} has no log_history list; is it a trainer_state.json?")
+    return [record for record in history if isinstance(record, dict)]
 
 
 def _fmt(value: Any) -> str:

@@ -63,22 +63,40 @@ _NOT_METRICS = ("_runtime", "_per_second", "_jit_compilation_time")
 
 
 def find_runs(paths: Sequence[str]) -> list[Path]:
-    """The logs.jsonl files behind `paths`: a run folder, a logs.jsonl itself, or a folder whose
-    subfolders are runs (e.g. a hyperparameter search's output_dir with run-0, run-1, ...)."""
+    """The logs behind `paths`: a run folder, a log file itself, or a folder whose subfolders are
+    runs (e.g. a hyperparameter search's output_dir with run-0, run-1, ...).
+
+    A run's log is its logs.jsonl (ember's jsonl tracker) or, failing that, the `log_history` of its
+    trainer_state.json, which `save_state()` writes on both ember and transformers: so a run made
+    with transformers' Trainer can be drawn beside an ember run.
+    """
     found: list[Path] = []
     for given in paths:
         path = Path(given)
         if path.is_file():
             found.append(path)
-        elif (path / "logs.jsonl").is_file():
-            found.append(path / "logs.jsonl")
-        elif path.is_dir() and (children := sorted(path.glob("*/logs.jsonl"), key=_natural)):
+        elif log := _log_of(path):
+            found.append(log)
+        elif path.is_dir() and (children := _child_logs(path)):
             found.extend(children)
         else:
             raise ReportError(
-                f"{path} has no logs.jsonl; point to the output_dir of a run (or a folder of runs)."
+                f"{path} has no logs.jsonl or trainer_state.json; point to the output_dir of a run "
+                "(or a folder of runs)."
             )
     return found
+
+
+def _log_of(folder: Path) -> Path | None:
+    for name in ("logs.jsonl", "trainer_state.json"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _child_logs(folder: Path) -> list[Path]:
+    logs = [log for child in folder.iterdir() if child.is_dir() and (log := _log_of(child))]
+    return sorted(logs, key=_natural)
 
 
 def _natural(path: Path) -> tuple[Any, ...]:

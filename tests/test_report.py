@@ -205,3 +205,33 @@ def test_plots_leave_pyplot_and_the_backend_alone(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
     assert png_size(tmp_path / "loss.png")[0] > 0
+
+
+def test_a_transformers_run_is_read_from_its_trainer_state(
+    runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run of transformers' Trainer has no logs.jsonl; its trainer_state.json's log_history is drawn
+    beside an ember run, so the two Trainers' curves can be compared in one picture."""
+    import transformers
+
+    folder = tmp_path / "hf"
+    args = transformers.TrainingArguments(
+        output_dir=str(folder), max_steps=6, logging_steps=1, per_device_train_batch_size=4,
+        learning_rate=3e-3, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        tiny_gpt2(), args, train_dataset=lm_examples(32), data_collator=pad_lm_batch
+    )
+    trainer.train()
+    trainer.save_state()
+    assert find_runs([str(folder)]) == [folder / "trainer_state.json"]
+    out = tmp_path / "both"
+    assert main(["report", str(runs[0]), str(folder), "--out", str(out)]) == 0
+    assert has_colour(out / "loss.png", BLUE) and has_colour(out / "loss.png", ORANGE)
+    page = (out / "report.html").read_text()
+    assert "train loss first / last" in page and page.count("<pre>") == 2
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "trainer_state.json").write_text('{"global_step": 3}')
+    assert main(["report", str(tmp_path / "bad"), "--no-plots"]) != 0
+    assert "has no log_history list" in capsys.readouterr().err
