@@ -39,3 +39,19 @@ def test_gpu_perf_child_runs_packed_bf16_on_cpu():
     spec = {"part": "packing", "min_len": 4, "max_len": 24, "row_length": 48, "batch": 4}
     run = child({**spec, "layers": 1, "width": 64, "steps": 2, "impl": "ember:packed"})
     assert run["ok"] and len(run["losses"]) == 2 and run["real_tokens_per_s"] > 0
+
+
+def test_cpu_malloc_bench_child_and_report():
+    from bench.cpu_malloc import child, render, summarise
+
+    spec = {"workload": "a", "steps": 6, "round": 0}
+    runs = [child({**spec, "mode": mode}) for mode in ("raw", "ember")]
+    for run in runs:
+        assert run["ok"] and run["step_cpu_ms_median"] > 0 and run["user_ms_per_step"] > 0
+        assert run["sys_ms_per_step"] >= 0 and run["faults_per_step"] >= 0
+    summary = summarise(runs)
+    assert list(summary["rows"]) == ["raw", "ember"] and len(summary["ratios"]["ember / raw"]) == 1
+    config = {"workload": "a", "steps": 6, "rounds": 1, "argv": []}
+    machine = {"date_utc": "-", "platform": "-", "python": "-", "torch": "-", "load_avg": "-"}
+    text = render({"machine": machine, "config": config, "summary": summary})
+    assert "| ember / raw |" in text and "page faults / step" in text
