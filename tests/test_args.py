@@ -62,6 +62,7 @@ def test_every_transformers_field_exists_and_unsupported_ones_are_transformers_f
         "max_consecutive_nonfinite_steps",
         "loss_spike_zscore",
         "loss_spike_window",
+        "tune_cpu_malloc",
     }
     assert hf_names > UNSUPPORTED_HF_FIELDS
 
