@@ -26,7 +26,6 @@ from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from .checkpoint.writer import CheckpointWriter
 from .cpu_malloc import keep_heap_between_steps
 from .data import (
-    build_eval_dataloader,
     build_train_dataloader,
     is_iterable_dataset,
     make_train_batch_sampler,
@@ -35,19 +34,20 @@ from .data import (
 )
 from .data.checks import check_dataset_items, check_scalar_loss
 from .distributed import build_strategy
-from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
+from .evaluation import speed_metrics
 from .guards import StepGuard
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from .memory import MemoryTracker
 from .models.neftune import neftune_noise
 from .models.pipeline import label_smoothing_for, prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
-from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
+from .outputs import TrainOutput
 from .precision import Precision
 from .preemption import PreemptionWatcher, TrainingPreempted
 from .progress import LossTracker, RunProgress, TrainPlan, plan_steps
 from .state import CallbackStates, TrainerControl, TrainerState
 from .throughput import Throughput, count_parameters, device_peak_flops, model_flops_per_token
+from .trainer_eval import TrainerEvaluation
 from .trainer_surface import TrainerSurface
 from .utils import enable_full_determinism, set_seed, to_device
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ember")
 
 
-class Trainer(TrainerSurface):
+class Trainer(TrainerEvaluation, TrainerSurface):
     """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
 
     #: Signals that make train() checkpoint at the end of the current step and exit; add
@@ -216,32 +216,6 @@ class Trainer(TrainerSurface):
         )
         self.callback_handler.train_dataloader = loader
         return loader
-
-    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError(
-                "evaluate() needs an eval dataset: pass `eval_dataset` to Trainer(...) or evaluate()."
-            )
-        checks.check_eval_dataset_not_empty(dataset)
-        loader = build_eval_dataloader(
-            self._prepare_dataset(dataset, "evaluation"),
-            self.args,
-            self.data_collator,
-            rank=self.strategy.dp_rank,
-            world_size=self.strategy.dp_world_size,
-        )
-        self.callback_handler.eval_dataloader = loader
-        return loader
-
-    def get_test_dataloader(self, test_dataset: Any) -> Any:
-        return build_eval_dataloader(
-            self._prepare_dataset(test_dataset, "test"),
-            self.args,
-            self.data_collator,
-            rank=self.strategy.dp_rank,
-            world_size=self.strategy.dp_world_size,
-        )
 
     # -- training ------------------------------------------------------------------------------------
     def train(
@@ -639,72 +613,6 @@ class Trainer(TrainerSurface):
             cached = self.__dict__["_flops_params"] = (model, count_parameters(model))
         return 6 * ids.numel() * cached[1]
 
-    # -- evaluation ----------------------------------------------------------------------------------
-    def model_for_eval(self) -> nn.Module:
-        return self.model_wrapped if self.model_wrapped is not None else self.model
-
-    def evaluate(
-        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
-    ) -> dict[str, float]:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict):
-            metrics: dict[str, float] = {}
-            for name, part in dataset.items():
-                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        start = time.perf_counter()
-        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
-        loader = self.get_eval_dataloader(dataset)
-        with torch.no_grad():
-            # As transformers: without compute_metrics there is nothing to keep logits for.
-            loss_only = True if self.compute_metrics is None else None
-            output = evaluation_loop(self, loader, "Evaluation", loss_only, ignore_keys, metric_key_prefix)
-        metrics = output.metrics or {}
-        metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
-        metrics.update(memory.stop(metric_key_prefix))
-        self.log(metrics)
-        self._fire("on_evaluate", metrics=metrics)
-        self.model_wrapped.train()
-        return metrics
-
-    def predict(
-        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
-    ) -> PredictionOutput:
-        start = time.perf_counter()
-        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
-        loader = self.get_test_dataloader(test_dataset)
-        with torch.no_grad():
-            output: EvalLoopOutput = evaluation_loop(
-                self, loader, "Prediction", None, ignore_keys, metric_key_prefix
-            )
-        metrics = output.metrics or {}
-        metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
-        metrics.update(memory.stop(metric_key_prefix))
-        self._fire("on_predict", metrics=metrics)
-        return PredictionOutput(output.predictions, output.label_ids, metrics)
-
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor | None, Any, Any]:
-        """(loss, logits, labels) of one batch, without gradients."""
-        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
-        inputs = self._prepare_inputs(inputs)
-        labels = labels_of(inputs, self.label_names) if has_labels else None
-        ignore = ignore_keys if ignore_keys is not None else ignore_keys_at_inference(model)
-        with torch.no_grad(), self.precision.autocast():
-            if has_labels:
-                loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
-                loss = loss.mean().detach()
-            else:
-                loss, outputs = None, model(**inputs)
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, logits_without(outputs, ignore), labels
-
     # -- saving --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from .checkpoint.model import save_model_files
@@ -765,13 +673,6 @@ def _check_constructor(
     if cls_kwargs is not None and optimizers[0] is not None:
         raise ValueError("Pass either `optimizers` or `optimizer_cls_and_kwargs`, not both.")
     check_eval_dataset(args, eval_dataset is not None)
-
-
-def _num_batches(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 def _default_label_names(model: nn.Module) -> list[str]:

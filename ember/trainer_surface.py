@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .outputs import EvalLoopOutput
     from .state import TrainerState
 
 
@@ -79,28 +78,6 @@ class TrainerSurface:
         from .optim import get_decay_parameter_names
 
         return get_decay_parameter_names(model)
-
-    # -- evaluation ------------------------------------------------------------------------------------
-    def evaluation_loop(
-        self,
-        dataloader: Any,
-        description: str,
-        prediction_loss_only: bool | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> EvalLoopOutput:
-        """The loop behind evaluate() and predict(), for subclasses that call it directly."""
-        from .evaluation import evaluation_loop
-
-        with torch.no_grad():
-            return evaluation_loop(
-                self,  # type: ignore[arg-type]
-                dataloader,
-                description,
-                prediction_loss_only,
-                ignore_keys,
-                metric_key_prefix,
-            )
 
     # -- transformers' script helpers ------------------------------------------------------------------
     def is_world_process_zero(self) -> bool:
