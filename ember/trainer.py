@@ -46,8 +46,9 @@ from .precision import Precision
 from .preemption import PreemptionWatcher, TrainingPreempted
 from .progress import LossTracker, RunProgress, TrainPlan, plan_steps
 from .state import CallbackStates, TrainerControl, TrainerState
-from .throughput import Throughput, count_parameters, device_peak_flops, model_flops_per_token
+from .throughput import Throughput, device_peak_flops, model_flops_per_token
 from .trainer_eval import TrainerEvaluation
+from .trainer_logging import TrainerLogging
 from .trainer_surface import TrainerSurface
 from .utils import enable_full_determinism, set_seed, to_device
 
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ember")
 
 
-class Trainer(TrainerEvaluation, TrainerSurface):
+class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
 
     #: Signals that make train() checkpoint at the end of the current step and exit; add
@@ -351,16 +352,6 @@ class Trainer(TrainerEvaluation, TrainerSurface):
         if self.args.include_num_input_tokens_seen not in ("no", False):
             self.state.num_input_tokens_seen += self._count_input_tokens(micro_batches)
 
-    def _count_input_tokens(self, micro_batches: list[dict[str, Any]]) -> int:
-        non_padding = self.args.include_num_input_tokens_seen == "non_padding"
-        total = 0
-        for batch in micro_batches:
-            ids = batch.get("input_ids")
-            if isinstance(ids, torch.Tensor):
-                mask = batch.get("attention_mask")
-                total += int(mask.sum()) if non_padding and isinstance(mask, torch.Tensor) else ids.numel()
-        return int(self.strategy.all_reduce_sum(torch.tensor(total)))
-
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -574,44 +565,6 @@ class Trainer(TrainerEvaluation, TrainerSurface):
         self.log(dict(metrics))
         self._fire("on_train_end")
         return TrainOutput(self.state.global_step, train_loss, metrics)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Record `logs` in `state.log_history` and hand them to the callbacks' `on_log`.
-
-        A step log's wall-clock figures (samples/s, tokens/s, MFU; set aside by the loop) go to
-        `on_log` only: trackers and the progress bar show them, while the history keeps what two
-        identical runs, or a resumed and an uninterrupted one, agree on.
-        """
-        transient = self.__dict__.pop("_transient_logs", None)
-        if self.state.epoch is not None:
-            logs["epoch"] = self.state.epoch
-        if self.args.include_num_input_tokens_seen not in ("no", False):
-            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        shown = {**logs, **transient} if transient else logs
-        self._fire("on_log", logs=shown)
-
-    def store_flos(self) -> None:
-        """Add the FLOPs counted since the last call, summed over ranks, to `state.total_flos`."""
-        flos = torch.tensor(self._current_flos, dtype=torch.float64)
-        self.state.total_flos += float(self.strategy.all_reduce_sum(flos))
-        self._current_flos = 0.0
-
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """Forward + backward FLOPs of one micro-batch: 6 x parameters x tokens of the main input.
-
-        transformers models count their non-embedding parameters; a plain module counts all of
-        them. A batch without the model's main input (`main_input_name`, default input_ids)
-        counts 0, as in transformers. Override this for a better estimate.
-        """
-        model = self.strategy.unwrap(self.model_wrapped)
-        ids = inputs.get(getattr(model, "main_input_name", "input_ids"))
-        if not isinstance(ids, torch.Tensor):
-            return 0
-        cached = self.__dict__.get("_flops_params")
-        if cached is None or cached[0] is not model:
-            cached = self.__dict__["_flops_params"] = (model, count_parameters(model))
-        return 6 * ids.numel() * cached[1]
 
     # -- saving --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
