@@ -33,6 +33,7 @@ from .data import (
     remove_unused_columns,
 )
 from .data.checks import check_dataset_items, check_scalar_loss
+from .data.columns import default_label_names
 from .distributed import build_strategy
 from .evaluation import speed_metrics
 from .guards import StepGuard
@@ -86,7 +87,8 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         self.args = args if args is not None else TrainingArguments()
-        _check_constructor(self.args, model, model_init, optimizers, optimizer_cls_and_kwargs, eval_dataset)
+        checks.check_trainer_inputs(model, model_init, optimizers, optimizer_cls_and_kwargs)
+        check_eval_dataset(self.args, eval_dataset is not None)
         self.strategy = build_strategy(self.args)
         self._seed_everything()
         self.model_init = model_init
@@ -101,7 +103,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.label_shift = shifts_labels(self.model)
         self._label_smoothing = label_smoothing_for(self.model, self.args.label_smoothing_factor)
-        self.label_names = self.args.label_names or _default_label_names(self.model)
+        self.label_names = self.args.label_names or default_label_names(self.model)
         self.state = TrainerState(
             is_local_process_zero=self.strategy.is_local_main, is_world_process_zero=self.strategy.is_main
         )
@@ -608,30 +610,3 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
 
     def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         self.callback_handler.remove_callback(callback)
-
-
-# -- small helpers -----------------------------------------------------------------------------------
-
-
-def _check_constructor(
-    args: TrainingArguments,
-    model: nn.Module | None,
-    model_init: Any,
-    optimizers: tuple[Any, Any],
-    cls_kwargs: Any,
-    eval_dataset: Any,
-) -> None:
-    if model is None and model_init is None:
-        raise ValueError("Trainer needs `model` or `model_init`; pass one of them.")
-    if cls_kwargs is not None and optimizers[0] is not None:
-        raise ValueError("Pass either `optimizers` or `optimizer_cls_and_kwargs`, not both.")
-    check_eval_dataset(args, eval_dataset is not None)
-
-
-def _default_label_names(model: nn.Module) -> list[str]:
-    from .data.columns import signature_columns
-
-    params = signature_columns(model) or []
-    if "start_positions" in params and "end_positions" in params:
-        return ["start_positions", "end_positions"]
-    return ["labels"]
