@@ -449,34 +449,6 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             self._save_checkpoint(metrics)
             self._fire("on_save")
 
-    def _evaluate(self, ignore_keys: list[str] | None) -> dict[str, float]:
-        metrics = self.evaluate(ignore_keys=ignore_keys)
-        if self.scheduler_waits_for_metrics:
-            key = self.args.metric_for_best_model or "loss"
-            key = key if key.startswith("eval_") else f"eval_{key}"
-            if key not in metrics:
-                raise KeyError(
-                    f"ReduceLROnPlateau steps on `{key}`, which evaluate() did not return; "
-                    f"set metric_for_best_model to one of {sorted(metrics)}."
-                )
-            self.lr_scheduler.step(metrics[key])
-        return metrics
-
-    def _is_new_best(self, metrics: dict[str, float] | None) -> bool:
-        if not metrics or self.args.metric_for_best_model is None:
-            return False
-        key = self.args.metric_for_best_model
-        key = key if key.startswith("eval_") else f"eval_{key}"
-        value = checks.best_metric_value(metrics, key)
-        if value is None:  # NaN: never the best
-            return False
-        better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)
-        if self.state.best_metric is None or better(value, self.state.best_metric):
-            self.state.best_metric = value
-            self.state.best_global_step = self.state.global_step
-            return True
-        return False
-
     def _stateful_parts(self) -> Parts:
         """The run's state as named parts, for checkpoint code (which never sees the trainer)."""
         from .checkpoint.rng import RngState

@@ -1,5 +1,6 @@
-"""The Trainer's evaluation and prediction members: their dataloaders, `evaluate()`, `predict()`
-and `prediction_step()`, kept out of trainer.py so that file stays about training. The batch loop
+"""The Trainer's evaluation and prediction members: their dataloaders, `evaluate()`, `predict()`,
+`prediction_step()`, and what training does with an evaluation's metrics (ReduceLROnPlateau's step,
+the best metric so far); kept out of trainer.py so that file stays about training. The batch loop
 they run (gathering, streaming metrics) is `evaluation.py`'s."""
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class TrainerEvaluation:
     label_names: list[str]
     compute_metrics: Callable[..., Any] | None
     preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None
+    lr_scheduler: Any
 
     if TYPE_CHECKING:  # defined by Trainer and TrainerLogging
 
@@ -57,6 +59,8 @@ class TrainerEvaluation:
             num_items_in_batch: torch.Tensor | int | None = None,
         ) -> Any: ...
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None: ...
+        @property
+        def scheduler_waits_for_metrics(self) -> bool: ...
 
     # -- dataloaders ---------------------------------------------------------------------------------
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
@@ -171,6 +175,35 @@ class TrainerEvaluation:
                 ignore_keys,
                 metric_key_prefix,
             )
+
+    # -- evaluation during training ------------------------------------------------------------------
+    def _evaluate(self, ignore_keys: list[str] | None) -> dict[str, float]:
+        metrics = self.evaluate(ignore_keys=ignore_keys)
+        if self.scheduler_waits_for_metrics:
+            key = self.args.metric_for_best_model or "loss"
+            key = key if key.startswith("eval_") else f"eval_{key}"
+            if key not in metrics:
+                raise KeyError(
+                    f"ReduceLROnPlateau steps on `{key}`, which evaluate() did not return; "
+                    f"set metric_for_best_model to one of {sorted(metrics)}."
+                )
+            self.lr_scheduler.step(metrics[key])
+        return metrics
+
+    def _is_new_best(self, metrics: dict[str, float] | None) -> bool:
+        if not metrics or self.args.metric_for_best_model is None:
+            return False
+        key = self.args.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        value = checks.best_metric_value(metrics, key)
+        if value is None:  # NaN: never the best
+            return False
+        better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)
+        if self.state.best_metric is None or better(value, self.state.best_metric):
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+            return True
+        return False
 
 
 def _num_batches(loader: Any) -> int | None:
