@@ -166,6 +166,13 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             raise ValueError("`model_init` returned None; it must return an nn.Module.")
         return model
 
+    def _fresh_model(self, trial: Any) -> None:
+        """As transformers: with model_init, each train() call starts from a fresh (seeded) model."""
+        self._seed_everything()
+        self.model = self.model_wrapped = self.strategy.place_model(self.call_model_init(trial))
+        self.callback_handler.model = self.model
+        self.optimizer, self.lr_scheduler = None, None  # and a fresh optimizer
+
     def create_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
             if self.optimizer_cls_and_kwargs is not None:
@@ -249,11 +256,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         self._start_time = time.perf_counter()
         self._memory = MemoryTracker(not args.skip_memory_metrics).start("train")
         if self.model_init is not None:
-            # As transformers: a fresh model (seeded) per train() call, with a fresh optimizer.
-            self._seed_everything()
-            self.model = self.model_wrapped = self.strategy.place_model(self.call_model_init(trial))
-            self.callback_handler.model = self.model
-            self.optimizer, self.lr_scheduler = None, None
+            self._fresh_model(trial)
         if args.tune_cpu_malloc and self.strategy.device.type == "cpu":
             keep_heap_between_steps()  # ~4% of a CPU step was the kernel refaulting freed memory
         loader, plan = self._plan_run()
