@@ -55,7 +55,6 @@ from .utils import enable_full_determinism, set_seed, to_device
 
 if TYPE_CHECKING:
     from .checkpoint.training import Parts
-    from .search import BestRun
 
 logger = logging.getLogger("ember")
 
@@ -66,9 +65,6 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     #: Signals that make train() checkpoint at the end of the current step and exit; add
     #: `signal.SIGUSR1` for schedulers that warn with it.
     preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
-    #: Set while hyperparameter_search runs ("optuna"), and the objective of the current trial.
-    hp_search_backend: str | None = None
-    objective: Any = None
 
     def __init__(
         self,
@@ -554,27 +550,6 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             save_model_files(
                 self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
             )
-
-    # -- hyperparameter search -----------------------------------------------------------------------
-    def hyperparameter_search(
-        self,
-        hp_space: Callable[[Any], dict[str, Any]] | None = None,
-        compute_objective: Callable[[dict[str, float]], Any] | None = None,
-        n_trials: int = 20,
-        direction: str | list[str] = "minimize",
-        backend: str | None = None,
-        hp_name: Callable[[Any], str] | None = None,
-        **kwargs: Any,
-    ) -> BestRun | list[BestRun]:
-        """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
-        with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
-        `direction` is a list). `backend`: "optuna" (default) or "ray". `kwargs` go to the backend
-        (optuna: `create_study` and `optimize`; ray: `tune.run`). See `ember.search`."""
-        from .search import hyperparameter_search
-
-        return hyperparameter_search(
-            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
-        )
 
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:

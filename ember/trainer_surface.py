@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from .search import BestRun
     from .state import TrainerState
 
 
@@ -29,6 +30,10 @@ class TrainerSurface:
     state: TrainerState
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
+
+    #: Set while hyperparameter_search runs ("optuna"), and the objective of the current trial.
+    hp_search_backend: str | None = None
+    objective: Any = None
 
     # -- precision contexts (for custom training_step / compute_loss overrides) ----------------------
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
@@ -192,6 +197,27 @@ class TrainerSurface:
                 "The trainer has no optimizer yet; call train() or create_optimizer() before asking for it."
             )
         return self.optimizer
+
+    # -- hyperparameter search -------------------------------------------------------------------------
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], Any] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> BestRun | list[BestRun]:
+        """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
+        with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
+        `direction` is a list). `backend`: "optuna" (default) or "ray". `kwargs` go to the backend
+        (optuna: `create_study` and `optimize`; ray: `tune.run`). See `ember.search`."""
+        from .search import hyperparameter_search
+
+        return hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )
 
     # -- end of a script -------------------------------------------------------------------------------
     def end(self) -> None:
