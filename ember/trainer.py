@@ -3,6 +3,8 @@
 `train()` reads top to bottom; the work of one optimizer step lives in `loop.py`, the evaluation
 loop in `evaluation.py`, placement and collectives in the strategy (`distributed/`), dtype handling
 in the precision object. The trainer never asks which backend or precision it runs with.
+Members outside training are mixed in: evaluate / predict (`trainer_eval.py`), log and FLOPs
+(`trainer_logging.py`), and the small ones scripts call (`trainer_surface.py`).
 """
 
 from __future__ import annotations
