@@ -20,6 +20,16 @@ import torch
 logger = logging.getLogger("ember")
 
 
+def check_trainer_inputs(
+    model: Any, model_init: Any, optimizers: tuple[Any, Any], optimizer_cls_and_kwargs: Any
+) -> None:
+    """At Trainer construction: a model to train, and at most one way to choose its optimizer."""
+    if model is None and model_init is None:
+        raise ValueError("Trainer needs `model` or `model_init`; pass one of them.")
+    if optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
+        raise ValueError("Pass either `optimizers` or `optimizer_cls_and_kwargs`, not both.")
+
+
 def check_output_dir_writable(output_dir: str) -> None:
     """At train start: `output_dir` (or the folder it will be made in) must accept files."""
     path = Path(output_dir)

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# The Trainer, typed loosely: trainer.py imports this module, which must not import it back
-# (not even for types: the import graph of ember/ has no cycle).
+# The Trainer, typed loosely: its script helpers (trainer_surface.py) import this module, which
+# must not import it back (not even for types: the import graph of ember/ has no cycle).
 Trainer = Any
 
 # Keys of an eval log entry that describe the machine, not the model.

@@ -26,8 +26,8 @@ from typing import Any, NamedTuple, Protocol
 from ember.args import TrainingArguments, check_field_names
 from ember.callbacks.events import TrainerCallback
 
-# The Trainer, typed loosely: trainer.py imports this module, which must not import it back
-# (not even for types: the import graph of ember/ has no cycle).
+# The Trainer, typed loosely: its hyperparameter_search (trainer_surface.py) imports this module,
+# which must not import it back (not even for types: the import graph of ember/ has no cycle).
 Trainer = Any
 
 __all__ = [

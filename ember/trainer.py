@@ -3,17 +3,17 @@
 `train()` reads top to bottom; the work of one optimizer step lives in `loop.py`, the evaluation
 loop in `evaluation.py`, placement and collectives in the strategy (`distributed/`), dtype handling
 in the precision object. The trainer never asks which backend or precision it runs with.
+Members outside training are mixed in: evaluate / predict (`trainer_eval.py`), log and FLOPs
+(`trainer_logging.py`), and the small ones scripts call (`trainer_surface.py`).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,6 @@ from .callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from .checkpoint.writer import CheckpointWriter
 from .cpu_malloc import keep_heap_between_steps
 from .data import (
-    build_eval_dataloader,
     build_train_dataloader,
     is_iterable_dataset,
     make_train_batch_sampler,
@@ -36,39 +35,38 @@ from .data import (
     remove_unused_columns,
 )
 from .data.checks import check_dataset_items, check_scalar_loss
+from .data.columns import default_label_names
 from .distributed import build_strategy
-from .evaluation import evaluation_loop, ignore_keys_at_inference, labels_of, logits_without, speed_metrics
+from .evaluation import speed_metrics
 from .guards import StepGuard
 from .loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from .memory import MemoryTracker
 from .models.neftune import neftune_noise
 from .models.pipeline import label_smoothing_for, prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
-from .outputs import EvalLoopOutput, PredictionOutput, TrainOutput
+from .outputs import TrainOutput
 from .precision import Precision
 from .preemption import PreemptionWatcher, TrainingPreempted
 from .progress import LossTracker, RunProgress, TrainPlan, plan_steps
 from .state import CallbackStates, TrainerControl, TrainerState
-from .throughput import Throughput, count_parameters, device_peak_flops, model_flops_per_token
+from .throughput import Throughput, device_peak_flops, model_flops_per_token
+from .trainer_eval import TrainerEvaluation
+from .trainer_logging import TrainerLogging
 from .trainer_surface import TrainerSurface
 from .utils import enable_full_determinism, set_seed, to_device
 
 if TYPE_CHECKING:
     from .checkpoint.training import Parts
-    from .search import BestRun
 
 logger = logging.getLogger("ember")
 
 
-class Trainer(TrainerSurface):
+class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
 
     #: Signals that make train() checkpoint at the end of the current step and exit; add
     #: `signal.SIGUSR1` for schedulers that warn with it.
     preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
-    #: Set while hyperparameter_search runs ("optuna"), and the objective of the current trial.
-    hp_search_backend: str | None = None
-    objective: Any = None
 
     def __init__(
         self,
@@ -87,7 +85,8 @@ class Trainer(TrainerSurface):
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         self.args = args if args is not None else TrainingArguments()
-        _check_constructor(self.args, model, model_init, optimizers, optimizer_cls_and_kwargs, eval_dataset)
+        checks.check_trainer_inputs(model, model_init, optimizers, optimizer_cls_and_kwargs)
+        check_eval_dataset(self.args, eval_dataset is not None)
         self.strategy = build_strategy(self.args)
         self._seed_everything()
         self.model_init = model_init
@@ -102,7 +101,7 @@ class Trainer(TrainerSurface):
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.label_shift = shifts_labels(self.model)
         self._label_smoothing = label_smoothing_for(self.model, self.args.label_smoothing_factor)
-        self.label_names = self.args.label_names or _default_label_names(self.model)
+        self.label_names = self.args.label_names or default_label_names(self.model)
         self.state = TrainerState(
             is_local_process_zero=self.strategy.is_local_main, is_world_process_zero=self.strategy.is_main
         )
@@ -165,6 +164,13 @@ class Trainer(TrainerSurface):
             raise ValueError("`model_init` returned None; it must return an nn.Module.")
         return model
 
+    def _fresh_model(self, trial: Any) -> None:
+        """As transformers: with model_init, each train() call starts from a fresh (seeded) model."""
+        self._seed_everything()
+        self.model = self.model_wrapped = self.strategy.place_model(self.call_model_init(trial))
+        self.callback_handler.model = self.model
+        self.optimizer, self.lr_scheduler = None, None  # and a fresh optimizer
+
     def create_optimizer(self) -> torch.optim.Optimizer:
         if self.optimizer is None:
             if self.optimizer_cls_and_kwargs is not None:
@@ -219,32 +225,6 @@ class Trainer(TrainerSurface):
         self.callback_handler.train_dataloader = loader
         return loader
 
-    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError(
-                "evaluate() needs an eval dataset: pass `eval_dataset` to Trainer(...) or evaluate()."
-            )
-        checks.check_eval_dataset_not_empty(dataset)
-        loader = build_eval_dataloader(
-            self._prepare_dataset(dataset, "evaluation"),
-            self.args,
-            self.data_collator,
-            rank=self.strategy.dp_rank,
-            world_size=self.strategy.dp_world_size,
-        )
-        self.callback_handler.eval_dataloader = loader
-        return loader
-
-    def get_test_dataloader(self, test_dataset: Any) -> Any:
-        return build_eval_dataloader(
-            self._prepare_dataset(test_dataset, "test"),
-            self.args,
-            self.data_collator,
-            rank=self.strategy.dp_rank,
-            world_size=self.strategy.dp_world_size,
-        )
-
     # -- training ------------------------------------------------------------------------------------
     def train(
         self,
@@ -274,11 +254,7 @@ class Trainer(TrainerSurface):
         self._start_time = time.perf_counter()
         self._memory = MemoryTracker(not args.skip_memory_metrics).start("train")
         if self.model_init is not None:
-            # As transformers: a fresh model (seeded) per train() call, with a fresh optimizer.
-            self._seed_everything()
-            self.model = self.model_wrapped = self.strategy.place_model(self.call_model_init(trial))
-            self.callback_handler.model = self.model
-            self.optimizer, self.lr_scheduler = None, None
+            self._fresh_model(trial)
         if args.tune_cpu_malloc and self.strategy.device.type == "cpu":
             keep_heap_between_steps()  # ~4% of a CPU step was the kernel refaulting freed memory
         loader, plan = self._plan_run()
@@ -379,16 +355,6 @@ class Trainer(TrainerSurface):
         if self.args.include_num_input_tokens_seen not in ("no", False):
             self.state.num_input_tokens_seen += self._count_input_tokens(micro_batches)
 
-    def _count_input_tokens(self, micro_batches: list[dict[str, Any]]) -> int:
-        non_padding = self.args.include_num_input_tokens_seen == "non_padding"
-        total = 0
-        for batch in micro_batches:
-            ids = batch.get("input_ids")
-            if isinstance(ids, torch.Tensor):
-                mask = batch.get("attention_mask")
-                total += int(mask.sum()) if non_padding and isinstance(mask, torch.Tensor) else ids.numel()
-        return int(self.strategy.all_reduce_sum(torch.tensor(total)))
-
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -484,34 +450,6 @@ class Trainer(TrainerSurface):
             self._save_checkpoint(metrics)
             self._fire("on_save")
 
-    def _evaluate(self, ignore_keys: list[str] | None) -> dict[str, float]:
-        metrics = self.evaluate(ignore_keys=ignore_keys)
-        if self.scheduler_waits_for_metrics:
-            key = self.args.metric_for_best_model or "loss"
-            key = key if key.startswith("eval_") else f"eval_{key}"
-            if key not in metrics:
-                raise KeyError(
-                    f"ReduceLROnPlateau steps on `{key}`, which evaluate() did not return; "
-                    f"set metric_for_best_model to one of {sorted(metrics)}."
-                )
-            self.lr_scheduler.step(metrics[key])
-        return metrics
-
-    def _is_new_best(self, metrics: dict[str, float] | None) -> bool:
-        if not metrics or self.args.metric_for_best_model is None:
-            return False
-        key = self.args.metric_for_best_model
-        key = key if key.startswith("eval_") else f"eval_{key}"
-        value = checks.best_metric_value(metrics, key)
-        if value is None:  # NaN: never the best
-            return False
-        better = (lambda a, b: a > b) if self.args.greater_is_better else (lambda a, b: a < b)
-        if self.state.best_metric is None or better(value, self.state.best_metric):
-            self.state.best_metric = value
-            self.state.best_global_step = self.state.global_step
-            return True
-        return False
-
     def _stateful_parts(self) -> Parts:
         """The run's state as named parts, for checkpoint code (which never sees the trainer)."""
         from .checkpoint.rng import RngState
@@ -603,224 +541,6 @@ class Trainer(TrainerSurface):
         self._fire("on_train_end")
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Record `logs` in `state.log_history` and hand them to the callbacks' `on_log`.
-
-        A step log's wall-clock figures (samples/s, tokens/s, MFU; set aside by the loop) go to
-        `on_log` only: trackers and the progress bar show them, while the history keeps what two
-        identical runs, or a resumed and an uninterrupted one, agree on.
-        """
-        transient = self.__dict__.pop("_transient_logs", None)
-        if self.state.epoch is not None:
-            logs["epoch"] = self.state.epoch
-        if self.args.include_num_input_tokens_seen not in ("no", False):
-            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        shown = {**logs, **transient} if transient else logs
-        self._fire("on_log", logs=shown)
-
-    def store_flos(self) -> None:
-        """Add the FLOPs counted since the last call, summed over ranks, to `state.total_flos`."""
-        flos = torch.tensor(self._current_flos, dtype=torch.float64)
-        self.state.total_flos += float(self.strategy.all_reduce_sum(flos))
-        self._current_flos = 0.0
-
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """Forward + backward FLOPs of one micro-batch: 6 x parameters x tokens of the main input.
-
-        transformers models count their non-embedding parameters; a plain module counts all of
-        them. A batch without the model's main input (`main_input_name`, default input_ids)
-        counts 0, as in transformers. Override this for a better estimate.
-        """
-        model = self.strategy.unwrap(self.model_wrapped)
-        ids = inputs.get(getattr(model, "main_input_name", "input_ids"))
-        if not isinstance(ids, torch.Tensor):
-            return 0
-        cached = self.__dict__.get("_flops_params")
-        if cached is None or cached[0] is not model:
-            cached = self.__dict__["_flops_params"] = (model, count_parameters(model))
-        return 6 * ids.numel() * cached[1]
-
-    # -- transformers' script helpers -----------------------------------------------------------------
-    def is_world_process_zero(self) -> bool:
-        return self.strategy.is_main
-
-    def is_local_process_zero(self) -> bool:
-        return self.strategy.is_local_main
-
-    def metrics_format(self, metrics: dict[str, float]) -> dict[str, Any]:
-        from .reporting import metrics_format
-
-        return metrics_format(metrics)
-
-    def log_metrics(self, split: str, metrics: dict[str, float]) -> None:
-        """Print `metrics` as an aligned table headed by `split` (main process only)."""
-        from .reporting import metrics_table
-
-        if self.is_world_process_zero():
-            print(metrics_table(split, metrics))
-
-    def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
-        """Write `output_dir/{split}_results.json`; with `combined`, merge into `all_results.json`."""
-        if not self.is_world_process_zero():
-            return
-        folder = Path(self.args.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / f"{split}_results.json", metrics)
-        if combined:
-            merged_path = folder / "all_results.json"
-            merged = json.loads(merged_path.read_text(encoding="utf-8")) if merged_path.exists() else {}
-            merged.update(metrics)
-            _write_json(merged_path, merged)
-
-    def save_state(self) -> None:
-        """Write `output_dir/trainer_state.json` (main process only)."""
-        if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
-
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-    ) -> None:
-        """Write a draft `output_dir/README.md`: names, hyperparameters and the results table.
-
-        Local only: nothing is looked up or pushed to a hub.
-        """
-        from .reporting import model_card
-
-        if not self.is_world_process_zero():
-            return
-        text = model_card(
-            self,
-            language=language,
-            license=license,
-            tags=tags,
-            model_name=model_name,
-            finetuned_from=finetuned_from,
-            tasks=tasks,
-            dataset_tags=dataset_tags,
-            dataset=dataset,
-            dataset_args=dataset_args,
-        )
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        Path(self.args.output_dir, "README.md").write_text(text, encoding="utf-8")
-
-    def num_examples(self, dataloader: Any) -> int:
-        """Samples in `dataloader`'s dataset, or batches x batch size when it has no length."""
-        try:
-            return len(dataloader.dataset)
-        except (AttributeError, TypeError):
-            return len(dataloader) * self.args.per_device_train_batch_size
-
-    def num_tokens(self, train_dl: Any, max_steps: int | None = None) -> int:
-        """Tokens of `input_ids` in `train_dl` (only its first `max_steps` x GA batches if given)."""
-        limit = None if max_steps is None else max_steps * self.args.gradient_accumulation_steps
-        total = 0
-        for i, batch in enumerate(train_dl):
-            if limit is not None and i >= limit:
-                break
-            ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-            if isinstance(ids, torch.Tensor):
-                total += ids.numel()
-        return total
-
-    def get_num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-
-    def get_learning_rates(self) -> list[float]:
-        return [group["lr"] for group in self._require_optimizer().param_groups]
-
-    def get_optimizer_group(self, param: str | torch.nn.Parameter | None = None) -> Any:
-        """The parameter group holding `param`, or every group's parameter list when None."""
-        optimizer = self._require_optimizer()
-        if param is not None:
-            for group in optimizer.param_groups:
-                if any(p is param for p in group["params"]):
-                    return group
-        return [group["params"] for group in optimizer.param_groups]
-
-    def _require_optimizer(self) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            raise ValueError(
-                "The trainer has no optimizer yet; call train() or create_optimizer() before asking for it."
-            )
-        return self.optimizer
-
-    # -- evaluation ----------------------------------------------------------------------------------
-    def model_for_eval(self) -> nn.Module:
-        return self.model_wrapped if self.model_wrapped is not None else self.model
-
-    def evaluate(
-        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
-    ) -> dict[str, float]:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict):
-            metrics: dict[str, float] = {}
-            for name, part in dataset.items():
-                metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        start = time.perf_counter()
-        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
-        loader = self.get_eval_dataloader(dataset)
-        with torch.no_grad():
-            # As transformers: without compute_metrics there is nothing to keep logits for.
-            loss_only = True if self.compute_metrics is None else None
-            output = evaluation_loop(self, loader, "Evaluation", loss_only, ignore_keys, metric_key_prefix)
-        metrics = output.metrics or {}
-        metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
-        metrics.update(memory.stop(metric_key_prefix))
-        self.log(metrics)
-        self._fire("on_evaluate", metrics=metrics)
-        self.model_wrapped.train()
-        return metrics
-
-    def predict(
-        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
-    ) -> PredictionOutput:
-        start = time.perf_counter()
-        memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
-        loader = self.get_test_dataloader(test_dataset)
-        with torch.no_grad():
-            output: EvalLoopOutput = evaluation_loop(
-                self, loader, "Prediction", None, ignore_keys, metric_key_prefix
-            )
-        metrics = output.metrics or {}
-        metrics.update(speed_metrics(metric_key_prefix, start, output.num_samples, _num_batches(loader)))
-        metrics.update(memory.stop(metric_key_prefix))
-        self._fire("on_predict", metrics=metrics)
-        return PredictionOutput(output.predictions, output.label_ids, metrics)
-
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor | None, Any, Any]:
-        """(loss, logits, labels) of one batch, without gradients."""
-        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
-        inputs = self._prepare_inputs(inputs)
-        labels = labels_of(inputs, self.label_names) if has_labels else None
-        ignore = ignore_keys if ignore_keys is not None else ignore_keys_at_inference(model)
-        with torch.no_grad(), self.precision.autocast():
-            if has_labels:
-                loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
-                loss = loss.mean().detach()
-            else:
-                loss, outputs = None, model(**inputs)
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, logits_without(outputs, ignore), labels
-
     # -- saving --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from .checkpoint.model import save_model_files
@@ -833,27 +553,6 @@ class Trainer(TrainerSurface):
                 self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
             )
 
-    # -- hyperparameter search -----------------------------------------------------------------------
-    def hyperparameter_search(
-        self,
-        hp_space: Callable[[Any], dict[str, Any]] | None = None,
-        compute_objective: Callable[[dict[str, float]], Any] | None = None,
-        n_trials: int = 20,
-        direction: str | list[str] = "minimize",
-        backend: str | None = None,
-        hp_name: Callable[[Any], str] | None = None,
-        **kwargs: Any,
-    ) -> BestRun | list[BestRun]:
-        """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
-        with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
-        `direction` is a list). `backend`: "optuna" (default) or "ray". `kwargs` go to the backend
-        (optuna: `create_study` and `optimize`; ray: `tune.run`). See `ember.search`."""
-        from .search import hyperparameter_search
-
-        return hyperparameter_search(
-            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
-        )
-
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         self.callback_handler.add_callback(callback)
@@ -863,41 +562,3 @@ class Trainer(TrainerSurface):
 
     def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         self.callback_handler.remove_callback(callback)
-
-
-# -- small helpers -----------------------------------------------------------------------------------
-
-
-def _check_constructor(
-    args: TrainingArguments,
-    model: nn.Module | None,
-    model_init: Any,
-    optimizers: tuple[Any, Any],
-    cls_kwargs: Any,
-    eval_dataset: Any,
-) -> None:
-    if model is None and model_init is None:
-        raise ValueError("Trainer needs `model` or `model_init`; pass one of them.")
-    if cls_kwargs is not None and optimizers[0] is not None:
-        raise ValueError("Pass either `optimizers` or `optimizer_cls_and_kwargs`, not both.")
-    check_eval_dataset(args, eval_dataset is not None)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _num_batches(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
-
-def _default_label_names(model: nn.Module) -> list[str]:
-    from .data.columns import signature_columns
-
-    params = signature_columns(model) or []
-    if "start_positions" in params and "end_positions" in params:
-        return ["start_positions", "end_positions"]
-    return ["labels"]

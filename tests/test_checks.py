@@ -271,3 +271,18 @@ def test_resuming_past_max_steps_is_refused(tmp_path):
     shorter = _regression(tmp_path, max_steps=2)
     with pytest.raises(ValueError, match="at step 4, past this run's max_steps=2"):
         shorter.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+
+
+def test_trainer_needs_a_model_and_one_way_to_choose_the_optimizer(tmp_path):
+    with pytest.raises(ValueError, match="`model` or `model_init`"):
+        Trainer(args=_args(tmp_path), train_dataset=RegressionDataset(8))
+    model = RegressionModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="either `optimizers` or `optimizer_cls_and_kwargs`"):
+        Trainer(
+            model,
+            _args(tmp_path),
+            train_dataset=RegressionDataset(8),
+            optimizers=(optimizer, None),
+            optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}),
+        )

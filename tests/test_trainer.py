@@ -328,3 +328,34 @@ def test_optimizer_cls_and_kwargs_is_used(tmp_path):
     trainer.train()
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert trainer.optimizer.param_groups[0]["momentum"] == 0.5
+
+
+def test_overrides_of_mixed_in_members_are_what_train_calls(tmp_path):
+    """evaluate, prediction_step, log and floating_point_ops live in mixins; train() reaches a subclass's."""
+    calls: list[str] = []
+
+    class MyTrainer(Trainer):
+        def evaluate(self, *args, **kwargs):
+            calls.append("evaluate")
+            return super().evaluate(*args, **kwargs)
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            calls.append("prediction_step")
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+        def log(self, logs, start_time=None):
+            calls.append("log")
+            super().log(logs, start_time)
+
+        def floating_point_ops(self, inputs):
+            return 1000
+
+    trainer = MyTrainer(
+        RegressionModel(),
+        _args(tmp_path, max_steps=2, logging_steps=1, eval_strategy="steps", eval_steps=2),
+        train_dataset=RegressionDataset(32),
+        eval_dataset=RegressionDataset(8, seed=1),
+    )
+    trainer.train()
+    assert {"evaluate", "prediction_step", "log"} <= set(calls)
+    assert trainer.state.total_flos == 2 * 1000  # two steps of one micro-batch each

@@ -15,6 +15,7 @@ from .samplers import fork_rng
 __all__ = [
     "ColumnFilter",
     "IterableColumnFilter",
+    "default_label_names",
     "remove_unused_columns",
     "signature_columns",
     "unwrap_model",
@@ -44,6 +45,15 @@ def signature_columns(model: Any) -> list[str] | None:
     if not named and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return named
+
+
+def default_label_names(model: Any) -> list[str]:
+    """The label columns when `label_names` is not set: a forward taking both `start_positions` and
+    `end_positions` (question answering) is labelled by them, every other model by `labels`."""
+    params = signature_columns(model) or []
+    if "start_positions" in params and "end_positions" in params:
+        return ["start_positions", "end_positions"]
+    return ["labels"]
 
 
 def _report(dataset: Any, dropped: list[str], model_name: str, description: str | None) -> None:

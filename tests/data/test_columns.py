@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from ember.data.columns import remove_unused_columns, signature_columns, unwrap_model
+from ember.data.columns import default_label_names, remove_unused_columns, signature_columns, unwrap_model
 
 torch.set_num_threads(1)
 
@@ -152,3 +152,13 @@ def test_iterable_dataset_is_filtered_while_streaming(caplog: pytest.LogCaptureF
     list(pruned)
     pruned.set_epoch(2)
     assert len(dropped_messages(caplog)) == 1
+
+
+def test_default_label_names_follow_the_forward() -> None:
+    class QuestionAnswering(nn.Module):
+        def forward(self, input_ids: Any, start_positions: Any = None, end_positions: Any = None) -> Any:
+            return input_ids
+
+    assert default_label_names(QuestionAnswering()) == ["start_positions", "end_positions"]
+    assert default_label_names(Model()) == ["labels"]
+    assert default_label_names(KwargsModel()) == ["labels"]
