@@ -73,15 +73,59 @@ def test_collator_fills_rows_up_to_max_length_and_pads_the_shorter_ones():
         {"input_ids": [6, 7, 8, 9]},
         {"input_ids": [10]},
     ]
-    batch = PackingCollator(max_length=5, pad_token_id=0)(features)
+    batch = PackingCollator(max_length=5, pad_token_id=0, strategy="in_order")(features)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    three = PackingCollator(max_length=4)(features)
+    three = PackingCollator(max_length=4, strategy="in_order")(features)
     assert three["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]]
     assert three["position_ids"].tolist() == [[0, 1, 2, 2], [0, 1, 1, 1], [0, 1, 2, 3], [0, 1, 1, 1]]
     assert three["labels"].tolist()[1] == [-100, 5, -100, -100]
     with pytest.raises(ValueError, match="max_length=3"):
         PackingCollator(max_length=3)(features)
+
+
+def test_best_fit_fills_rows_longest_first_into_the_fullest_row_that_has_room():
+    features = [
+        {"input_ids": [1, 2, 3]},
+        {"input_ids": [4, 5]},
+        {"input_ids": [6, 7, 8, 9]},
+        {"input_ids": [10]},
+    ]
+    # in order this takes 4 rows of 4; longest first, [10] joins the fuller of the two rows it fits in
+    rows = PackingCollator(max_length=4)(features)
+    assert rows["input_ids"].tolist() == [[6, 7, 8, 9], [1, 2, 3, 10], [4, 5, 0, 0]]
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 1, 1]]
+    assert rows["labels"].tolist() == [[-100, 7, 8, 9], [-100, 2, 3, -100], [-100, 5, -100, -100]]
+    assert PackingCollator(max_length=5)(features)["input_ids"].tolist() == [
+        [6, 7, 8, 9, 10],
+        [1, 2, 3, 4, 5],
+    ]
+    # without max_length there is one row, in the batch's order, whatever the strategy
+    assert PackingCollator()(features)["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    with pytest.raises(ValueError, match="strategy"):
+        PackingCollator(max_length=4, strategy="first_fit")
+
+
+@pytest.mark.parametrize("strategy", ["best_fit", "in_order"])
+def test_rows_of_either_strategy_give_the_padded_loss(strategy):
+    model = tiny_llama()
+    examples = lm_examples(9, vocab=VOCAB, seed=7, min_len=3, max_len=20)
+    packed = PackingCollator(max_length=24, strategy=strategy)(examples)
+    assert packed["input_ids"].shape[1] <= 24 and packed["input_ids"].shape[0] > 1
+    loss = model(**packed).loss
+    padded = model(**pad_lm_batch(examples)).loss
+    assert float(loss.detach()) == pytest.approx(float(padded.detach()), rel=1e-5)
+
+
+def test_best_fit_needs_fewer_rows_than_in_order():
+    rows = {"best_fit": 0, "in_order": 0}
+    for seed in range(20):
+        examples = lm_examples(12, vocab=VOCAB, seed=seed, min_len=2, max_len=30)
+        ids = {k: PackingCollator(max_length=32, strategy=k)(examples)["input_ids"] for k in rows}
+        assert int((ids["best_fit"] != 0).sum()) == int((ids["in_order"] != 0).sum())  # same tokens
+        for k in rows:
+            rows[k] += ids[k].shape[0]
+    assert rows["best_fit"] < 0.9 * rows["in_order"], rows
 
 
 def test_collator_rejects_padded_or_mismatched_examples():
@@ -102,7 +146,7 @@ def test_each_example_has_the_losses_it_has_alone(name, attn):
     batch = PackingCollator()(examples)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        rows = PackingCollator(max_length=24)(examples)  # several rows, padded at the end
+        rows = PackingCollator(max_length=24, strategy="in_order")(examples)  # several rows, padded
         assert rows["input_ids"].shape[0] > 1 and (rows["labels"][:, -1] == -100).any()
         in_rows = model(**{k: v for k, v in rows.items() if k != "labels"}).logits
         row, col = 0, 0
