@@ -34,12 +34,13 @@ example-classify: setup
 		--learning_rate 5e-4 --warmup_steps 0.1 --logging_steps 5 --save_strategy no \
 		--report_to none --use_cpu --disable_tqdm True
 
-# SmolLM2-135M with LoRA on Shakespeare, the settings the README reports (20 steps of one 256-token block).
+# SmolLM2-135M with LoRA on Shakespeare, the settings the README reports (200 steps of one 256-token block).
 example-clm: setup
 	OMP_NUM_THREADS=2 $(BIN)/python examples/causal_lm.py --impl $(IMPL) \
 		--output_dir runs/smollm2-shakespeare-$(IMPL) --do_train --do_eval --lora \
-		--block_size 256 --max_steps 20 --per_device_train_batch_size 1 --per_device_eval_batch_size 4 \
-		--max_eval_samples 8 --learning_rate 1e-3 --warmup_steps 2 --logging_steps 5 --save_strategy no \
+		--block_size 256 --max_steps 200 --per_device_train_batch_size 1 --per_device_eval_batch_size 4 \
+		--max_eval_samples 8 --eval_strategy steps --eval_steps 50 \
+		--learning_rate 1e-3 --warmup_steps 10 --logging_steps 10 --save_strategy no \
 		--seed 0 --report_to none --use_cpu --disable_tqdm True
 
 test: setup
