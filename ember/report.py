@@ -59,7 +59,7 @@ _FIXED_PANELS = (
     Panel("mfu", "Model FLOPs utilisation", ("mfu",), "MFU (%)", scale=100.0, smooth=True),
 )
 # Per-evaluation numbers that describe speed, not the model.
-_NOT_METRICS = ("_runtime", "_per_second", "_jit_compilation_time")
+_NOT_METRICS = ("_runtime", "_per_second", "_jit_compilation_time", "_model_preparation_time")
 
 
 def find_runs(paths: Sequence[str]) -> list[Path]:

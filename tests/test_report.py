@@ -235,3 +235,14 @@ def test_a_transformers_run_is_read_from_its_trainer_state(
     (tmp_path / "bad" / "trainer_state.json").write_text('{"global_step": 3}')
     assert main(["report", str(tmp_path / "bad"), "--no-plots"]) != 0
     assert "has no log_history list" in capsys.readouterr().err
+
+
+def test_timing_figures_of_an_evaluation_are_not_drawn_as_metrics() -> None:
+    # transformers logs eval_model_preparation_time with every evaluation: a time, not a metric
+    records = [
+        {"step": s, "eval_loss": 1.0 / s, "eval_accuracy": 0.5 + s / 10, "eval_runtime": 2.0,
+         "eval_samples_per_second": 9.0, "eval_model_preparation_time": 0.01}
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    names = {panel.name for panel in panels_for([RunLog("hf", records)])}
+    assert names == {"loss", "eval_accuracy"}
