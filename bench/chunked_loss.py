@@ -69,7 +69,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         labels = ids.clone()
         labels[0] = -100
         data.append({"input_ids": ids, "labels": labels})
-    extra = {"chunked_loss": True, "loss_chunk_size": spec["chunk"]} if spec["impl"] == "chunked" else {}
+    # ember's plain runs say chunked_loss=False: its default chunks a micro-batch of this size
+    chunked = spec["impl"] == "chunked"
+    extra = {"chunked_loss": chunked, "loss_chunk_size": spec["chunk"]} if spec["impl"] != "hf" else {}
     clock = step_clock_callback(TrainerCallback)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(

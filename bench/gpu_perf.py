@@ -91,7 +91,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     vocab = model.config.vocab_size
     data = _data(spec, vocab)
     collator: Any = PackingCollator(max_length=spec.get("row_length")) if variant == "packed" else _pad
-    extra = {"chunked_loss": True} if variant == "chunked" else {}
+    # explicit for ember: its default chunks micro-batches of more than loss_chunk_size labels
+    extra = {"chunked_loss": variant == "chunked"} if lib != "hf" else {}
     clock = step_clock_callback(TrainerCallback)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(

@@ -110,7 +110,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     )
     model = GPT2LMHeadModel(config)
     clock = step_clock_callback(TrainerCallback)
-    extra = {"chunked_loss": True} if spec.get("chunked") and lib == "ember" else {}
+    # explicit both ways: ember's default chunks micro-batches of more than loss_chunk_size labels
+    extra = {"chunked_loss": bool(spec.get("chunked"))} if lib == "ember" else {}
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,

@@ -204,13 +204,16 @@ class TrainingFields:
     verify_checkpoints: bool = _f(False, "On resume, re-hash every checkpoint file against its manifest.")
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
-    chunked_loss: bool = _f(
-        False,
+    chunked_loss: bool | None = _f(
+        None,
         "Causal LMs: compute the training loss from the last hidden states and the output head in chunks "
-        "of `loss_chunk_size` tokens, never holding the full logits (same loss and gradients). Falls back "
-        "to the plain loss, with a notice, where it cannot apply.",
+        "of `loss_chunk_size` tokens, never holding the full logits (same loss and gradients). Default "
+        "(unset): on for micro-batches of more than one chunk of labels (not under DeepSpeed), quietly "
+        "plain where it cannot apply; True: always, with a notice where it falls back; False: never.",
+        nargs="?",
+        const=True,
     )
-    loss_chunk_size: int = _f(1024, "Tokens per chunk of the chunked loss (chunked_loss=True).")
+    loss_chunk_size: int = _f(1024, "Tokens per chunk of the chunked loss.")
     nonfinite_step_policy: str = _f(
         "skip",
         "A step whose gradient norm is NaN/inf: 'skip' (no update, counted, warned), 'stop' (raise at "

@@ -203,14 +203,20 @@ def _loss_only(
 
 # -- the trainer's entry point -------------------------------------------------------------------------
 
-_NOTICED: set[str] = set()
+_NOTICED: set[str] = set()  # reasons warned about (chunked_loss=True)
+_QUIET: set[str] = set()  # reasons logged at debug level (the default)
 
 
-def notice_fallback(reason: str) -> None:
-    """Say once per reason why the chunked loss is not used (the plain loss runs instead)."""
-    if reason not in _NOTICED:
-        _NOTICED.add(reason)
-        logger.warning("ember: chunked_loss=True but %s; using the plain loss.", reason)
+def notice_fallback(reason: str, explicit: bool = True) -> None:
+    """Say once per reason why the chunked loss is not used (the plain loss runs instead): a warning
+    when `chunked_loss=True` asked for it, a debug line when it was only the default."""
+    said = _NOTICED if explicit else _QUIET
+    if reason not in said:
+        said.add(reason)
+        if explicit:
+            logger.warning("ember: chunked_loss=True but %s; using the plain loss.", reason)
+        else:
+            logger.debug("ember: the chunked loss does not apply (%s); using the plain loss.", reason)
 
 
 def _callee(model: nn.Module) -> nn.Module:
@@ -330,6 +336,7 @@ def chunked_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None,
     chunk_size: int,
     smoothing: float = 0.0,
+    notice: bool = True,
 ) -> torch.Tensor | None:
     """The micro-batch's causal-LM loss (sum over targets / `num_items_in_batch`), or None.
 
@@ -343,7 +350,7 @@ def chunked_causal_lm_loss(
         return None
     reason = why_not(model)
     if reason is not None:
-        notice_fallback(reason)
+        notice_fallback(reason, notice)
         return None
     from .utils import base_model
 
@@ -354,7 +361,9 @@ def chunked_causal_lm_loss(
     if "input_ids" in inputs and hf not in _VERIFIED:
         _VERIFIED[hf] = _agrees_with_model(model, hf, body, head, inputs, extra)
     if _VERIFIED.get(hf) is False:
-        notice_fallback(f"{type(hf).__name__}'s own loss differs from loss(head(hidden states)) on a sample")
+        notice_fallback(
+            f"{type(hf).__name__}'s own loss differs from loss(head(hidden states)) on a sample", notice
+        )
         return None
 
     def body_and_head(**kwargs: Any) -> torch.Tensor:

@@ -384,7 +384,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         With `num_items_in_batch` (the step's target count on all ranks) the result is
         sum-of-target-losses / num_items_in_batch, so micro-batches add up to the exact step mean.
         """
-        if self.args.chunked_loss and not return_outputs:
+        if self.args.chunked_loss is not False and not return_outputs:
             chunked = self._chunked_loss(model, inputs, num_items_in_batch)
             if chunked is not None:
                 return chunked
@@ -414,14 +414,31 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     def _chunked_loss(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
     ) -> torch.Tensor | None:
-        """The chunked causal-LM loss (`chunked_loss=True`), or None where the plain path must run."""
+        """The chunked causal-LM loss, or None where the plain path must run.
+
+        `chunked_loss=True` tries every micro-batch and says once why it falls back; the default
+        (None) chunks micro-batches of more than one chunk of labels, outside DeepSpeed, and falls
+        back quietly: smaller ones gain nothing, and models it cannot serve exactly are not errors.
+        """
         from .chunked_loss import chunked_causal_lm_loss, notice_fallback
 
+        explicit = self.args.chunked_loss is True
+        if not explicit:
+            labels = inputs.get("labels")
+            big = isinstance(labels, torch.Tensor) and labels.numel() > self.args.loss_chunk_size
+            if not big or self.args.deepspeed:
+                return None
         if self.compute_loss_func is not None:
-            notice_fallback("a compute_loss_func is given (it needs the logits)")
+            if explicit:
+                notice_fallback("a compute_loss_func is given (it needs the logits)")
             return None
         return chunked_causal_lm_loss(
-            model, inputs, num_items_in_batch, self.args.loss_chunk_size, self._label_smoothing
+            model,
+            inputs,
+            num_items_in_batch,
+            self.args.loss_chunk_size,
+            self._label_smoothing,
+            notice=explicit,
         )
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -428,3 +428,10 @@ def test_import_ember_does_not_import_transformers() -> None:
     code = "import sys, ember; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_chunked_loss_is_unset_true_or_false_from_the_command_line() -> None:
+    parser = transformers.HfArgumentParser(TrainingArguments)
+    base = ["--output_dir", "x", "--report_to", "none"]
+    for extra, expected in (([], None), (["--chunked_loss"], True), (["--chunked_loss", "false"], False)):
+        assert parser.parse_args_into_dataclasses(args=base + extra)[0].chunked_loss is expected

@@ -346,3 +346,41 @@ def test_the_sample_check_passes_for_the_supported_models():
         model = make()
         assert chunked_causal_lm_loss(model, padded_batch(), None, chunk_size=8) is not None
         assert _VERIFIED[model] is True
+
+
+def test_by_default_micro_batches_of_more_than_one_chunk_are_chunked(tmp_path, monkeypatch):
+    plain, plain_losses = _train(tmp_path / "plain", gpt2(True), chunked_loss=False, loss_chunk_size=4)
+    calls = count_chunked_calls(monkeypatch)
+    _, small = _train(tmp_path / "one-chunk", gpt2(True), loss_chunk_size=10_000)
+    assert calls == [] and small == plain_losses  # within one chunk: the plain path, bit for bit
+    default, losses = _train(tmp_path / "default", gpt2(True), loss_chunk_size=4)
+    assert len(calls) == 8  # 4 steps x GA 2; every micro-batch (2 rows of >= 3 tokens) has > 4 labels
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    assert max_param_diff(params_of(default.model), params_of(plain.model)) < 1e-5
+
+
+def test_by_default_a_model_it_cannot_serve_falls_back_quietly(tmp_path, monkeypatch, caplog):
+    calls = count_chunked_calls(monkeypatch)
+    _NOTICED.clear()
+    capped = tiny_llama(False)
+    capped.config.final_logit_softcapping = 30.0
+    used = []
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        used.append(1)
+        return smoothed_loss_sum(outputs.logits, labels, 0.0, True) / num_items_in_batch
+
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        _, losses = _train(tmp_path / "capped", capped, loss_chunk_size=1)
+        Trainer(
+            gpt2(True),
+            _args(tmp_path / "func", loss_chunk_size=1, max_steps=1),
+            train_dataset=lm_examples(8, vocab=VOCAB),
+            data_collator=pad_lm_batch,
+            compute_loss_func=loss_func,
+        ).train()
+    assert calls == [] and len(losses) == 4 and len(used) == 2
+    assert not [r for r in caplog.records if "chunked" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        _train(tmp_path / "asked", capped, loss_chunk_size=1, chunked_loss=True, max_steps=1)
+    assert [r for r in caplog.records if "final_logit_softcapping" in r.getMessage()]
