@@ -66,42 +66,34 @@ def test_collator_pads_to_a_multiple_after_the_last_example():
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100]]
 
 
+# Lengths 3, 2, 4, 1: rows of 4 or 5 tokens lay these out differently in order and best-fit.
+FOUR = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8, 9]}, {"input_ids": [10]}]
+
+
 def test_collator_fills_rows_up_to_max_length_and_pads_the_shorter_ones():
-    features = [
-        {"input_ids": [1, 2, 3]},
-        {"input_ids": [4, 5]},
-        {"input_ids": [6, 7, 8, 9]},
-        {"input_ids": [10]},
-    ]
-    batch = PackingCollator(max_length=5, pad_token_id=0, strategy="in_order")(features)
+    batch = PackingCollator(max_length=5, pad_token_id=0, strategy="in_order")(FOUR)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    three = PackingCollator(max_length=4, strategy="in_order")(features)
+    three = PackingCollator(max_length=4, strategy="in_order")(FOUR)
     assert three["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0], [6, 7, 8, 9], [10, 0, 0, 0]]
     assert three["position_ids"].tolist() == [[0, 1, 2, 2], [0, 1, 1, 1], [0, 1, 2, 3], [0, 1, 1, 1]]
     assert three["labels"].tolist()[1] == [-100, 5, -100, -100]
     with pytest.raises(ValueError, match="max_length=3"):
-        PackingCollator(max_length=3)(features)
+        PackingCollator(max_length=3)(FOUR)
 
 
 def test_best_fit_fills_rows_longest_first_into_the_fullest_row_that_has_room():
-    features = [
-        {"input_ids": [1, 2, 3]},
-        {"input_ids": [4, 5]},
-        {"input_ids": [6, 7, 8, 9]},
-        {"input_ids": [10]},
-    ]
     # in order this takes 4 rows of 4; longest first, [10] joins the fuller of the two rows it fits in
-    rows = PackingCollator(max_length=4)(features)
+    rows = PackingCollator(max_length=4)(FOUR)
     assert rows["input_ids"].tolist() == [[6, 7, 8, 9], [1, 2, 3, 10], [4, 5, 0, 0]]
     assert rows["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 1, 1]]
     assert rows["labels"].tolist() == [[-100, 7, 8, 9], [-100, 2, 3, -100], [-100, 5, -100, -100]]
-    assert PackingCollator(max_length=5)(features)["input_ids"].tolist() == [
+    assert PackingCollator(max_length=5)(FOUR)["input_ids"].tolist() == [
         [6, 7, 8, 9, 10],
         [1, 2, 3, 4, 5],
     ]
     # without max_length there is one row, in the batch's order, whatever the strategy
-    assert PackingCollator()(features)["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    assert PackingCollator()(FOUR)["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     with pytest.raises(ValueError, match="strategy"):
         PackingCollator(max_length=4, strategy="first_fit")
 
