@@ -18,23 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.compare import child_env  # one environment for every benchmark child
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-
-
-def child_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        OMP_WAIT_POLICY="PASSIVE",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return env
 
 
 def run_child(module: str, spec: dict[str, Any], threads: int = 1, timeout: float = 1800) -> dict[str, Any]:

@@ -62,9 +62,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         smoothing: float,
     ) -> torch.Tensor:
         device_type = hidden.device.type
-        dtype = (
-            torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-        )
+        dtype = _matmul_dtype(hidden)
         needs_grad = ctx.needs_input_grad
         with torch.autocast(device_type, enabled=False):
             w = weight.to(dtype)
@@ -181,6 +179,14 @@ def linear_cross_entropy(
     return _loss_only(flat, weight, bias, flat_targets, chunk_size, smoothing)
 
 
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the plain path's head matmul would run in: autocast's when it is on, else the input's."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
 def _loss_only(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -190,9 +196,7 @@ def _loss_only(
     smoothing: float,
 ) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    dtype = hidden.dtype
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
+    dtype = _matmul_dtype(hidden)
     with torch.autocast(hidden.device.type, enabled=False):
         w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
         for start in range(0, hidden.shape[0], chunk_size):

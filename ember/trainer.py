@@ -420,14 +420,14 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         (None) chunks micro-batches of more than one chunk of labels, outside DeepSpeed, and falls
         back quietly: smaller ones gain nothing, and models it cannot serve exactly are not errors.
         """
-        from .chunked_loss import chunked_causal_lm_loss, notice_fallback
-
         explicit = self.args.chunked_loss is True
         if not explicit:
             labels = inputs.get("labels")
             big = isinstance(labels, torch.Tensor) and labels.numel() > self.args.loss_chunk_size
             if not big or self.args.deepspeed:
                 return None
+        from .chunked_loss import chunked_causal_lm_loss, notice_fallback
+
         if self.compute_loss_func is not None:
             if explicit:
                 notice_fallback("a compute_loss_func is given (it needs the logits)")

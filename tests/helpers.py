@@ -57,6 +57,23 @@ def tiny_gpt2(seed: int = 0, vocab: int = 97, n_positions: int = 64) -> nn.Modul
     return GPT2LMHeadModel(config)
 
 
+def tiny_llama(seed: int = 0, vocab: int = 97, tied: bool = False) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config)
+
+
 def lm_examples(
     n: int = 16, vocab: int = 97, seed: int = 0, min_len: int = 3, max_len: int = 20
 ) -> list[dict[str, list[int]]]:

@@ -11,26 +11,14 @@ from torch import nn
 from ember import Trainer, TrainingArguments
 from ember.chunked_loss import _NOTICED, chunked_causal_lm_loss, linear_cross_entropy, why_not
 from ember.loss import smoothed_loss_sum
+from tests import helpers
 from tests.helpers import RegressionModel, lm_examples, max_param_diff, pad_lm_batch, params_of, tiny_gpt2
 
 VOCAB = 97
 
 
 def tiny_llama(tied: bool, seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
-    return LlamaForCausalLM(config)
+    return helpers.tiny_llama(seed, vocab=VOCAB, tied=tied)
 
 
 def gpt2(tied: bool) -> nn.Module:

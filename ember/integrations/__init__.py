@@ -26,6 +26,7 @@ __all__ = [
     "available_trackers",
     "model_config_dict",
     "rewrite_logs",
+    "scalar_value",
     "run_config",
 ]
 
@@ -119,10 +120,25 @@ def model_config_dict(model: Any) -> dict[str, Any]:
     return dict(to_dict()) if callable(to_dict) else {}
 
 
-def run_config(args: Any, model: Any) -> dict[str, Any]:
-    """What trackers record as the run's hyperparameters: the model config overlaid by the arguments."""
+def run_config(args: Any, model: Any, with_num_parameters: bool = False) -> dict[str, Any]:
+    """What trackers record as the run's hyperparameters: the model config overlaid by the arguments
+    (and, with `with_num_parameters`, ``model/num_parameters`` as wandb and trackio chart it)."""
     to_dict = getattr(args, "to_dict", None)
-    return {**model_config_dict(model), **(to_dict() if callable(to_dict) else vars(args))}
+    config = {**model_config_dict(model), **(to_dict() if callable(to_dict) else vars(args))}
+    if with_num_parameters and model is not None:
+        config["model/num_parameters"] = sum(p.numel() for p in model.parameters())
+    return config
+
+
+def scalar_value(value: Any) -> float | None:
+    """A log value as a float: Python numbers and 0-d numpy/torch scalars; None for anything else."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        result = item()
+        return float(result) if isinstance(result, (int, float)) else None
+    return None
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ember.callbacks.events import TrainerCallback
-from ember.integrations import run_config
+from ember.integrations import run_config, scalar_value
 
 __all__ = ["MLflowCallback", "flatten_params"]
 
@@ -32,16 +32,6 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> Iterator[tupl
             yield from flatten_params(value, prefix=name + ".")
         else:
             yield name, value
-
-
-def _metric_value(value: Any) -> float | None:
-    if isinstance(value, (int, float)):
-        return float(value)
-    item = getattr(value, "item", None)  # numpy / torch scalars
-    if callable(item) and getattr(value, "ndim", None) == 0:
-        result = item()
-        return float(result) if isinstance(result, (int, float)) else None
-    return None
 
 
 class MLflowCallback(TrainerCallback):
@@ -123,7 +113,7 @@ class MLflowCallback(TrainerCallback):
         now_ms = int(time.time() * 1000)
         metrics = []
         for key, value in logs.items():
-            number = _metric_value(value)
+            number = scalar_value(value)
             if number is not None:  # NaN and inf included: MLflow stores them, and they matter
                 metrics.append(Metric(self._key(key), number, now_ms, state.global_step))
         # Through the client with our run id, so an evaluate() after train() ended still lands in

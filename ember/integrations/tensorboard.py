@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from ember.callbacks.events import TrainerCallback
-from ember.integrations import model_config_dict, rewrite_logs
+from ember.integrations import model_config_dict, rewrite_logs, scalar_value
 
 __all__ = ["TensorBoardCallback", "default_logdir"]
 
@@ -24,16 +24,6 @@ logger = logging.getLogger(__name__)
 def default_logdir() -> str:
     """``runs/<Mon DD_HH-MM-SS>_<host>``, relative to the output folder."""
     return os.path.join("runs", datetime.now().strftime("%b%d_%H-%M-%S") + "_" + socket.gethostname())
-
-
-def _scalar(value: Any) -> float | None:
-    if isinstance(value, (int, float)):
-        return float(value)
-    item = getattr(value, "item", None)  # numpy / torch scalars
-    if callable(item) and getattr(value, "ndim", None) == 0:
-        result = item()
-        return float(result) if isinstance(result, (int, float)) else None
-    return None
 
 
 class TensorBoardCallback(TrainerCallback):
@@ -82,7 +72,7 @@ class TensorBoardCallback(TrainerCallback):
             return
         self._open(args, state)  # evaluate() without train() logs too
         for key, value in rewrite_logs(logs).items():
-            scalar = _scalar(value)
+            scalar = scalar_value(value)
             if scalar is not None:
                 self.tb_writer.add_scalar(key, scalar, state.global_step)
             elif isinstance(value, str):

@@ -29,9 +29,11 @@ class TrackioCallback(TrainerCallback):
 
     def setup(self, args: Any, state: Any, model: Any = None) -> None:
         # Trackio reserves keys starting with "_" (HF configs have _name_or_path and the like).
-        config = {k: v for k, v in run_config(args, model).items() if not k.startswith("_")}
-        if model is not None:
-            config["model/num_parameters"] = sum(p.numel() for p in model.parameters())
+        config = {
+            k: v
+            for k, v in run_config(args, model, with_num_parameters=True).items()
+            if not k.startswith("_")
+        }
         name = getattr(state, "trial_name", None) or self._run_name or args.run_name
         self.run = self._trackio.init(
             project=getattr(args, "project", None) or "huggingface",

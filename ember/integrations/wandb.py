@@ -43,10 +43,7 @@ class WandbCallback(TrainerCallback):
             if self._finished_id is not None:
                 kwargs.update(id=self._finished_id, resume="allow")
             self.run, self._owns_run = wandb.init(**kwargs), True
-        config = run_config(args, model)
-        if model is not None:
-            config["model/num_parameters"] = sum(p.numel() for p in model.parameters())
-        self.run.config.update(config, allow_val_change=True)
+        self.run.config.update(run_config(args, model, with_num_parameters=True), allow_val_change=True)
         # Charts use the optimizer step as x axis, so train and eval curves line up.
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)

@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from ember import Trainer, TrainingArguments
 from ember.data import PackingCollator
 from ember.loss import count_targets
-from tests.helpers import lm_examples, max_param_diff, pad_lm_batch, params_of, tiny_gpt2
+from tests.helpers import lm_examples, max_param_diff, pad_lm_batch, params_of, tiny_gpt2, tiny_llama
 
 VOCAB = 97
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 MODELS = {"gpt2": lambda: tiny_gpt2(vocab=VOCAB), "llama": tiny_llama}
