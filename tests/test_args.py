@@ -31,6 +31,7 @@ def make(**kwargs: object) -> TrainingArguments:
 # ---------------------------------------------------------------------------------------------- defaults
 
 
+@pytest.mark.surface  # compares with the locked transformers; `make compat` reports drift
 def test_defaults_match_transformers() -> None:
     transformers = pytest.importorskip("transformers")
     hf_fields = {f.name: f for f in dataclasses.fields(transformers.TrainingArguments)}
@@ -46,6 +47,7 @@ def test_defaults_match_transformers() -> None:
             assert type(f.default) is type(hf.default), f.name
 
 
+@pytest.mark.surface  # compares with the locked transformers; `make compat` reports drift
 def test_every_transformers_field_exists_and_unsupported_ones_are_transformers_fields() -> None:
     transformers = pytest.importorskip("transformers")
     hf_names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
@@ -381,3 +383,7 @@ def test_import_does_not_load_transformers() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+# `make compat` runs these against the newest transformers, peft, accelerate and datasets.
+pytestmark = pytest.mark.dropin

@@ -435,3 +435,7 @@ def test_chunked_loss_is_unset_true_or_false_from_the_command_line() -> None:
     base = ["--output_dir", "x", "--report_to", "none"]
     for extra, expected in (([], None), (["--chunked_loss"], True), (["--chunked_loss", "false"], False)):
         assert parser.parse_args_into_dataclasses(args=base + extra)[0].chunked_loss is expected
+
+
+# `make compat` runs these against the newest transformers, peft, accelerate and datasets.
+pytestmark = pytest.mark.dropin

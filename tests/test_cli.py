@@ -192,3 +192,19 @@ def test_import_is_light() -> None:
     code = "import sys, ember.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_job_prints_no_transformers_warning_and_no_save_bar(tmp_path: Path) -> None:
+    """The demo path in a fresh process (transformers warns once per process): GPT-2's loss is named,
+    and saving draws no "Writing model shards" bar for ember's own saves."""
+    config = write_job(tmp_path, tiny_job(tmp_path, max_steps=2, eval_strategy="no"))
+    run = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "train", config],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "[transformers]" not in run.stderr
+    assert "loss_type" not in run.stderr
+    assert "Writing model shards" not in run.stderr

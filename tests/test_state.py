@@ -45,6 +45,7 @@ def _filled_state(cls, **extra):
     )
 
 
+@pytest.mark.surface  # compares with the locked transformers; `make compat` reports drift
 def test_fields_and_defaults_match_transformers(hf):
     ours = {f.name: f for f in dataclasses.fields(TrainerState)}
     theirs = {f.name: f for f in dataclasses.fields(hf.TrainerState)}
@@ -169,3 +170,7 @@ def test_exportable_state_requires_state_method():
         Plain().state()
     with pytest.raises(TypeError, match="control"):
         export_callback_states([], control=object())
+
+
+# `make compat` runs these against the newest transformers, peft, accelerate and datasets.
+pytestmark = pytest.mark.dropin

@@ -32,6 +32,7 @@ def _trainer(tmp_path, **kw) -> Trainer:
     return Trainer(tiny_gpt2(0), args, train_dataset=lm_examples(16), data_collator=pad_lm_batch)
 
 
+@pytest.mark.surface  # compares with the locked transformers; `make compat` reports drift
 def test_every_public_member_of_transformers_trainer_exists_or_is_listed_as_left_out():
     theirs = {n for n in dir(transformers.Trainer) if not n.startswith("_")}
     ours = {n for n in dir(Trainer) if not n.startswith("_")}
@@ -65,3 +66,7 @@ def test_contexts_and_evaluation_loop_and_hub(tmp_path):
     with pytest.raises(RuntimeError, match="create_repo"):
         trainer.init_hf_repo()
     trainer.end()  # one process: nothing to tear down, and no error
+
+
+# `make compat` runs these against the newest transformers, peft, accelerate and datasets.
+pytestmark = pytest.mark.dropin

@@ -11,7 +11,9 @@ Folder kinds it writes and reads back:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,29 @@ def save_model_files(
             str(folder), state_dict=state_dict, selected_adapters=list(peft_model.peft_config)
         )
     elif callable(save_pretrained):
-        save_pretrained(str(folder), state_dict=state_dict, max_shard_size=max_shard_size or MAX_SHARD_SIZE)
+        with _no_shard_progress_bar():
+            save_pretrained(
+                str(folder), state_dict=state_dict, max_shard_size=max_shard_size or MAX_SHARD_SIZE
+            )
     else:
         save_plain_module(model, folder, state_dict)
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(str(folder))
+
+
+@contextlib.contextmanager
+def _no_shard_progress_bar() -> Iterator[None]:
+    """transformers 5 draws a "Writing model shards" bar on every save_pretrained, even for one local
+    file written in milliseconds; ember reports its own saves, so the bar is off while it saves."""
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is None or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def load_model_files(

@@ -240,3 +240,29 @@ def make_train_batch_sampler(
         rank=rank,
         world_size=world_size,
     )
+
+
+_END = object()
+
+
+class SkipFirstBatches:
+    """A loader's batches after its first `num_batches`, read and dropped: the resume of data that
+    cannot jump (an iterable dataset). It forwards `len`, `dataset` and `set_epoch` to the loader."""
+
+    def __init__(self, loader: Any, num_batches: int) -> None:
+        self.loader, self.num_batches = loader, num_batches
+        self.dataset = getattr(loader, "dataset", None)
+
+    def __iter__(self) -> Any:
+        batches = iter(self.loader)
+        for _ in range(self.num_batches):
+            if next(batches, _END) is _END:
+                return
+        yield from batches
+
+    def __len__(self) -> int:
+        return max(len(self.loader) - self.num_batches, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)

@@ -78,6 +78,80 @@ def test_resume_equals_uninterrupted(tmp_path, stop_at, overrides):
     assert [h["loss"] for h in ref_logs] == [h["loss"] for h in new_logs]
 
 
+class ReplayingResumeTrainer(Trainer):
+    """A subclass written for transformers 5.25's hook: it skips by reading batches and counts calls."""
+
+    calls: list[int] = []
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        type(self).calls.append(num_batches)
+
+        def replay():
+            for i, batch in enumerate(dataloader):
+                if i >= num_batches:
+                    yield batch
+
+        return replay()
+
+
+def test_get_resumed_dataloader_override_is_honoured_on_a_mid_epoch_resume(tmp_path):
+    reference = make_trainer(str(tmp_path / "ref"))
+    reference.train()
+    first = make_trainer(str(tmp_path / "run"))
+    first.add_callback(CrashAfterSave(4))
+    with pytest.raises(Crash):
+        first.train()
+    ReplayingResumeTrainer.calls = []
+    resumed = make_trainer(str(tmp_path / "run"))
+    resumed.__class__ = ReplayingResumeTrainer
+    resumed.train(resume_from_checkpoint=True)
+    # Step 4 of 6 in the first epoch, GA=2: 8 micro-batches to skip, asked once (the resumed epoch only).
+    assert ReplayingResumeTrainer.calls == [8]
+    # Replaying the batches gives the same data (each batch's randomness is keyed by its index).
+    _assert_same(final_state(reference), final_state(resumed))
+
+
+def test_default_resume_skips_without_loading_a_batch(tmp_path, monkeypatch):
+    first = make_trainer(str(tmp_path / "run"), dataloader_num_workers=0)
+    first.add_callback(CrashAfterSave(4))
+    with pytest.raises(Crash):
+        first.train()
+    reads: list[int] = []
+    original = AugmentedData.__getitem__
+    monkeypatch.setattr(AugmentedData, "__getitem__", lambda self, i: reads.append(i) or original(self, i))
+    make_trainer(str(tmp_path / "fresh"), dataloader_num_workers=0, max_steps=1).train()
+    one_step = len(reads)  # the examples of one step, and the checks' first-item peeks
+    reads.clear()
+    resumed = make_trainer(str(tmp_path / "run"), dataloader_num_workers=0, max_steps=5)
+    resumed.train(resume_from_checkpoint=True)
+    # One step was trained after the resume, and none of the 8 skipped micro-batches was read.
+    assert resumed.state.global_step == 5
+    assert len(reads) == one_step
+
+
+class StreamedRegression(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        data = RegressionDataset(40, seed=1)
+        return (data[i] for i in range(len(data)))
+
+
+def test_iterable_dataset_resumes_mid_epoch_after_the_trained_batches(tmp_path):
+    def run(out: Path, crash_at: int | None = None) -> Trainer:
+        args = job_args(str(out), max_steps=8, dataloader_num_workers=0, save_steps=2)
+        trainer = Trainer(model_init=lambda: RegressionModel(), args=args, train_dataset=StreamedRegression())
+        if crash_at:
+            trainer.add_callback(CrashAfterSave(crash_at))
+        return trainer
+
+    reference = run(tmp_path / "ref")
+    reference.train()
+    with pytest.raises(Crash):
+        run(tmp_path / "run", crash_at=2).train()
+    resumed = run(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=True)
+    _assert_same(final_state(reference), final_state(resumed))
+
+
 class Worsening:
     """A metric that improves twice, then only gets worse: early stopping must fire mid-run."""
 

@@ -189,3 +189,7 @@ def test_unsupported_option_is_explained_on_the_script_path(workspace: Path) -> 
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "use_liger_kernel" in proc.stderr and "not used" not in proc.stderr
+
+
+# `make compat` runs these against the newest transformers, peft, accelerate and datasets.
+pytestmark = pytest.mark.dropin
