@@ -23,7 +23,8 @@ SCRIPT = """
 import json, resource, sys, tempfile, torch
 torch.set_num_threads(1)
 from transformers import GPT2Config, GPT2LMHeadModel
-from ember import Trainer, TrainerCallback, TrainingArguments, cpu_malloc
+from ember import Trainer, TrainerCallback, TrainingArguments
+from ember.telemetry import cpu_malloc
 torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=128, n_head=2, n_positions=128, vocab_size=256))
 rows = torch.randint(0, 256, (160, 128), generator=torch.Generator().manual_seed(0))
