@@ -6,7 +6,7 @@ raw loop and ember, with glibc's malloc thresholds moving (its default) or fixed
 
 Four runs per round, each in a fresh process, in a rotating order:
 - raw: the raw PyTorch loop of bench/runners.py, glibc defaults;
-- raw+fixed: the same loop after `ember.cpu_malloc.keep_heap_between_steps()` (what ember does);
+- raw+fixed: the same loop after `ember.telemetry.cpu_malloc.keep_heap_between_steps()` (what ember does);
 - ember: ember's Trainer as shipped (`tune_cpu_malloc=True`);
 - ember-untuned: ember's Trainer with `tune_cpu_malloc=False` (glibc defaults).
 
@@ -61,13 +61,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         ctx = {"device": torch.device("cpu"), "clock": clock, "output_dir": out, "bf16": False, "variant": ""}
         if mode.startswith("raw"):
             if mode == "raw+fixed":
-                from ember.cpu_malloc import keep_heap_between_steps
+                from ember.telemetry.cpu_malloc import keep_heap_between_steps
 
                 assert keep_heap_between_steps(), "mallopt was refused (not glibc, or MALLOC_* set)"
             runners.raw_train(model, data, w, ctx)
         else:
             import ember
-            from ember import cpu_malloc
+            from ember.telemetry import cpu_malloc
 
             lib = type("Lib", (), {})()
             lib.Trainer = ember.Trainer

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)' || {
-    echo "bench/gpu_distributed.sh: no CUDA device here; the CPU multi-process tests are tests/distributed" >&2
+    echo "bench/gpu_distributed.sh: no CUDA device here; the CPU multi-process tests are tests/strategy" >&2
     exit 0
 }
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count())')"

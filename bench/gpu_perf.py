@@ -8,7 +8,7 @@
    of ember plain, ember `chunked_loss=True` and the transformers Trainer.
 2. Packing with sdpa: GPT-2 124M shape, variable lengths (64..1024 tokens, seeded), batch 16:
    ember padded vs ember `PackingCollator(max_length=4096)`: real (target) tokens/s and MFU (from
-   ember's step logs, peak from `ember.throughput.PEAK_FLOPS`).
+   ember's step logs, peak from `ember.telemetry.throughput.PEAK_FLOPS`).
 
 On a machine without CUDA it prints why and exits 0. Results: bench/results/gpu_perf.{md,json}.
 """

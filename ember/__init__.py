@@ -24,8 +24,8 @@ _NAMES = {
     "ProgressCallback": "callbacks",
     "PrinterCallback": "callbacks",
     "EarlyStoppingCallback": "callbacks",
-    "TrainerState": "state",
-    "TrainerControl": "state",
+    "TrainerState": "callbacks.state",
+    "TrainerControl": "callbacks.state",
     "EvalPrediction": "outputs",
     "PredictionOutput": "outputs",
     "TrainOutput": "outputs",
@@ -63,9 +63,9 @@ if TYPE_CHECKING:
         ProgressCallback,
         TrainerCallback,
     )
+    from .callbacks.state import TrainerControl, TrainerState
     from .data import default_data_collator
     from .outputs import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutput
     from .search import BestRun
-    from .state import TrainerControl, TrainerState
     from .trainer import Trainer
     from .utils import enable_full_determinism, get_last_checkpoint, set_seed

@@ -69,8 +69,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_lazy_and_type_only_imports():
     graph = _graph()
-    assert "ember.checkpoint.training" in graph["ember.trainer"]  # imported inside a method
-    assert "ember.distributed.base" in graph["ember.loop"]  # imported under TYPE_CHECKING
+    assert "ember.checkpoint.training" in graph["ember.trainer.trainer"]  # imported inside a method
+    assert "ember.strategy.base" in graph["ember.engine.step"]  # imported under TYPE_CHECKING
 
 
 def test_ember_has_no_import_cycle():
@@ -85,4 +85,4 @@ def test_checkpoint_code_never_mentions_the_trainer():
     for path in (PACKAGE / "checkpoint").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         assert "Trainer" not in text.replace("TrainerState", "").replace("TrainerControl", ""), path
-        assert "ember.trainer" not in _imports(path, set(_graph())), path
+        assert not any(m.startswith("ember.trainer") for m in _imports(path, set(_graph()))), path

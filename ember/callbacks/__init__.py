@@ -8,22 +8,22 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ember.args import REPORT_TO_BACKENDS as SUPPORTED_REPORT_TO
-from ember.args import TrainingArguments, _normalise_report_to
+from ember.args.training_args import REPORT_TO_BACKENDS as SUPPORTED_REPORT_TO
+from ember.args.training_args import TrainingArguments, _normalise_report_to
 from ember.callbacks.early_stopping import EarlyStoppingCallback
 from ember.callbacks.empty_cache import EmptyCacheCallback
 from ember.callbacks.events import EVENTS, EventRecorder, TrainerCallback, check_events
 from ember.callbacks.flow import DefaultFlowCallback
 from ember.callbacks.handler import CallbackHandler
 from ember.callbacks.progress import PrinterCallback, ProgressCallback
-from ember.integrations import TRACKERS
-from ember.state import (
+from ember.callbacks.state import (
     ExportableState,
     TrainerControl,
     TrainerState,
     export_callback_states,
     restore_callback_states,
 )
+from ember.integrations import TRACKERS
 
 __all__ = [
     "EVENTS",

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from ember.callbacks.events import TrainerCallback
-from ember.state import ExportableState
+from ember.callbacks.state import ExportableState
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ember.callbacks.events import EVENTS, TrainerCallback
-from ember.state import TrainerControl
+from ember.callbacks.state import TrainerControl
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from .lock import OutputDirLockedError, RunLock
 from .rotation import recover_output_dir
 
 if TYPE_CHECKING:
-    from ..distributed.base import Strategy
+    from ..strategy.base import Strategy
 
 
 @contextlib.contextmanager

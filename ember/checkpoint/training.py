@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..state import TrainerState
+from ..callbacks.state import TrainerState
 from .atomic import find_resumable_checkpoint, load_checkpoint_dir
 from .files import CheckpointError, read_json, relocate_in_run, write_text
 from .model import load_model_files, save_model_files
@@ -39,9 +39,9 @@ from .rotation import rotate_checkpoints
 from .state_io import load_state, save_state
 
 if TYPE_CHECKING:
-    from ..args import TrainingArguments
-    from ..distributed.base import Strategy
-    from ..progress import RunProgress
+    from ..args.training_args import TrainingArguments
+    from ..engine.run_position import RunProgress
+    from ..strategy.base import Strategy
     from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Parts:
     callbacks: Stateful
     rng: Stateful
     batch_split: Stateful | None = None  # auto_find_batch_size's micro-batch split
-    guard: Stateful | None = None  # the step guard (guards.py)
+    guard: Stateful | None = None  # the step guard (engine/guards.py)
 
 
 def rank_name(rank: int) -> str:

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..names import SAMPLING_STRATEGIES
+from ..args.names import SAMPLING_STRATEGIES
 from .collators import default_data_collator
 from .samplers import ResumableBatchSampler, SeededCollator, SeededDataset, fork_rng
 
 if TYPE_CHECKING:
-    from ..args import TrainingArguments
+    from ..args.training_args import TrainingArguments
 
 __all__ = [
     "SAMPLING_STRATEGIES",

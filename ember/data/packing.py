@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..loss import IGNORE_INDEX
+from ..engine.loss import IGNORE_INDEX
 
 __all__ = ["STRATEGIES", "PackingCollator"]
 

@@ -12,7 +12,7 @@ import torch
 
 from bench import memory_plan as mp
 from tests.bench.memory_plan_worker import ARCHS, BATCH, SEQ, measure, tiny, train_step
-from tests.distributed import launch
+from tests.strategy import launch
 
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = {  # worker layout -> (processes, Layout, dtype)

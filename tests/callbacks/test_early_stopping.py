@@ -5,7 +5,12 @@ import logging
 import pytest
 
 from ember.callbacks.early_stopping import EarlyStoppingCallback
-from ember.state import TrainerControl, TrainerState, export_callback_states, restore_callback_states
+from ember.callbacks.state import (
+    TrainerControl,
+    TrainerState,
+    export_callback_states,
+    restore_callback_states,
+)
 from tests.helpers import args_with
 
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from ember.callbacks.flow import DefaultFlowCallback
-from ember.state import TrainerControl, TrainerState
+from ember.callbacks.state import TrainerControl, TrainerState
 from tests.helpers import args_with
 
 

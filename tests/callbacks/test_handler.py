@@ -20,9 +20,9 @@ from ember.callbacks import (
     normalize_report_to,
 )
 from ember.callbacks.events import TimelineError, matches_timeline, timeline_grammar
+from ember.callbacks.state import TrainerControl, TrainerState
 from ember.integrations import available_trackers
 from ember.integrations.jsonl import JsonlLoggerCallback
-from ember.state import TrainerControl, TrainerState
 
 
 def _args(**overrides):

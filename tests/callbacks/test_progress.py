@@ -9,7 +9,7 @@ import pytest
 
 from ember.args import TrainingArguments
 from ember.callbacks.progress import PrinterCallback, ProgressCallback, format_logs
-from ember.state import TrainerControl, TrainerState
+from ember.callbacks.state import TrainerControl, TrainerState
 
 ARGS = TrainingArguments(output_dir="unused")
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ import torch
 
 from ember import Trainer, TrainingArguments
 from ember.data import PackingCollator
-from ember.loss import count_targets
+from ember.engine.loss import count_targets
 from tests.helpers import lm_examples, max_param_diff, pad_lm_batch, params_of, tiny_gpt2, tiny_llama
 
 VOCAB = 97
@@ -169,7 +169,7 @@ def _args(tmp_path, **kw):
         use_cpu=True,
         save_strategy="no",
         optim="adamw_torch",
-        adam_epsilon=1e-6,  # see tests/test_chunked_loss.py
+        adam_epsilon=1e-6,  # see tests/engine/test_chunked_loss.py
         seed=0,
     )
     base.update(kw)
@@ -178,7 +178,7 @@ def _args(tmp_path, **kw):
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_trainer_with_gradient_accumulation_packed_equals_padded(tmp_path, chunked, monkeypatch):
-    from tests.test_chunked_loss import count_chunked_calls
+    from tests.engine.test_chunked_loss import count_chunked_calls
 
     calls = count_chunked_calls(monkeypatch)
     runs = {}

@@ -6,7 +6,7 @@ import pytest
 
 from ember.data.samplers import ResumableBatchSampler
 from ember.data.sharding import DistributedEvalSampler, ShardedIterable
-from ember.distributed.multi import _pad_to_shape
+from ember.strategy.multi import _pad_to_shape
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(13, 2, 2), (10, 4, 3), (3, 4, 2), (8, 2, 2), (0, 2, 2)])

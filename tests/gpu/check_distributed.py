@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tests.distributed.worker import Crash, CrashAfterSave, lm_state, lm_trainer
+from tests.strategy.worker import Crash, CrashAfterSave, lm_state, lm_trainer
 
 RANK = int(os.environ.get("RANK", "0"))
 # EMBER_CHECK_ON_CPU=1 runs the same checks on the CPU (a dry run of this script).

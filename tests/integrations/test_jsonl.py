@@ -7,8 +7,8 @@ import numpy as np
 
 from ember.args import TrainingArguments
 from ember.callbacks.handler import CallbackHandler
+from ember.callbacks.state import TrainerControl, TrainerState
 from ember.integrations.jsonl import JsonlLoggerCallback, to_json_safe
-from ember.state import TrainerControl, TrainerState
 
 
 def test_each_log_is_one_strict_json_line_in_a_created_folder(tmp_path):

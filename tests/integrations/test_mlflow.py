@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ember import TrainingArguments
-from ember.state import TrainerControl, TrainerState
+from ember.callbacks.state import TrainerControl, TrainerState
 from tests.integrations.tracking import logged_values, train_tiny
 
 mlflow = pytest.importorskip("mlflow")

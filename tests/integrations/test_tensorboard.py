@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ember import TrainingArguments
+from ember.callbacks.state import TrainerControl, TrainerState
 from ember.integrations.tensorboard import TensorBoardCallback
-from ember.state import TrainerControl, TrainerState
 from tests.integrations.tracking import logged_values, train_tiny
 
 pytest.importorskip("tensorboard")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ember import TrainingArguments
-from ember.state import TrainerControl, TrainerState
+from ember.callbacks.state import TrainerControl, TrainerState
 
 pytest.importorskip("trackio")
 

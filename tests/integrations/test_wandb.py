@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ember import TrainingArguments
-from ember.state import TrainerControl, TrainerState
+from ember.callbacks.state import TrainerControl, TrainerState
 from tests.integrations.tracking import logged_values, train_tiny
 
 pytest.importorskip("wandb")

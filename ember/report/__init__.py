@@ -1,0 +1,1 @@
+"""Reports of finished runs: plots and HTML (`plots.py`), metrics tables and the model card (`summary.py`)."""

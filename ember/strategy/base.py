@@ -1,0 +1,103 @@
+"""The interface every strategy implements: placement, precision, backward, state and collectives.
+
+The trainer, the evaluation loop and the checkpoint code talk to a strategy only through this
+Protocol, so none of them asks which backend runs. `SingleDevice` (single.py) is the one-process
+implementation, where every collective is the identity; the multi-process strategies extend it.
+
+Ranks: `rank`/`world_size` count processes; `dp_rank`/`dp_world_size` count data-parallel
+replicas (who gets which batches, how large the global batch is). They are equal for DDP, FSDP
+and DeepSpeed; tensor parallelism will make them differ, so code that shards data asks for the
+data-parallel pair, and code that names files or elects a writer asks for the process pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .precision import Precision
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    device: torch.device
+    precision: Precision
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def local_rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def dp_rank(self) -> int: ...
+    @property
+    def dp_world_size(self) -> int: ...
+    @property
+    def is_main(self) -> bool: ...
+    @property
+    def is_local_main(self) -> bool: ...
+
+    # -- model -------------------------------------------------------------------------------------
+    def place_model(self, model: nn.Module) -> nn.Module:
+        """Put the model where this strategy runs it (device, shards), without training wrappers."""
+
+    def setup_model(self, model: nn.Module) -> nn.Module:
+        """Place and wrap the model for training (DDP, sharding). Called once per train()."""
+
+    def setup_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """Called once the optimizer exists: engines that own it (DeepSpeed) wrap both here."""
+
+    def unwrap(self, model: nn.Module) -> nn.Module: ...
+
+    def no_sync(self, model: nn.Module, sync: bool) -> AbstractContextManager[None]:
+        """Skip gradient synchronisation for micro-batches that are not the last of a step."""
+
+    def backward(self, loss: torch.Tensor, model: nn.Module) -> None: ...
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor: ...
+
+    @property
+    def grad_norm_before_step(self) -> bool:
+        """Whether the gradient norm exists before the optimizer steps (DeepSpeed ZeRO computes it
+        inside its own step), so the step guard can test it."""
+
+    # -- state -------------------------------------------------------------------------------------
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full state dict for saving; every rank calls it, the main process's counts."""
+
+    def load_model_weights(self, model: nn.Module, folder: Path) -> None: ...
+
+    def optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> dict[str, Any] | None:
+        """What the main process saves; None when each rank writes its own share."""
+
+    def load_model_and_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path
+    ) -> None: ...
+
+    def write_checkpoint(
+        self, writer: Any, final_dir: Path, write_fn: Callable[[Path], None], after: Callable[[], None] | None
+    ) -> None: ...
+
+    # -- collectives (the identity on one process) -------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rows of every data-parallel rank, rank 0's first, concatenated on dim 0."""
+
+    def any_rank(self, flag: bool) -> bool: ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` of rank `src` on every rank (a small picklable value, such as a message)."""
+
+    def barrier(self) -> None: ...

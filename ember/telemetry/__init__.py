@@ -1,0 +1,1 @@
+"""What a run measures about itself: throughput and FLOPs, memory, and the CPU allocator setting."""
