@@ -38,15 +38,15 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from torch import nn
 
 from ..args.names import NONFINITE_POLICIES
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
     from ..callbacks.state import TrainerState
-    from ..checkpoint.parts import Parts
     from ..strategy.base import Strategy
-    from ..strategy.rollback import RollbackSnapshot
+    from ..strategy.rollback import RollbackParts, RollbackSnapshot
     from .run_position import RunProgress
 
 logger = logging.getLogger("ember")
@@ -60,9 +60,10 @@ class GuardHost(Protocol):
     args: TrainingArguments
     state: TrainerState
     strategy: Strategy
+    optimizer: torch.optim.Optimizer | None
+    lr_scheduler: Any
+    model_wrapped: nn.Module
     _progress: RunProgress
-
-    def _stateful_parts(self) -> Parts: ...
 
 
 class NonFiniteStepError(RuntimeError):
@@ -237,7 +238,7 @@ class SpikeGuard:
     def maybe_keep_copy(self, host: GuardHost) -> None:
         self._good_steps += 1
         if self._copy is None or self._good_steps % self.window == 0:
-            self._copy = host.strategy.snapshot_for_rollback(host._stateful_parts())
+            self._copy = host.strategy.snapshot_for_rollback(_rollback_parts(host))
             self._copy_step = host.state.global_step + 1  # the update just applied
 
     def roll_back(self, host: GuardHost, loss: float) -> None:
@@ -245,7 +246,7 @@ class SpikeGuard:
         where = describe_step(host)
         self.rollbacks.append([host._progress.epoch, host._progress.step_in_epoch])
         if self._copy is not None:
-            host.strategy.restore_rollback(host._stateful_parts(), self._copy)
+            host.strategy.restore_rollback(_rollback_parts(host), self._copy)
         logger.warning(
             "ember: loss spike at %s: %.6g is more than %g standard deviations above the mean %.6g "
             "(std %.3g) of the last %d steps; its update is dropped and the model, optimizer, scheduler "
@@ -266,3 +267,16 @@ class SpikeGuard:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.losses = deque((float(x) for x in state.get("losses", [])), maxlen=self.window)
         self.rollbacks = [[int(a), int(b)] for a, b in state.get("rollbacks", [])]
+
+
+def _rollback_parts(host: GuardHost) -> RollbackParts:
+    from ..checkpoint.rng import RngState
+    from ..strategy.rollback import RollbackParts
+
+    return RollbackParts(
+        model=host.model_wrapped,
+        optimizer=host.optimizer,
+        scheduler=host.lr_scheduler,
+        precision=host.strategy.precision,
+        rng=RngState(),
+    )

@@ -22,7 +22,6 @@ from .loss import count_targets
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
     from ..callbacks.state import TrainerControl, TrainerState
-    from ..checkpoint.parts import Parts
     from ..strategy.base import Strategy
     from .guards import StepGuard
     from .run_position import RunProgress
@@ -50,8 +49,6 @@ class StepHost(Protocol):
     ) -> torch.Tensor: ...
 
     def _fire(self, event: str, **kwargs: Any) -> None: ...
-
-    def _stateful_parts(self) -> Parts: ...
 
 
 @dataclass

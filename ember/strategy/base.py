@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..checkpoint.io import CheckpointIO
     from ..checkpoint.parts import Parts
     from .precision import Precision
-    from .rollback import RollbackSnapshot
+    from .rollback import RollbackParts, RollbackSnapshot
 
 
 @runtime_checkable
@@ -109,11 +109,11 @@ class Strategy(Protocol):
     def rollback_refusal(self) -> str | None:
         """Why this strategy cannot roll a step back in memory (None: it can)."""
 
-    def snapshot_for_rollback(self, parts: Parts) -> RollbackSnapshot:
+    def snapshot_for_rollback(self, parts: RollbackParts) -> RollbackSnapshot:
         """An in-memory copy of model, optimizer, scheduler, precision and RNG, as this rank holds
         them (its own shards or partition: no gathering)."""
 
-    def restore_rollback(self, parts: Parts, snapshot: RollbackSnapshot) -> None:
+    def restore_rollback(self, parts: RollbackParts, snapshot: RollbackSnapshot) -> None:
         """Put the parts back to `snapshot` (every rank at once: some engines communicate)."""
 
     # -- collectives (the identity on one process) -------------------------------------------------

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from ..checkpoint.io import CheckpointIO
     from ..checkpoint.parts import Parts
     from .precision import Precision
-    from .rollback import RollbackSnapshot
+    from .rollback import RollbackParts, RollbackSnapshot
 
 logger = logging.getLogger("ember")
 
@@ -383,7 +383,7 @@ class DeepSpeedStrategy(MultiProcess):
             )
         return None
 
-    def snapshot_for_rollback(self, parts: Parts) -> RollbackSnapshot:
+    def snapshot_for_rollback(self, parts: RollbackParts) -> RollbackSnapshot:
         """This rank's share, through the engine's state API (see the module docstring)."""
         from .rollback import clone_state, snapshot_rest
 
@@ -393,7 +393,7 @@ class DeepSpeedStrategy(MultiProcess):
             held["module"] = clone_state(engine.module.state_dict())
         return snapshot_rest(parts, held)
 
-    def restore_rollback(self, parts: Parts, snapshot: RollbackSnapshot) -> None:
+    def restore_rollback(self, parts: RollbackParts, snapshot: RollbackSnapshot) -> None:
         from .rollback import clone_state, restore_rest
 
         engine = _engine(parts.model)

@@ -12,9 +12,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
-    from ..checkpoint.parts import Parts
+    from ..checkpoint.parts import Stateful
+
+
+@dataclass
+class RollbackParts:
+    """The parts a rollback copies and restores, by name: the model and optimizer as the strategy
+    set them up (wrapped, sharded, or an engine and its stepping wrapper), the scheduler, the
+    precision object (loss scaler) and the process's RNG."""
+
+    model: nn.Module
+    optimizer: Any
+    scheduler: Stateful | None
+    precision: Stateful
+    rng: Stateful
 
 
 @dataclass
@@ -39,7 +53,7 @@ def clone_state(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def snapshot_rest(parts: Parts, held: Any) -> RollbackSnapshot:
+def snapshot_rest(parts: RollbackParts, held: Any) -> RollbackSnapshot:
     """`held` (the strategy's copy of model and optimizer) with copies of the other parts."""
     return RollbackSnapshot(
         held=held,
@@ -49,7 +63,7 @@ def snapshot_rest(parts: Parts, held: Any) -> RollbackSnapshot:
     )
 
 
-def restore_rest(parts: Parts, snapshot: RollbackSnapshot) -> None:
+def restore_rest(parts: RollbackParts, snapshot: RollbackSnapshot) -> None:
     # Clones again: load_state_dict may keep the tensors it is given, and the snapshot must stay
     # intact for the next rollback to the same point.
     if snapshot.scheduler is not None and parts.scheduler is not None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
     from ..checkpoint.io import CheckpointIO
     from ..checkpoint.parts import Parts
-    from .rollback import RollbackSnapshot
+    from .rollback import RollbackParts, RollbackSnapshot
 
 logger = logging.getLogger("ember")
 
@@ -162,7 +162,7 @@ class SingleDevice:
     def rollback_refusal(self) -> str | None:
         return None
 
-    def snapshot_for_rollback(self, parts: Parts) -> RollbackSnapshot:
+    def snapshot_for_rollback(self, parts: RollbackParts) -> RollbackSnapshot:
         """The module's and the optimizer's own state dicts, cloned where they live. Under DDP the
         wrapper's keys (`module.`) come back through the same wrapper; under FSDP and tensor
         parallelism they are this rank's DTensor shards, so nothing is gathered."""
@@ -175,7 +175,7 @@ class SingleDevice:
         }
         return snapshot_rest(parts, held)
 
-    def restore_rollback(self, parts: Parts, snapshot: RollbackSnapshot) -> None:
+    def restore_rollback(self, parts: RollbackParts, snapshot: RollbackSnapshot) -> None:
         from .rollback import clone_state, restore_rest
 
         parts.model.load_state_dict(clone_state(snapshot.held["model"]))
