@@ -44,6 +44,7 @@ from .memory import MemoryTracker
 from .models.neftune import neftune_noise
 from .models.pipeline import label_smoothing_for, prepare_model
 from .optim import build_optimizer, build_optimizer_from_cls, build_scheduler
+from .optimizers import optimizer_eval_mode, set_optimizer_mode
 from .outputs import TrainOutput
 from .precision import Precision
 from .preemption import PreemptionWatcher, TrainingPreempted
@@ -269,6 +270,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             self._resume(resume_from_checkpoint)
             checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
         model.train()
+        set_optimizer_mode(self.optimizer, training=True)  # schedule-free: weights at the train point
         self._fire("on_train_begin")
         if args.eval_on_start and self.state.global_step == 0:
             self._evaluate(ignore_keys_for_eval)
@@ -490,14 +492,15 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         from .checkpoint.training import save_checkpoint
 
         self.store_flos()
-        save_checkpoint(
-            self._stateful_parts(),
-            self.strategy,
-            self._checkpoint_writer,
-            self.args,
-            self.state,
-            self.processing_class,
-        )
+        with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
+            save_checkpoint(
+                self._stateful_parts(),
+                self.strategy,
+                self._checkpoint_writer,
+                self.args,
+                self.state,
+                self.processing_class,
+            )
 
     def _resume(self, checkpoint: str | bool) -> None:
         from .checkpoint.training import resume
@@ -528,6 +531,9 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
 
     def _finish_training(self) -> TrainOutput:
         self._checkpoint_writer.wait()
+        # Schedule-free: the trained model is the averaged point (what evaluation and saves use, and
+        # what load_best_model_at_end loads); train() moves back to the train point.
+        set_optimizer_mode(self.optimizer, training=False)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info(
                 "Loading the best model from %s (%s = %s).",
@@ -564,11 +570,12 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
 
         folder = Path(output_dir or self.args.output_dir)
         # Every rank calls model_state_dict: gathering a sharded model is a collective.
-        state_dict = self.strategy.model_state_dict(self.model_wrapped)
-        if self.strategy.is_main:
-            save_model_files(
-                self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
-            )
+        with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
+            state_dict = self.strategy.model_state_dict(self.model_wrapped)
+            if self.strategy.is_main:
+                save_model_files(
+                    self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
+                )
 
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:

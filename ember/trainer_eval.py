@@ -17,6 +17,7 @@ from .data import build_eval_dataloader
 from .evaluation import evaluation_loop as run_evaluation_loop  # apart from the method of that name
 from .evaluation import ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from .memory import MemoryTracker
+from .optimizers import optimizer_eval_mode
 from .outputs import EvalLoopOutput, PredictionOutput
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class TrainerEvaluation:
         start = time.perf_counter()
         memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_eval_dataloader(dataset)
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(getattr(self, "optimizer", None)):
             # As transformers: without compute_metrics there is nothing to keep logits for.
             loss_only = True if self.compute_metrics is None else None
             output = run_evaluation_loop(
@@ -125,7 +126,7 @@ class TrainerEvaluation:
         start = time.perf_counter()
         memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_test_dataloader(test_dataset)
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(getattr(self, "optimizer", None)):
             output: EvalLoopOutput = run_evaluation_loop(
                 self, loader, "Prediction", None, ignore_keys, metric_key_prefix
             )
@@ -166,7 +167,7 @@ class TrainerEvaluation:
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
         """The loop behind evaluate() and predict(), for subclasses that call it directly."""
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(getattr(self, "optimizer", None)):
             return run_evaluation_loop(
                 self,
                 dataloader,
