@@ -6,8 +6,8 @@ resumes exactly.
 - Optimizers whose state holds more than tensors and numbers get a state_dict() that says it in
   plain data, and a load_state_dict() that rebuilds it: torchao's quantized state tensors (a tensor
   subclass), GaLore's and APOLLO's projector objects, GrokAdamW's state (kept in its param groups,
-  keyed by parameter), and the memory layout of non-contiguous state tensors. The checkpoint names an entry of a fixed table, never a module or class, so
-  loading runs no code the checkpoint chose.
+  keyed by parameter), and the memory layout of non-contiguous state tensors. The checkpoint names
+  an entry of a fixed table, never a module or class, so loading runs no code the checkpoint chose.
 - `*_layerwise` and `lomo` update each weight inside backward, as its gradient arrives; their
   optimizer's step() is empty. The layer-wise wrapper holds one optimizer per parameter and shares
   their state with its own, so the scheduler and checkpoints see one ordinary optimizer.
