@@ -16,8 +16,13 @@
    runs with no saves, sync saves and `save_async=True`, interleaved. Blocking per save = step
    time of a saving step minus the median of the run's non-saving steps (wall, and CPU time of
    the training thread, which the machine's other load disturbs less). Async checkpoints are
-   deep-verified and their tensor files compared by sha256 with the sync run's.
+   deep-verified and their tensor files compared by hash with the sync run's.
 3. A profile of the save and load path on the big checkpoint.
+4. Against the disk (`--only disk` runs this part alone): a sync save (`Trainer._save_checkpoint`,
+   fsync and manifest included) and a verified load (hash check of every file, then model,
+   optimizer and trainer state; page cache dropped first with posix_fadvise) of that checkpoint,
+   as a fraction of the disk's own bandwidth measured in the same run: one sequential write of as
+   many bytes with fsync, and a cold read of it. Also the hash speeds (xxh3_128, sha256) per GB.
 
 One torch thread, OMP_WAIT_POLICY=PASSIVE; medians over interleaved repetitions.
 """
@@ -388,7 +393,8 @@ def compare_checkpoints(sync_dir: Path, async_dir: Path) -> dict[str, Any]:
 
 def _manifest_hashes(folder: Path) -> dict[str, str]:
     files = json.loads((folder / "manifest.json").read_text())["files"]
-    return {name: info["sha256"] for name, info in files.items()}
+    # The hash the manifest recorded (xxh3_128; sha256 in manifests of older ember).
+    return {name: info.get("xxh3_128") or info["sha256"] for name, info in files.items()}
 
 
 def summarise_mode(rows: list[dict[str, Any]], none_wall: float) -> dict[str, Any]:
@@ -452,6 +458,7 @@ def timed(fn: Callable[[], Any], reps: int, before: Callable[[], Any] | None = N
 
 def profile_save(cfg: Config, work: Path, trainer: Any) -> dict[str, float]:
     from ember.checkpoint import atomic, training
+    from ember.checkpoint.files import hash_file
     from ember.checkpoint.model import save_model_files
     from ember.checkpoint.state_io import save_state
     from ember.checkpoint.writer import StagingBuffers
@@ -487,8 +494,9 @@ def profile_save(cfg: Config, work: Path, trainer: Any) -> dict[str, float]:
         ("save_model_files", lambda: save_model_files(snap.model, tmp, None, snap.model_state), fresh),
         ("save_state_optimizer", lambda: save_state(snap.optimizer or {}, tmp, "optimizer"), fresh),
         ("write_snapshot", write_all, fresh),
-        ("write_manifest_fsync_and_sha256", lambda: atomic.write_manifest(tmp), fresh_and_written),
-        ("sha256_all_files_cached", lambda: [atomic.sha256_file(p) for p in files()], None),
+        ("write_manifest_fsync_and_hash", lambda: atomic.write_manifest(tmp), fresh_and_written),
+        ("xxh3_128_all_files_cached", lambda: [hash_file(p, "xxh3_128") for p in files()], None),
+        ("sha256_all_files_cached", lambda: [hash_file(p, "sha256") for p in files()], None),
     ]
     out = {name: timed(fn, cfg.profile_reps, before) for name, fn, before in steps}
     blob = b"".join(p.read_bytes() for p in files())
@@ -515,7 +523,7 @@ def profile_load(cfg: Config, work: Path, trainer: Any, folder: Path) -> dict[st
     model, optimizer = trainer.model, trainer.optimizer
     state = load_state(folder, "optimizer")
     out = {
-        "verify_deep_sha256": timed(lambda: load_checkpoint_dir(folder), cfg.profile_reps),
+        "verify_deep_hash": timed(lambda: load_checkpoint_dir(folder, deep=True), cfg.profile_reps),
         "verify_sizes_only": timed(lambda: verify_checkpoint(folder, deep=False), cfg.profile_reps),
         "load_model_weights": timed(lambda: load_model_weights(model, folder), cfg.profile_reps),
         "load_state_optimizer": timed(lambda: load_state(folder, "optimizer"), cfg.profile_reps),
@@ -540,6 +548,123 @@ def bench_profile(cfg: Config, work: Path, newest: Path) -> dict[str, Any]:
     trainer = save_job_trainer(cfg, work / "profile-train", "none", [], 2)
     trainer.train()
     return {"save": profile_save(cfg, work, trainer), "load": profile_load(cfg, work, trainer, newest)}
+
+
+# -- 4. against the disk ----------------------------------------------------------------------------------
+
+_IO_CHUNK = 8 << 20
+
+
+def _evict(paths: list[Path]) -> None:
+    """Drop `paths` from the page cache (clean pages only: they were fsynced), so reads hit the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def disk_bandwidth(work: Path, nbytes: int, reps: int) -> dict[str, float]:
+    """Seconds for a plain sequential write of `nbytes` with fsync, and for a cold read of them."""
+    path = work / "disk-probe.bin"
+    block = memoryview(os.urandom(_IO_CHUNK))
+    buffer = bytearray(_IO_CHUNK)
+
+    def write() -> None:
+        with open(path, "wb", buffering=0) as fh:
+            left = nbytes
+            while left > 0:
+                left -= fh.write(block[: min(left, _IO_CHUNK)])
+            os.fsync(fh.fileno())
+
+    def read() -> None:
+        with open(path, "rb", buffering=0) as fh:
+            while fh.readinto(buffer):
+                pass
+
+    out = {
+        "write_fsync": timed(write, reps, before=lambda: path.unlink(missing_ok=True)),
+        "read_cold": timed(read, reps, before=lambda: _evict([path])),
+        "read_warm": timed(read, reps),
+    }
+    path.unlink(missing_ok=True)
+    return out
+
+
+def hash_speeds(files: list[Path], reps: int) -> dict[str, float]:
+    """Seconds per GB of each hash over the checkpoint's bytes, already in memory (CPU cost only)."""
+    import hashlib
+
+    import xxhash
+
+    blob = memoryview(b"".join(p.read_bytes() for p in files))
+
+    def run(make: Callable[[], Any]) -> None:
+        h = make()
+        for i in range(0, len(blob), _IO_CHUNK):
+            h.update(blob[i : i + _IO_CHUNK])
+
+    gb = len(blob) / 1e9
+    return {
+        name: timed(lambda make=make: run(make), reps) / gb
+        for name, make in (("xxh3_128", xxhash.xxh3_128), ("sha256", hashlib.sha256))
+    }
+
+
+def bench_disk(cfg: Config, work: Path) -> dict[str, Any]:
+    from ember.checkpoint import load_checkpoint_dir, load_state
+    from ember.checkpoint.training import load_model_weights
+
+    trainer = save_job_trainer(cfg, work / "disk-train", "sync", [], 2)
+    trainer.train()  # step 2: model and AdamW state exist; no checkpoint yet (save_every > 2)
+    out_dir = Path(trainer.args.output_dir)
+    saves: list[float] = []
+    for i in range(cfg.profile_reps):
+        trainer.state.global_step = 1000 + i
+        start = time.perf_counter()
+        trainer._save_checkpoint(None)
+        saves.append(time.perf_counter() - start)
+    folder = out_dir / f"checkpoint-{1000 + cfg.profile_reps - 1}"
+    files = _files(folder)
+    nbytes = sum(p.stat().st_size for p in files)
+    model = trainer.model
+
+    def verified_load() -> None:
+        load_checkpoint_dir(folder, deep=True)
+        load_model_weights(model, folder)
+        load_state(folder, "optimizer")
+        load_state(folder, "trainer")
+
+    load_cold = timed(verified_load, cfg.profile_reps, before=lambda: _evict(files))
+    load_warm = timed(verified_load, cfg.profile_reps)
+    verify_cold = timed(
+        lambda: load_checkpoint_dir(folder, deep=True), cfg.profile_reps, lambda: _evict(files)
+    )
+    disk = disk_bandwidth(work, nbytes, cfg.profile_reps)
+    save = med(saves)
+    result = {
+        "bytes": nbytes,
+        "files": len(files),
+        "disk": disk,
+        "disk_write_MBps": nbytes / disk["write_fsync"] / 1e6,
+        "disk_read_cold_MBps": nbytes / disk["read_cold"] / 1e6,
+        "sync_save": save,
+        "sync_save_MBps": nbytes / save / 1e6,
+        "verified_load_cold": load_cold,
+        "verified_load_cold_MBps": nbytes / load_cold / 1e6,
+        "verified_load_warm": load_warm,
+        "verify_only_cold": verify_cold,
+        "save_fraction_of_disk": disk["write_fsync"] / save,
+        "load_fraction_of_disk": disk["read_cold"] / load_cold,
+        "hash_seconds_per_GB": hash_speeds(files, cfg.profile_reps),
+    }
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -568,6 +693,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--work", default=None, help="scratch folder for checkpoints (default: a temp folder)")
+    p.add_argument(
+        "--only", choices=["disk"], default=None, help="run one part alone (disk: section 4, ~1 minute)"
+    )
     return p.parse_args(argv)
 
 
@@ -582,18 +710,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     try:
         result: dict[str, Any] = {"config": asdict(cfg), "machine": machine(), "smoke": ns.smoke}
+        if ns.only == "disk":
+            result["disk"] = bench_disk(cfg, work)
+            return _report(result, Path(ns.out), "checkpoint-disk-smoke" if ns.smoke else "checkpoint-disk")
         result["resume"] = bench_resume(cfg, work)
         r = result["resume"]
         near, far = seconds_text(r["near"]["wall"]["median"]), seconds_text(r["far"]["wall"]["median"])
         print(f"resume: {near} near, {far} far, ratio {r['ratio_far_near']['wall']:.2f}", flush=True)
         result["saves"] = bench_saves(cfg, work)
         result["profile"] = bench_profile(cfg, work, Path(result["saves"]["profiled_checkpoint"]))
+        result["disk"] = bench_disk(cfg, work)
     finally:
         if ns.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    out = Path(ns.out)
+    return _report(result, Path(ns.out), "checkpoint-smoke" if ns.smoke else "checkpoint")
+
+
+def _report(result: dict[str, Any], out: Path, stem: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = "checkpoint-smoke" if ns.smoke else "checkpoint"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     text = markdown(result)
     (out / f"{stem}.md").write_text(text)
