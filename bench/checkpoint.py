@@ -569,31 +569,30 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def disk_bandwidth(work: Path, nbytes: int, reps: int) -> dict[str, float]:
-    """Seconds for a plain sequential write of `nbytes` with fsync, and for a cold read of them."""
-    path = work / "disk-probe.bin"
-    block = memoryview(os.urandom(_IO_CHUNK))
-    buffer = bytearray(_IO_CHUNK)
+class DiskProbe:
+    """A plain sequential write of `nbytes` with fsync, and a cold read of it: the disk's own speed."""
 
-    def write() -> None:
-        with open(path, "wb", buffering=0) as fh:
-            left = nbytes
+    def __init__(self, work: Path, nbytes: int) -> None:
+        self.path, self.nbytes = work / "disk-probe.bin", nbytes
+        self.block, self.buffer = memoryview(os.urandom(_IO_CHUNK)), bytearray(_IO_CHUNK)
+
+    def write(self) -> float:
+        self.path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        with open(self.path, "wb", buffering=0) as fh:
+            left = self.nbytes
             while left > 0:
-                left -= fh.write(block[: min(left, _IO_CHUNK)])
+                left -= fh.write(self.block[: min(left, _IO_CHUNK)])
             os.fsync(fh.fileno())
+        return time.perf_counter() - start
 
-    def read() -> None:
-        with open(path, "rb", buffering=0) as fh:
-            while fh.readinto(buffer):
+    def read_cold(self) -> float:
+        _evict([self.path])
+        start = time.perf_counter()
+        with open(self.path, "rb", buffering=0) as fh:
+            while fh.readinto(self.buffer):
                 pass
-
-    out = {
-        "write_fsync": timed(write, reps, before=lambda: path.unlink(missing_ok=True)),
-        "read_cold": timed(read, reps, before=lambda: _evict([path])),
-        "read_warm": timed(read, reps),
-    }
-    path.unlink(missing_ok=True)
-    return out
+        return time.perf_counter() - start
 
 
 def hash_speeds(files: list[Path], reps: int) -> dict[str, float]:
@@ -617,50 +616,69 @@ def hash_speeds(files: list[Path], reps: int) -> dict[str, float]:
 
 
 def bench_disk(cfg: Config, work: Path) -> dict[str, Any]:
+    """Each rep times the disk probe right before the ember operation it is compared with (the
+    machine is shared: its disk speed drifts within a minute), and the fraction is taken per rep."""
     from ember.checkpoint import load_checkpoint_dir, load_state
     from ember.checkpoint.training import load_model_weights
 
     trainer = save_job_trainer(cfg, work / "disk-train", "sync", [], 2)
     trainer.train()  # step 2: model and AdamW state exist; no checkpoint yet (save_every > 2)
     out_dir = Path(trainer.args.output_dir)
-    saves: list[float] = []
-    for i in range(cfg.profile_reps):
-        trainer.state.global_step = 1000 + i
-        start = time.perf_counter()
+    model, step = trainer.model, [1000]
+
+    def save() -> Path:
+        step[0] += 1
+        trainer.state.global_step = step[0]
         trainer._save_checkpoint(None)
-        saves.append(time.perf_counter() - start)
-    folder = out_dir / f"checkpoint-{1000 + cfg.profile_reps - 1}"
+        return out_dir / f"checkpoint-{step[0]}"
+
+    folder = save()  # warm-up, and the size of what the probe writes
     files = _files(folder)
     nbytes = sum(p.stat().st_size for p in files)
-    model = trainer.model
+    probe = DiskProbe(work, nbytes)
 
-    def verified_load() -> None:
+    def verified_load(where: Path) -> None:
+        load_checkpoint_dir(where, deep=True)
+        load_model_weights(model, where)
+        load_state(where, "optimizer")
+        load_state(where, "trainer")
+
+    rows: dict[str, list[float]] = {k: [] for k in ("disk_write", "save", "disk_read", "load", "verify")}
+    reps = max(cfg.profile_reps, 5) if cfg.profile_reps > 1 else 1
+    for _ in range(reps):
+        rows["disk_write"].append(probe.write())
+        start = time.perf_counter()
+        folder = save()
+        rows["save"].append(time.perf_counter() - start)
+        files = _files(folder)
+        rows["disk_read"].append(probe.read_cold())
+        _evict(files)
+        start = time.perf_counter()
+        verified_load(folder)
+        rows["load"].append(time.perf_counter() - start)
+        _evict(files)
+        start = time.perf_counter()
         load_checkpoint_dir(folder, deep=True)
-        load_model_weights(model, folder)
-        load_state(folder, "optimizer")
-        load_state(folder, "trainer")
-
-    load_cold = timed(verified_load, cfg.profile_reps, before=lambda: _evict(files))
-    load_warm = timed(verified_load, cfg.profile_reps)
-    verify_cold = timed(
-        lambda: load_checkpoint_dir(folder, deep=True), cfg.profile_reps, lambda: _evict(files)
-    )
-    disk = disk_bandwidth(work, nbytes, cfg.profile_reps)
-    save = med(saves)
+        rows["verify"].append(time.perf_counter() - start)
+    probe.path.unlink(missing_ok=True)
+    load_warm = timed(lambda: verified_load(folder), cfg.profile_reps)
+    m = {k: med(v) for k, v in rows.items()}
     result = {
         "bytes": nbytes,
         "files": len(files),
-        "disk": disk,
-        "disk_write_MBps": nbytes / disk["write_fsync"] / 1e6,
-        "disk_read_cold_MBps": nbytes / disk["read_cold"] / 1e6,
-        "sync_save": save,
-        "sync_save_MBps": nbytes / save / 1e6,
-        "verified_load_cold": load_cold,
-        "verified_load_cold_MBps": nbytes / load_cold / 1e6,
+        "reps": reps,
+        "per_rep": rows,
+        "disk": {"write_fsync": m["disk_write"], "read_cold": m["disk_read"]},
+        "disk_write_MBps": nbytes / m["disk_write"] / 1e6,
+        "disk_read_cold_MBps": nbytes / m["disk_read"] / 1e6,
+        "sync_save": m["save"],
+        "sync_save_MBps": nbytes / m["save"] / 1e6,
+        "verified_load_cold": m["load"],
+        "verified_load_cold_MBps": nbytes / m["load"] / 1e6,
         "verified_load_warm": load_warm,
-        "verify_only_cold": verify_cold,
-        "save_fraction_of_disk": disk["write_fsync"] / save,
-        "load_fraction_of_disk": disk["read_cold"] / load_cold,
+        "verify_only_cold": m["verify"],
+        "save_fraction_of_disk": med([d / x for d, x in zip(rows["disk_write"], rows["save"])]),
+        "load_fraction_of_disk": med([d / x for d, x in zip(rows["disk_read"], rows["load"])]),
         "hash_seconds_per_GB": hash_speeds(files, cfg.profile_reps),
     }
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -131,7 +131,8 @@ def _md_disk(d: dict[str, Any]) -> list[str]:
         "Sync save: `Trainer._save_checkpoint` until it returns (write, fsync, manifest, rename). "
         "Verified load: the hash check of every file, then model, optimizer and trainer state, with "
         "the files dropped from the page cache first. The disk: one sequential write of as many "
-        "bytes with fsync, and a cold read of it, in the same run.",
+        "bytes with fsync, and a cold read of it, each timed right before the operation it is "
+        f"compared with; fractions are medians of the per-rep ratios ({d['reps']} reps).",
         "",
         _row("", "time", "MB/s", "fraction of the disk"),
         _row(*["---"] * 4),
