@@ -244,7 +244,11 @@ class TrainingFields:
     local_rank: int = _f(-1, "Rank of this process on its machine, from the launcher; -1 if not distributed.")
     # --- ember only ---
     save_async: bool = _f(False, "Write checkpoints in a background thread while training goes on.")
-    verify_checkpoints: bool = _f(False, "On resume, re-hash every checkpoint file against its manifest.")
+    verify_checkpoints: bool = _f(
+        True,
+        "On resume, re-hash every checkpoint file against its manifest (xxh3_128, well under a second per "
+        "GB), so a file changed after writing is found, naming it. False checks sizes only.",
+    )
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
     chunked_loss: bool | None = _f(

@@ -12,7 +12,7 @@ Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never
     sharded/shard-*.safetensors    # DTensor state through torch.distributed.checkpoint (sharded.py)
     optimizer-groups.{safetensors,json}  # the param_groups that go with the sharded state
     deepspeed-rank-<r>.{safetensors,json}  # a ZeRO partition (fp32 master weights, moments)
-    manifest.json                  # written last: sizes and sha256 of every file above
+    manifest.json                  # written last: sizes and hashes (xxh3_128) of every file above
 
 Strategies and `training.py` read and write these parts only through a `CheckpointIO`, so no
 other module spells a file name. A strategy receives the run's `Parts` and this object, and
@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import state_io
+# Called through their modules, so a test that replaces one (a full disk, a failing rank) is obeyed.
+from . import sharded, state_io
 from .atomic import TMP_SUFFIX, CheckpointWriteError, abort_checkpoint, begin_checkpoint, commit_checkpoint
 from .files import write_text
 from .model import load_model_files, save_model_files
-from .sharded import GROUPS_NAME, SHARDED_DIR, ShardedState, copy_to_cpu, load_sharded, save_sharded
+from .sharded import GROUPS_NAME, SHARDED_DIR, ShardedState
 from .writer import CheckpointWriter, StagingBuffers, WriteFn
 
 logger = logging.getLogger(__name__)
@@ -216,12 +217,12 @@ class CheckpointIO:
         background (training keeps changing the live ones), the live shards otherwise."""
         if not self.async_:
             return state
-        return ShardedState(copy_to_cpu(state.tensors), state.groups)
+        return ShardedState(sharded.copy_to_cpu(state.tensors), state.groups)
 
     @staticmethod
     def write_sharded(folder: Path, state: ShardedState, is_main: bool, process_group: Any) -> None:
         """Every rank writes its shards (a collective over `process_group`); the main process the groups."""
-        save_sharded(state.tensors, state.groups, folder, is_main, process_group)
+        sharded.save_sharded(state.tensors, state.groups, folder, is_main, process_group)
 
     @staticmethod
     def has_sharded(folder: Path) -> bool:
@@ -233,4 +234,4 @@ class CheckpointIO:
     ) -> None:
         """Fill `model` (and `optimizer`) from the sharded state, resharded to how they are placed
         now; `process_group=None` reads without a collective (one process)."""
-        load_sharded(model, optimizer, folder, process_group=process_group)
+        sharded.load_sharded(model, optimizer, folder, process_group=process_group)

@@ -284,7 +284,7 @@ def resume(
     """Load `checkpoint` (or, with True, the newest complete one in output_dir) into the parts and
     `state`; returns the folder it came from."""
     io = io if io is not None else CheckpointIO()
-    folder = _checkpoint_folder(args.output_dir, checkpoint, deep=args.verify_checkpoints)
+    folder = _agreed_checkpoint_folder(strategy, args, checkpoint)
     state_file = io.trainer_state_path(folder)
     saved = TrainerState.load_from_json(str(state_file))  # checked by the line above
     # A moved run folder still names its best checkpoint by the old path: find it in this one.
@@ -310,6 +310,30 @@ def resume(
         parts.progress.step_in_epoch,
     )
     return folder
+
+
+def _agreed_checkpoint_folder(strategy: Strategy, args: TrainingArguments, checkpoint: str | bool) -> Path:
+    """The checkpoint folder to resume from, checked (hashes too unless `verify_checkpoints=False`)
+    by the main process alone and sent to every rank, so the files are hashed once, not once per
+    rank, and every rank resumes from the same folder or stops with the same error."""
+    deep = args.verify_checkpoints
+    if strategy.world_size == 1:
+        return _checkpoint_folder(args.output_dir, checkpoint, deep)
+    found: Path | None = None
+    error: Exception | None = None
+    failure: tuple[bool, str] | None = None
+    if strategy.is_main:
+        try:
+            found = _checkpoint_folder(args.output_dir, checkpoint, deep)
+        except Exception as exc:  # any error: the other ranks wait for the answer
+            error, failure = exc, (isinstance(exc, ValueError), str(exc))
+    name, failure = strategy.broadcast_object((str(found) if found is not None else None, failure))
+    if error is not None:
+        raise error
+    if failure is not None:
+        is_value_error, message = failure
+        raise (ValueError if is_value_error else CheckpointError)(message)
+    return Path(name)
 
 
 def _checkpoint_folder(output_dir: str, checkpoint: str | bool, deep: bool) -> Path:

@@ -151,10 +151,11 @@ class MultiProcess(SingleDevice):
             except Exception as exc:
                 error = exc
         failed = torch.zeros(self.world_size, dtype=torch.int32)
-        failed[self.rank] = int(error is not None)
+        # A peer's failure reported through this rank (DCP tells every rank) is counted where it happened.
+        failed[self.rank] = int(error is not None and not getattr(error, "peer_failure", False))
         with collective(f"agreeing on checkpoint {final_dir.name}", self.rank):
             dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self._checkpoint_group)
-        if not bool(failed.any()):
+        if not bool(failed.any()) and error is None:
             return
         ranks = [r for r, bad in enumerate(failed.tolist()) if bad]
         cause = error or RuntimeError(f"on rank(s) {ranks}, see their log")
