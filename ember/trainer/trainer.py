@@ -47,12 +47,13 @@ from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_step
 from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import TrainOutput
-from ..strategy import build_strategy
+from ..strategy import build_strategy, fsdp_enabled
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
 from ..telemetry.throughput import Throughput, device_peak_flops, model_flops_per_token
 from ..utils import enable_full_determinism, set_seed, to_device
+from .accelerator import EmberAccelerator
 from .evaluation import TrainerEvaluation
 from .logs import TrainerLogging
 from .surface import TrainerSurface
@@ -120,6 +121,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         self._train_batch_sampler: Any = None
         self._current_flos = 0.0
         self._step_lr = 0.0
+        self._sync_gradients = True
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
@@ -134,6 +136,19 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     @precision.setter
     def precision(self, value: Precision) -> None:
         self.strategy.precision = value
+
+    @property
+    def accelerator(self) -> EmberAccelerator:
+        """accelerate's `Accelerator` members that subclasses call, over this run's strategy."""
+        return EmberAccelerator(self)
+
+    @property
+    def is_deepspeed_enabled(self) -> bool:
+        return bool(self.args.deepspeed)
+
+    @property
+    def is_fsdp_enabled(self) -> bool:
+        return fsdp_enabled(self.args.fsdp)
 
     def _fire(self, event: str, **kwargs: Any) -> None:
         """Fire a callback event; a callback may hand back a new control object, which is kept."""
