@@ -173,7 +173,9 @@ def evaluation_loop(
             outputs = (host.preprocess_logits_for_metrics(outputs[0], outputs[1]), *outputs[1:])
         if batch_metrics:
             metrics = _batch_metrics(host, outputs, batch, is_last) or metrics
-        elif not loss_only:
+        # predict() returns its predictions whatever the metrics do (as transformers); evaluate()
+        # with batch_eval_metrics keeps nothing, which is what the option is for.
+        if not loss_only and (not batch_metrics or description == "Prediction"):
             for acc, value in zip(accumulators, outputs):
                 acc.add(value)
         host._fire("on_prediction_step")
