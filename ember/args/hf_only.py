@@ -32,8 +32,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "trackio_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_bucket_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_static_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
-    "eval_do_concat_batches": "use batch_eval_metrics=True to avoid holding all predictions",
-    "eval_use_gather_object": "ember gathers tensors only",
     "push_to_hub": "upload output_dir with huggingface_hub's upload_folder after training",
     "hub_token": "upload output_dir with huggingface_hub after training",
     "hub_private_repo": "upload output_dir with huggingface_hub after training",

@@ -33,6 +33,21 @@ def main(out: Path) -> None:
     metrics = acc.gather_for_metrics([rank, 10 + rank])
     lines.append(f"objects={objects} metrics={metrics}")
     lines.append(f"type={acc.distributed_type}")
+    # eval_use_gather_object: Python predictions of both ranks, in dataset order, padding rows cut.
+    from tests.engine.test_eval_outputs import WordPredictions
+    from tests.helpers import RegressionDataset, RegressionModel
+
+    words = WordPredictions(
+        model=RegressionModel(),
+        args=ember.TrainingArguments(
+            output_dir=str(out / "words"),
+            report_to="none",
+            use_cpu=True,
+            per_device_eval_batch_size=2,
+            eval_use_gather_object=True,
+        ),
+    ).predict(RegressionDataset(7))
+    lines.append(f"words={words.predictions}")
     with acc.main_process_first():
         pass
     acc.wait_for_everyone()

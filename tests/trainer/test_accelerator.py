@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ember
-from tests.helpers import lm_examples, pad_lm_batch, tiny_gpt2
+from tests.helpers import RegressionDataset, lm_examples, pad_lm_batch, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,6 +119,7 @@ def test_two_processes_with_the_override_equal_one_process(tmp_path):
         "split=[[0, 1, 2], [3, 4]] padded=[[0, 1, 2], [3, 4, 4]]",
         "objects=['r0', 'r1'] metrics=[0, 10, 1, 11]",
         "type=MULTI_CPU",
+        f"words={[f'x={float(x):.3f}' for x in RegressionDataset(7).x]}",
     ]
 
 
