@@ -270,8 +270,8 @@ class TrainingFields:
     enable_jit_checkpoint: bool = _f(False, "Checkpoint on SIGTERM and exit; ember always does.")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
-    bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
-    fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
+    bf16_full_eval: bool = _f(False, "Evaluate outside training with the model cast to bf16.")
+    fp16_full_eval: bool = _f(False, "Evaluate outside training with the model cast to fp16.")
     use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
     liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")

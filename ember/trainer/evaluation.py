@@ -20,6 +20,7 @@ from ..engine.evaluation_loop import (
 from ..engine.evaluation_loop import ignore_keys_at_inference, labels_of, logits_without, speed_metrics
 from ..outputs import EvalLoopOutput, PredictionOutput
 from ..telemetry.memory import MemoryTracker
+from .full_eval import full_eval_model
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
@@ -93,7 +94,8 @@ class TrainerEvaluation:
 
     # -- evaluate and predict ------------------------------------------------------------------------
     def model_for_eval(self) -> nn.Module:
-        return self.model_wrapped if self.model_wrapped is not None else self.model
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        return full_eval_model(model, self.args, getattr(self, "is_in_train", False))
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"

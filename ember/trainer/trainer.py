@@ -126,6 +126,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         self._current_flos = 0.0
         self._step_lr = 0.0
         self._sync_gradients = True
+        self.is_in_train = False
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
@@ -269,6 +270,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         from ..checkpoint.run_folder import hold_output_dir
 
         checks.check_output_dir_writable(self.args.output_dir)
+        self.is_in_train = True
         # One writer per output_dir: a second run there is refused before it touches anything.
         with hold_output_dir(self.args.output_dir, self.strategy):
             try:
@@ -277,6 +279,8 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
                 # A save in flight finishes before the lock goes; its error must not hide this one.
                 self._checkpoint_writer.settle()
                 raise
+            finally:
+                self.is_in_train = False
 
     def _train(
         self,
