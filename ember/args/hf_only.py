@@ -22,7 +22,6 @@ from .fields import TrainingFields
 _GENERIC_FIX = "leave it at its default"
 # fmt: off
 HF_ONLY_FIELDS: dict[str, str] = {
-    "optim_target_modules": "use an optimizer that needs no target modules",
     "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
     "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
