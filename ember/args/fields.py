@@ -334,6 +334,11 @@ class TrainingFields:
     # transformers types it as accelerate's ParallelismConfig; `str | None` keeps argparse working without
     # importing accelerate, and only None is accepted anyway.
     parallelism_config: str | None = _f(None, "Not supported by ember; leave unset.")
-    dataloader_multiprocessing_context: str | None = _f(None, "Not supported by ember; leave unset.")
-    dataloader_in_order: bool = _f(True, "Not supported by ember (always in order); leave True.")
+    dataloader_multiprocessing_context: str | None = _f(
+        None, "Start method of the loader workers ('spawn', 'fork', 'forkserver'); None: torch's default."
+    )
+    dataloader_in_order: bool = _f(
+        True,
+        "Workers return batches in order; False takes them as they finish (order, and exact resume, then vary).",
+    )
     debug: str | list[str] = _f("", "Not supported by ember; leave empty.")
