@@ -339,6 +339,6 @@ class TrainingFields:
     )
     dataloader_in_order: bool = _f(
         True,
-        "Workers return batches in order; False takes them as they finish (order, and exact resume, then vary).",
+        "Workers return batches in order; False: as they finish (order and exact resume then vary).",
     )
     debug: str | list[str] = _f("", "Not supported by ember; leave empty.")
