@@ -214,21 +214,28 @@ def _warn_on_changed_shape(
         )
 
 
-def _keep_saved_intervals(state: TrainerState, saved: TrainerState, folder: Path) -> None:
+def _keep_saved_intervals(
+    state: TrainerState, saved: TrainerState, folder: Path, per_device_batch: int | None = None
+) -> None:
     """As transformers: the checkpoint's logging/eval/save intervals go on; say so when args differ."""
+    # One warning, each difference worded as transformers words it (scripts and tests grep it).
+    lines = []
     for kind in ("logging_steps", "eval_steps", "save_steps"):
         old, new = getattr(saved, kind), getattr(state, kind)
         if old != new:
-            logger.warning(
-                "Resuming from %s: %s is %s in the checkpoint and %s in the arguments; the run goes on "
-                "with the checkpoint's %s (as transformers does). Start a new run to change it.",
-                folder,
-                kind,
-                old,
-                new,
-                old,
-            )
+            lines.append(f"\n\t{kind}: {new} (from args) != {old} (from trainer_state.json)")
             setattr(state, kind, old)
+    if per_device_batch is not None and saved.train_batch_size and per_device_batch != saved.train_batch_size:
+        lines.append(
+            f"\n\tper_device_train_batch_size: {per_device_batch} (from args) != "
+            f"{saved.train_batch_size} (from trainer_state.json)"
+        )
+    if lines:
+        logger.warning(
+            f"Resuming from {folder}: these arguments differ from the checkpoint's trainer_state.json; "
+            "the logging/eval/save intervals go on as the checkpoint has them (as transformers does):"
+            + "".join(lines)
+        )
 
 
 def save_checkpoint(
@@ -289,7 +296,9 @@ def resume(
     saved = TrainerState.load_from_json(str(state_file))  # checked by the line above
     # A moved run folder still names its best checkpoint by the old path: find it in this one.
     saved.best_model_checkpoint = relocate_in_run(saved.best_model_checkpoint, args.output_dir, state_file)
-    _keep_saved_intervals(state, saved, folder)
+    # With auto_find_batch_size the saved batch is the one found, not a changed argument.
+    batch = None if args.auto_find_batch_size else args.per_device_train_batch_size
+    _keep_saved_intervals(state, saved, folder, batch)
     for name in _RESUMED_STATE_FIELDS:
         setattr(state, name, getattr(saved, name))
     restore_training_state(parts, strategy, args, folder, io)

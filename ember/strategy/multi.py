@@ -82,6 +82,12 @@ class MultiProcess(SingleDevice):
         rows = shapes[:, 0].tolist()
         return torch.cat([gathered[r, : rows[r]] for r in range(self.world_size)], dim=0)
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        with collective("all_gather_object", self.rank):
+            dist.all_gather_object(out, obj)
+        return out
+
     def any_rank(self, flag: bool) -> bool:
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._flag_device)
         with collective("agreeing on a flag (all_reduce max)", self.rank):
