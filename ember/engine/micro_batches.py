@@ -19,12 +19,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from . import step as loop
+from . import step
 
 if TYPE_CHECKING:
-    from .step import StepHost, StepResult
+    from .step import StepContext, StepResult
 
 logger = logging.getLogger("ember")
 
@@ -79,17 +78,18 @@ class MicroBatchSplit:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.split = int(state.get("split", 1))
 
-    def run_step(self, host: StepHost, model: nn.Module, micro_batches: list[dict[str, Any]]) -> StepResult:
-        """`loop.run_optimizer_step`, retried with smaller micro-batches on out-of-memory errors."""
-        if not self.enabled:
-            return loop.run_optimizer_step(host, model, micro_batches)
+    def run_step(self, run: StepContext, micro_batches: list[dict[str, Any]]) -> StepResult:
+        """`step.run_optimizer_step`, retried with smaller micro-batches on out-of-memory errors.
+
+        Only called with auto_find_batch_size on; otherwise the trainer runs the step directly.
+        """
         from ..checkpoint.rng import capture_rng_state, restore_rng_state
 
         rng = capture_rng_state()
         while True:
             pieces = [p for b in micro_batches for p in split_batch(b, self.split)]
             try:
-                return loop.run_optimizer_step(host, model, pieces)
+                return step.run_optimizer_step(run, pieces)
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
@@ -100,16 +100,15 @@ class MicroBatchSplit:
                         "more memory."
                     ) from error
             # Out of the except block, so the failed attempt's frames (and their activations) are freed.
-            self._shrink(host)
+            self._shrink(run)
             restore_rng_state(rng)
 
-    def _shrink(self, host: StepHost) -> None:
-        assert host.optimizer is not None
-        host.optimizer.zero_grad(set_to_none=True)
+    def _shrink(self, run: StepContext) -> None:
+        run.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.split *= 2
-        host.state.train_batch_size = self.micro_batch_size
+        run.state.train_batch_size = self.micro_batch_size
         logger.warning(
             "auto_find_batch_size: out of memory; retrying the step with micro-batches of %d "
             "(%d per loaded batch of %d). The global batch and the loss are unchanged.",
