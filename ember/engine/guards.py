@@ -58,7 +58,7 @@ class GuardHost(Protocol):
     args: TrainingArguments
     state: TrainerState
     strategy: Strategy
-    optimizer: torch.optim.Optimizer | None
+    optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     model_wrapped: nn.Module
     progress: RunProgress
@@ -280,7 +280,6 @@ def _clone(obj: Any) -> Any:
 def _copy_training_state(host: GuardHost) -> dict[str, Any]:
     from ..checkpoint.rng import capture_rng_state
 
-    assert host.optimizer is not None
     return {
         # The wrapped module's own state dict: local shards under FSDP, no gathering.
         "model": _clone(host.model_wrapped.state_dict()),
@@ -294,7 +293,6 @@ def _copy_training_state(host: GuardHost) -> dict[str, Any]:
 def _restore_training_state(host: GuardHost, saved: dict[str, Any]) -> None:
     from ..checkpoint.rng import restore_rng_state
 
-    assert host.optimizer is not None
     host.model_wrapped.load_state_dict(_clone(saved["model"]))
     host.optimizer.load_state_dict(_clone(saved["optimizer"]))
     if saved["scheduler"] is not None:
