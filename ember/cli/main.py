@@ -151,7 +151,7 @@ def run_job(job: Mapping[str, Any], args: TrainingArguments) -> dict[str, Any]:
     import torch
 
     from ember.trainer.trainer import Trainer
-    from ember.utils import set_seed
+    from ember.utils import count_parameters, set_seed
 
     if job.get("torch_threads"):
         torch.set_num_threads(int(job["torch_threads"]))
@@ -168,7 +168,7 @@ def run_job(job: Mapping[str, Any], args: TrainingArguments) -> dict[str, Any]:
     if _context_length(model) and tokenizer.model_max_length > _context_length(model):
         tokenizer.model_max_length = _context_length(model)  # saved with it: warns on overlong inputs
     print(
-        f"ember: {_count_params(model) / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
+        f"ember: {count_parameters(model) / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {block_size} tokens",
         flush=True,
     )
@@ -240,10 +240,6 @@ def _perplexity(loss: Any) -> float:
         return math.exp(min(float(loss), 700.0))
     except (TypeError, ValueError):
         return float("nan")
-
-
-def _count_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..utils import batch_rows
 from . import step
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
     """`batch` cut along its first dimension into up to `parts` consecutive, non-empty pieces."""
-    size = _batch_size(batch)
+    size = batch_rows(batch)
     if parts <= 1 or size is None:
         return [batch]
     pieces: list[dict[str, Any]] = [{} for _ in range(min(parts, size))]
@@ -51,13 +52,6 @@ def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
             else:
                 piece[key] = value
     return pieces
-
-
-def _batch_size(batch: dict[str, Any]) -> int | None:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return None
 
 
 class MicroBatchSplit:

@@ -75,6 +75,20 @@ def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield group
 
 
+def target_counts(
+    micro_batches: list[dict[str, Any]],
+    label_shift: bool,
+    strategy: Strategy,
+    device: torch.device | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Each micro-batch's target count, their sum on this rank, and their sum on all ranks: the
+    divisor that makes the micro-batch losses add up to the step's exact mean."""
+    counts = [count_targets(b, label_shift) for b in micro_batches]
+    local = torch.stack(counts).sum()
+    total = strategy.all_reduce_sum(local.to(device or strategy.device, non_blocking=True))
+    return counts, local, total
+
+
 def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) -> StepResult:
     """Forward/backward every micro-batch, then clip, step the optimizer and the scheduler.
 
@@ -87,9 +101,7 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
     if not run.first_batch_checked:
         check_first_batch(strategy.unwrap(model), micro_batches[0], run.label_shift)
         run.first_batch_checked = True
-    counts = [count_targets(b, run.label_shift) for b in micro_batches]
-    local = torch.stack(counts).sum()
-    total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))
+    counts, local, total = target_counts(micro_batches, run.label_shift, strategy)
     if run.guard.is_empty_step(run, local):
         learning_rate = float(optimizer.param_groups[0]["lr"])
         return StepResult(torch.zeros((), device=strategy.device), None, learning_rate)

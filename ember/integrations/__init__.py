@@ -126,7 +126,9 @@ def run_config(args: Any, model: Any, with_num_parameters: bool = False) -> dict
     to_dict = getattr(args, "to_dict", None)
     config = {**model_config_dict(model), **(to_dict() if callable(to_dict) else vars(args))}
     if with_num_parameters and model is not None:
-        config["model/num_parameters"] = sum(p.numel() for p in model.parameters())
+        from ..utils import count_parameters  # torch: not at import, ember.args imports this module
+
+        config["model/num_parameters"] = count_parameters(model)
     return config
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..telemetry.throughput import count_parameters
+from ..utils import count_parameters
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
@@ -59,7 +59,7 @@ class MetricsRecorder:
         if not isinstance(ids, torch.Tensor):
             return 0
         if self._params is None or self._params[0] is not model:
-            self._params = (model, count_parameters(model))
+            self._params = (model, count_parameters(model, exclude_embeddings=True))
         return 6 * ids.numel() * self._params[1]
 
 

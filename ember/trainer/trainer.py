@@ -49,7 +49,7 @@ from ..engine.micro_batches import MicroBatchSplit
 from ..engine.optim import build_optimizer, build_optimizer_from_cls, build_scheduler
 from ..engine.preemption import PreemptionWatcher, TrainingPreempted
 from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_steps
-from ..engine.step import StepContext, grouped
+from ..engine.step import StepContext, grouped, target_counts
 from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import EvalLoopOutput, PredictionOutput, TrainOutput
@@ -58,7 +58,7 @@ from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
 from ..telemetry.throughput import Throughput, device_peak_flops, model_flops_per_token
-from ..utils import enable_full_determinism, set_seed, to_device
+from ..utils import count_parameters, enable_full_determinism, set_seed, to_device
 from .checkpointing import Checkpointer
 from .evaluation import Evaluator
 from .logs import MetricsRecorder, count_input_tokens
@@ -726,8 +726,6 @@ class Trainer:
         self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device | None = None
     ) -> tuple[list[Any], torch.Tensor | None]:
         """The next `num_batches` micro-batches and their target count on all ranks (the loss divisor)."""
-        from ..engine.loss import count_targets
-
         batches: list[Any] = []
         for _ in range(num_batches):
             try:
@@ -736,8 +734,7 @@ class Trainer:
                 break
         if not batches:
             return batches, None
-        total = torch.stack([count_targets(b, self.label_shift) for b in batches]).sum()
-        return batches, self.strategy.all_reduce_sum(total.to(device or self.strategy.device))
+        return batches, target_counts(batches, self.label_shift, self.strategy, device)[2]
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters weight decay applies to (not biases, not norm weights)."""
@@ -838,7 +835,7 @@ class Trainer:
         return total
 
     def get_num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return count_parameters(self.model, trainable_only=True)
 
     def get_learning_rates(self) -> list[float]:
         return [group["lr"] for group in self._require_optimizer().param_groups]
