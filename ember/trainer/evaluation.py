@@ -24,6 +24,7 @@ from ..engine.evaluation_loop import (
     speed_metrics,
 )
 from ..engine.evaluation_loop import evaluation_loop as run_evaluation_loop
+from ..engine.optimizers import optimizer_eval_mode
 from ..outputs import EvalLoopOutput, PredictionOutput
 from ..telemetry.memory import MemoryTracker
 
@@ -38,6 +39,7 @@ class EvaluationHost(EvalHost, Protocol):
     label_names: list[str]
     lr_scheduler: Any
     model_wrapped: nn.Module
+    optimizer: torch.optim.Optimizer | None
 
     @property
     def precision(self) -> Precision: ...
@@ -74,7 +76,7 @@ class Evaluator:
         start = time.perf_counter()
         memory = MemoryTracker(not host.args.skip_memory_metrics).start(prefix)
         loader = host.get_eval_dataloader(dataset)
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(host.optimizer):
             # As transformers: without compute_metrics there is nothing to keep logits for.
             loss_only = True if host.compute_metrics is None else None
             output = run_evaluation_loop(host, loader, "Evaluation", loss_only, ignore_keys, prefix)
@@ -91,7 +93,7 @@ class Evaluator:
         start = time.perf_counter()
         memory = MemoryTracker(not host.args.skip_memory_metrics).start(prefix)
         loader = host.get_test_dataloader(dataset)
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(host.optimizer):
             output: EvalLoopOutput = run_evaluation_loop(
                 host, loader, "Prediction", None, ignore_keys, prefix
             )
@@ -133,7 +135,7 @@ class Evaluator:
         ignore_keys: list[str] | None,
         prefix: str,
     ) -> EvalLoopOutput:
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(self.host.optimizer):
             return run_evaluation_loop(
                 self.host, dataloader, description, prediction_loss_only, ignore_keys, prefix
             )

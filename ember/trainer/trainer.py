@@ -47,6 +47,7 @@ from ..engine.guards import StepGuard
 from ..engine.loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from ..engine.micro_batches import MicroBatchSplit
 from ..engine.optim import build_optimizer, build_optimizer_from_cls, build_scheduler
+from ..engine.optimizers import optimizer_eval_mode, set_optimizer_mode
 from ..engine.preemption import PreemptionWatcher, TrainingPreempted
 from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_steps
 from ..engine.step import StepContext, grouped, target_counts
@@ -283,6 +284,7 @@ class Trainer:
             self._resume(resume_from_checkpoint)
             checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
         model.train()
+        set_optimizer_mode(self.optimizer, training=True)  # schedule-free: weights at the train point
         self._fire("on_train_begin")
         if args.eval_on_start and self.state.global_step == 0:
             self._evaluate(ignore_keys_for_eval)
@@ -532,7 +534,8 @@ class Trainer:
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
         self.store_flos()
-        self.checkpointer.save(self._stateful_parts(), self.args, self.state, self.processing_class)
+        with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
+            self.checkpointer.save(self._stateful_parts(), self.args, self.state, self.processing_class)
 
     def _resume(self, checkpoint: str | bool) -> None:
         self.checkpointer.resume(self._stateful_parts(), self.args, self.state, checkpoint)
@@ -554,6 +557,9 @@ class Trainer:
     def _finish_training(self) -> TrainOutput:
         run = self._current_run()
         self.checkpointer.wait()
+        # Schedule-free: the trained model is the averaged point (what evaluation and saves use, and
+        # what load_best_model_at_end loads); train() moves back to the train point.
+        set_optimizer_mode(self.optimizer, training=False)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info(
                 "Loading the best model from %s (%s = %s).",
@@ -678,11 +684,15 @@ class Trainer:
 
         folder = Path(output_dir or self.args.output_dir)
         # Every rank calls model_state_dict: gathering a sharded model is a collective.
-        state_dict = self.strategy.model_state_dict(self.model_wrapped)
-        if self.strategy.is_main:
-            save_model_files(
-                self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
-            )
+        with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
+            state_dict = self.strategy.model_state_dict(self.model_wrapped)
+            if self.strategy.is_main:
+                save_model_files(
+                    self.strategy.unwrap(self.model_wrapped),
+                    folder,
+                    self.processing_class,
+                    state_dict=state_dict,
+                )
 
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
