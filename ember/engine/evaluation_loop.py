@@ -193,7 +193,7 @@ def _batch_metrics(
     pred = EvalPrediction(
         logits, labels, batch if "inputs" in want else None, losses if "loss" in want else None
     )
-    metrics = host.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+    metrics = host.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc]
     return checked_metrics(metrics) if is_last else metrics  # earlier calls only accumulate
 
 

@@ -165,8 +165,8 @@ class Evaluator:
         value = checks.best_metric_value(metrics, eval_key(args.metric_for_best_model))
         if value is None:  # NaN: never the best
             return False
-        better = (lambda a, b: a > b) if args.greater_is_better else (lambda a, b: a < b)
-        if state.best_metric is None or better(value, state.best_metric):
+        best = state.best_metric
+        if best is None or (value > best if args.greater_is_better else value < best):
             state.best_metric = value
             state.best_global_step = state.global_step
             return True
