@@ -49,6 +49,9 @@ class StepContext:
     fire: Callable[[str], None]
     #: The first micro-batch is checked against the model once per run (token ids, label shapes).
     first_batch_checked: bool = False
+    #: False while a micro-batch's gradients stay local (all but the last of a step): what
+    #: `accelerator.sync_gradients` reports to a custom training_step.
+    sync_gradients: bool = True
 
     @property
     def scheduler_waits_for_metrics(self) -> bool:
@@ -113,10 +116,12 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
         if i < last and int(counts[i]) == 0:
             run.fire("on_substep_end")
             continue
+        run.sync_gradients = i == last
         with strategy.no_sync(model, sync=i == last):
             step_loss += run.training_step(model, batch, total)
         if i < last:
             run.fire("on_substep_end")
+    run.sync_gradients = True
 
     grad_norm = None
     if args.max_grad_norm and args.max_grad_norm > 0:

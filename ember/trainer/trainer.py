@@ -54,16 +54,19 @@ from ..engine.step import StepContext, grouped, target_counts
 from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import EvalLoopOutput, PredictionOutput, TrainOutput
-from ..strategy import build_strategy
+from ..strategy import build_strategy, fsdp_enabled
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
 from ..telemetry.throughput import Throughput, device_peak_flops, model_flops_per_token
 from ..utils import count_parameters, enable_full_determinism, set_seed, to_device
+from .accelerator import EmberAccelerator
 from .checkpointing import Checkpointer
 from .evaluation import Evaluator
+from .full_eval import full_eval_model
 from .logs import MetricsRecorder, count_input_tokens
 from .run import Run
+from .run_log import log_training_start
 
 if TYPE_CHECKING:
     from ..checkpoint.training import Parts
@@ -99,6 +102,9 @@ class Trainer:
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         self.args = args if args is not None else TrainingArguments()
+        # As transformers: what building the trainer (model placement included) cost, reported once
+        # with the first train()'s metrics.
+        init_memory = MemoryTracker(not self.args.skip_memory_metrics).start("init")
         checks.check_trainer_inputs(model, model_init, optimizers, optimizer_cls_and_kwargs)
         check_eval_dataset(self.args, eval_dataset is not None)
         self.strategy = build_strategy(self.args)
@@ -133,10 +139,12 @@ class Trainer:
         #: What the current (or last) train() call owns; None before the first.
         self.run: Run | None = None
         self._train_batch_sampler: Any = None
+        self.is_in_train = False
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
         self.model = self.model_wrapped = self.strategy.place_model(self.model)
+        self._init_memory_metrics = init_memory.stop("init")
         self._fire("on_init_end")
 
     @property
@@ -147,6 +155,26 @@ class Trainer:
     @precision.setter
     def precision(self, value: Precision) -> None:
         self.strategy.precision = value
+
+    @property
+    def accelerator(self) -> EmberAccelerator:
+        """accelerate's `Accelerator` members that subclasses call, over this run's strategy."""
+        return EmberAccelerator(self)
+
+    @property
+    def is_deepspeed_enabled(self) -> bool:
+        return bool(self.args.deepspeed)
+
+    @property
+    def is_fsdp_enabled(self) -> bool:
+        return fsdp_enabled(self.args.fsdp)
+
+    @property
+    def _train_batch_size(self) -> int:
+        """transformers' name for the per-device micro-batch size (what auto_find_batch_size found)."""
+        if self.run is None:
+            return self.args.per_device_train_batch_size
+        return self.run.batch_split.micro_batch_size
 
     def _fire(self, event: str, **kwargs: Any) -> None:
         """Fire a callback event; a callback may hand back a new control object, which is kept."""
@@ -250,6 +278,7 @@ class Trainer:
         from ..checkpoint.run_folder import hold_output_dir
 
         checks.check_output_dir_writable(self.args.output_dir)
+        self.is_in_train = True
         # One writer per output_dir: a second run there is refused before it touches anything.
         with hold_output_dir(self.args.output_dir, self.strategy):
             try:
@@ -258,6 +287,8 @@ class Trainer:
                 # A save in flight finishes before the lock goes; its error must not hide this one.
                 self.checkpointer.settle()
                 raise
+            finally:
+                self.is_in_train = False
 
     def _train(
         self,
@@ -280,6 +311,7 @@ class Trainer:
         self.model_wrapped = model
         self.callback_handler.optimizer = self.optimizer
         run = self.run = self._start_run(plan, model, start_time, memory)
+        log_training_start(self, plan, loader)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
@@ -303,7 +335,7 @@ class Trainer:
                     run.progress.loss.add(step.loss)
                     run.learning_rate = step.learning_rate
                     self._advance(epoch, micro_batches)
-                    self._fire("on_step_end")
+                    self._fire_step_end(run)
                     if self.strategy.any_rank(preemption.requested):
                         self.control.should_save = self.control.should_training_stop = True
                     self._maybe_log_save_evaluate(step.grad_norm, ignore_keys_for_eval)
@@ -512,6 +544,19 @@ class Trainer:
             self._save_checkpoint(metrics)
             self._fire("on_save")
 
+    def _fire_step_end(self, run: Run) -> None:
+        try:
+            self._fire("on_step_end")
+        except Exception as error:
+            if not run.batch_split.shrink_after_step(run.step_parts, error):
+                raise
+
+    def _load_callback_state(self) -> None:
+        """transformers' name: restore the callbacks' and control's state from
+        `self.state.stateful_callbacks` (resume does this), if restore_callback_states_from_checkpoint."""
+        if self.args.restore_callback_states_from_checkpoint:
+            self._stateful_parts().callbacks.load_state_dict(self.state.stateful_callbacks)
+
     def _stateful_parts(self) -> Parts:
         """The run's state as named parts, for checkpoint code (which never sees the trainer)."""
         from ..checkpoint.rng import RngState
@@ -585,6 +630,8 @@ class Trainer:
         metrics["train_loss"] = train_loss
         metrics["epoch"] = float(self.state.epoch or 0.0)
         metrics.update(run.memory.stop("train"))
+        metrics.update(self._init_memory_metrics)
+        self._init_memory_metrics = {}
         self.log(dict(metrics))
         self._fire("on_train_end")
         return TrainOutput(self.state.global_step, train_loss, metrics)
@@ -617,7 +664,8 @@ class Trainer:
         )
 
     def model_for_eval(self) -> nn.Module:
-        return self.model_wrapped if self.model_wrapped is not None else self.model
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        return full_eval_model(model, self.args, self.is_in_train)
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
