@@ -144,10 +144,8 @@ def scalar_value(value: Any) -> float | None:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazily: jsonl imports ember.callbacks, which imports ember.args, which imports this registry;
-    # an eager import here would hand one of them a half-built module, whichever is imported first.
+    # Lazily, and by the registry's name like every tracker: jsonl imports ember.callbacks, which
+    # imports (and types its events with) ember.args, which imports this registry.
     if name == "JsonlLoggerCallback":
-        from ember.integrations.jsonl import JsonlLoggerCallback
-
-        return JsonlLoggerCallback
+        return TRACKERS["jsonl"].load()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -136,8 +136,7 @@ class Trainer:
         self.evaluator = Evaluator(self)
         self.recorder = MetricsRecorder()
         self.checkpointer = Checkpointer(self.strategy, self.args.save_async)
-        #: What the current (or last) train() call owns; None before the first.
-        self.run: Run | None = None
+        self.run: Run | None = None  # what the current (or last) train() call owns
         self._train_batch_sampler: Any = None
         self.is_in_train = False
         self._overrides_old_compute_loss = (
@@ -555,7 +554,8 @@ class Trainer:
         """transformers' name: restore the callbacks' and control's state from
         `self.state.stateful_callbacks` (resume does this), if restore_callback_states_from_checkpoint."""
         if self.args.restore_callback_states_from_checkpoint:
-            self._stateful_parts().callbacks.load_state_dict(self.state.stateful_callbacks)
+            states = CallbackStates(lambda: self.callback_handler.callbacks, self.control)
+            states.load_state_dict(self.state.stateful_callbacks)
 
     def _stateful_parts(self) -> Parts:
         """The run's state as named parts, for checkpoint code (which never sees the trainer)."""
