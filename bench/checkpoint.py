@@ -337,7 +337,7 @@ def run_save_job(cfg: Config, out: Path, mode: str) -> dict[str, Any]:
     clock = StepClock()
     n = cfg.saves * cfg.save_every
     trainer = save_job_trainer(cfg, out, mode, [clock], n)
-    clock.writer = trainer._checkpoint_writer
+    clock.writer = trainer.checkpointer.writer
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.train()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

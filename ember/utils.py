@@ -82,3 +82,28 @@ def base_model(model: Any) -> Any:
         else:
             break
     return model
+
+
+def batch_rows(batch: Any) -> int | None:
+    """Examples in a batch: the first dimension of its first tensor that has one, or the length of
+    its first list; None when it has neither (a dict of scalars)."""
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, list):
+            return len(value)
+    return None
+
+
+def count_parameters(model: Any, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:
+    """Parameters of `model` (only those that train, with `trainable_only`). `exclude_embeddings` asks a
+    transformers model for its non-embedding count (`num_parameters(exclude_embeddings=True)`, what a
+    token's FLOPs scale with); a plain module has no such notion and counts all of them."""
+    count = getattr(model, "num_parameters", None)
+    if exclude_embeddings and callable(count):
+        try:
+            return int(count(only_trainable=trainable_only, exclude_embeddings=True))
+        except TypeError:
+            pass
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

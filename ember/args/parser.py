@@ -355,7 +355,7 @@ def _normalise_flags(argv: list[str]) -> list[str]:
 
 def _reject_leftovers(rest: list[str], cls: type) -> None:
     for token in rest:
-        if token.startswith("-") and not _is_number(token):
+        if token.startswith("-") and not parses_as_float(token):
             check_field_names([token.lstrip("-").partition("=")[0]], cls)
     if rest:
         raise ConfigError(
@@ -363,10 +363,11 @@ def _reject_leftovers(rest: list[str], cls: type) -> None:
         )
 
 
-def _is_number(token: str) -> bool:
+def parses_as_float(value: Any) -> bool:
+    """`float(value)` works: a number, or a string such as "1e-3" or "nan"."""
     try:
-        float(token)
-    except ValueError:
+        float(value)
+    except (TypeError, ValueError):
         return False
     return True
 

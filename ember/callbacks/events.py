@@ -59,7 +59,11 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..args.training_args import TrainingArguments
+    from .state import TrainerControl, TrainerState
 
 __all__ = [
     "EVENTS",
@@ -102,52 +106,84 @@ class TrainerCallback:
     you use: the handler never calls the no-op defaults. Order: see this module's docstring.
     """
 
-    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """At the end of `Trainer.__init__`."""
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """At the start of `Trainer.train`, after a checkpoint (if any) was loaded."""
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """At the end of `Trainer.train`."""
 
-    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """At the start of each epoch."""
 
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """At the end of each epoch (also an epoch cut short by a stop)."""
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """Before the first micro-batch of an optimizer step."""
 
-    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After each micro-batch of a step except the last (gradient accumulation)."""
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After gradient clipping, before `optimizer.step()`: gradients are final here."""
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After `optimizer.step()`, before gradients are zeroed."""
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After an optimizer step; ``state.global_step`` already counts it."""
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After an evaluation; ``metrics`` holds its results."""
 
-    def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_predict(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After `Trainer.predict`; ``metrics`` holds its results."""
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After a checkpoint was written."""
 
-    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After a log entry was recorded; ``logs`` holds it."""
 
-    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """After each batch of evaluation or prediction."""
 
-    def on_push_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+    def on_push_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl | None:
         """Never fired by ember (no hub pushes); kept so transformers callbacks load unchanged."""
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.events import EVENTS, TrainerCallback
-from ember.callbacks.state import TrainerControl
+from ember.callbacks.state import TrainerControl, TrainerState
+
+if TYPE_CHECKING:
+    from ember.args.training_args import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +162,9 @@ class CallbackHandler(TrainerCallback):
     def callback_list(self) -> str:
         return "\n".join(type(cb).__name__ for cb in self._callbacks)
 
-    def call_event(self, event: str, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def call_event(
+        self, event: str, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         for method in self._dispatch[event]:
             result = method(
                 args,
@@ -184,37 +189,57 @@ class CallbackHandler(TrainerCallback):
     # One method per event. The resets mirror transformers: a flag is cleared when the phase it
     # belongs to starts or when its action has run, before callbacks see the event.
 
-    def on_init_end(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_init_end", args, state, control, **kwargs)
 
-    def on_train_begin(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         control.should_training_stop = False
         return self.call_event("on_train_begin", args, state, control, **kwargs)
 
-    def on_train_end(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_train_end", args, state, control, **kwargs)
 
-    def on_epoch_begin(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         control.should_epoch_stop = False
         return self.call_event("on_epoch_begin", args, state, control, **kwargs)
 
-    def on_epoch_end(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_epoch_end", args, state, control, **kwargs)
 
-    def on_step_begin(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         control.should_log = control.should_evaluate = control.should_save = False
         return self.call_event("on_step_begin", args, state, control, **kwargs)
 
-    def on_substep_end(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_substep_end", args, state, control, **kwargs)
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_pre_optimizer_step", args, state, control, **kwargs)
 
-    def on_optimizer_step(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_optimizer_step", args, state, control, **kwargs)
 
-    def on_step_end(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_step_end", args, state, control, **kwargs)
 
     def on_evaluate(
@@ -228,7 +253,9 @@ class CallbackHandler(TrainerCallback):
     ) -> Any:
         return self.call_event("on_predict", args, state, control, metrics=metrics, **kwargs)
 
-    def on_save(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         control.should_save = False
         return self.call_event("on_save", args, state, control, **kwargs)
 
@@ -236,8 +263,12 @@ class CallbackHandler(TrainerCallback):
         control.should_log = False
         return self.call_event("on_log", args, state, control, logs=logs, **kwargs)
 
-    def on_prediction_step(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_prediction_step", args, state, control, **kwargs)
 
-    def on_push_begin(self, args: Any, state: Any, control: TrainerControl, **kwargs: Any) -> Any:
+    def on_push_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         return self.call_event("on_push_begin", args, state, control, **kwargs)

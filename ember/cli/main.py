@@ -34,6 +34,7 @@ from ember.cli.textdata import (
     did_you_mean,
     existing_path,
 )
+from ember.report.keys import format_value, is_eval_metric, is_number
 
 if TYPE_CHECKING:
     pass
@@ -150,7 +151,7 @@ def run_job(job: Mapping[str, Any], args: TrainingArguments) -> dict[str, Any]:
     import torch
 
     from ember.trainer.trainer import Trainer
-    from ember.utils import set_seed
+    from ember.utils import count_parameters, set_seed
 
     if job.get("torch_threads"):
         torch.set_num_threads(int(job["torch_threads"]))
@@ -167,7 +168,7 @@ def run_job(job: Mapping[str, Any], args: TrainingArguments) -> dict[str, Any]:
     if _context_length(model) and tokenizer.model_max_length > _context_length(model):
         tokenizer.model_max_length = _context_length(model)  # saved with it: warns on overlong inputs
     print(
-        f"ember: {_count_params(model) / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
+        f"ember: {count_parameters(model) / 1e6:.2f}M parameters, vocab {len(tokenizer)}, "
         f"{len(train_set)} train / {len(eval_set)} eval blocks of {block_size} tokens",
         flush=True,
     )
@@ -239,10 +240,6 @@ def _perplexity(loss: Any) -> float:
         return math.exp(min(float(loss), 700.0))
     except (TypeError, ValueError):
         return float("nan")
-
-
-def _count_params(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,30 +446,24 @@ def _state_log_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [record for record in history if isinstance(record, dict)]
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return str(value)
-
-
 def format_report(records: list[dict[str, Any]], source: str = "") -> str:
     """A two-column table: steps, train loss (first/last/min), eval metrics, throughput."""
     rows: list[tuple[str, str]] = [("log", source)] if source else []
     rows.append(("records", str(len(records))))
     if records:
         last = records[-1]
-        rows += [("steps", _fmt(last.get("step"))), ("epochs", _fmt(last.get("epoch")))]
+        rows += [("steps", format_value(last.get("step"))), ("epochs", format_value(last.get("epoch")))]
         rows += _loss_rows(records)
         summary: dict[str, Any] = next((r for r in reversed(records) if "train_runtime" in r), {})
         for key in ("train_loss", "train_runtime", "num_input_tokens_seen"):
             if key in summary or key in last:
-                rows.append((key, _fmt(summary.get(key, last.get(key)))))
-        rows += [(k, _fmt(v)) for k, v in summary.items() if k.endswith("_per_second") or k == "mfu"]
+                rows.append((key, format_value(summary.get(key, last.get(key)))))
+        rows += [(k, format_value(v)) for k, v in summary.items() if k.endswith("_per_second") or k == "mfu"]
         step_logs = [r for r in records if "loss" in r]
         for key in ("tokens_per_second", "mfu"):
             values = [float(r[key]) for r in step_logs if isinstance(r.get(key), (int, float))]
             if values and key not in summary:
-                rows.append((f"{key} (mean of logs)", _fmt(sum(values) / len(values))))
+                rows.append((f"{key} (mean of logs)", format_value(sum(values) / len(values))))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -482,20 +473,22 @@ def _loss_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     losses = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
     if losses:
         low = min(losses, key=lambda pair: pair[1])
-        rows.append(("train loss first / last", f"{_fmt(losses[0][1])} / {_fmt(losses[-1][1])}"))
-        rows.append(("train loss min", f"{_fmt(low[1])} at step {low[0]}"))
+        rows.append(
+            ("train loss first / last", f"{format_value(losses[0][1])} / {format_value(losses[-1][1])}")
+        )
+        rows.append(("train loss min", f"{format_value(low[1])} at step {low[0]}"))
     evals = [r for r in records if isinstance(r.get("eval_loss"), (int, float))]
     if evals:
         best = min(evals, key=lambda r: float(r["eval_loss"]))
-        rows.append(("eval loss last", f"{_fmt(evals[-1]['eval_loss'])} at step {evals[-1]['step']}"))
-        rows.append(("eval loss min", f"{_fmt(best['eval_loss'])} at step {best['step']}"))
-        rows.append(("eval perplexity last", _fmt(_perplexity(evals[-1]["eval_loss"]))))
+        rows.append(("eval loss last", f"{format_value(evals[-1]['eval_loss'])} at step {evals[-1]['step']}"))
+        rows.append(("eval loss min", f"{format_value(best['eval_loss'])} at step {best['step']}"))
+        rows.append(("eval perplexity last", format_value(_perplexity(evals[-1]["eval_loss"]))))
     last_eval: dict[str, Any] = next(
         (r for r in reversed(records) if any(k.startswith("eval_") for k in r)), {}
     )
     for key, value in last_eval.items():
-        if key.startswith("eval_") and key != "eval_loss" and isinstance(value, (int, float)):
-            rows.append((key, _fmt(value)))
+        if key != "eval_loss" and is_eval_metric(key) and is_number(value):
+            rows.append((key, format_value(value)))
     return rows
 
 

@@ -35,14 +35,6 @@ def check_dataset_items(dataset: Any, name: str) -> None:
         )
 
 
-def check_first_step(trainer: Any, model: nn.Module, micro_batches: list[Any]) -> None:
-    """`check_first_batch` on the first micro-batch a trainer trains on, once."""
-    if trainer.__dict__.get("_first_batch_checked"):
-        return
-    check_first_batch(trainer.strategy.unwrap(model), micro_batches[0], trainer.label_shift)
-    trainer.__dict__["_first_batch_checked"] = True
-
-
 def check_first_batch(model: nn.Module, batch: Any, label_shift: bool) -> None:
     """Token ids inside the embedding table; labels that fit the model's outputs."""
     if not isinstance(batch, dict):

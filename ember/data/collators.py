@@ -35,7 +35,7 @@ def _leaf(value: Any) -> Any:
     return value
 
 
-def _is_number(value: Any) -> bool:
+def _is_numeric_scalar(value: Any) -> bool:
     return isinstance(value, (Number, np.generic)) and not isinstance(value, (str, bytes))
 
 
@@ -47,11 +47,11 @@ def _stack(key: str, values: list[Any]) -> torch.Tensor | None:
             return torch.stack(values)
         if isinstance(first, np.ndarray):
             return torch.from_numpy(np.stack(values))
-        if _is_number(first):
+        if _is_numeric_scalar(first):
             return torch.tensor(values)
         if isinstance(first, (list, tuple)):
             leaf = _leaf(first)
-            if _is_number(leaf) or (isinstance(leaf, (list, tuple)) and len(leaf) == 0):
+            if _is_numeric_scalar(leaf) or (isinstance(leaf, (list, tuple)) and len(leaf) == 0):
                 return torch.tensor(values)
     except (RuntimeError, ValueError, TypeError) as err:
         raise ValueError(

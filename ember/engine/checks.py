@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..args.parser import parses_as_float
+
 logger = logging.getLogger("ember")
 
 
@@ -118,7 +120,7 @@ def best_metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
             "set metric_for_best_model to one of them (or make compute_metrics return it)."
         )
     value = metrics[key]
-    if isinstance(value, str | bytes) or not _is_number(value):
+    if isinstance(value, str | bytes) or not parses_as_float(value):
         raise TypeError(
             f"metric_for_best_model `{key}` is {value!r}, which cannot be compared; make compute_metrics "
             "return a number for it, or rank by another metric."
@@ -128,11 +130,3 @@ def best_metric_value(metrics: Mapping[str, Any], key: str) -> float | None:
         logger.warning("ember: %s is NaN at this evaluation; it is not taken as the best model.", key)
         return None
     return number
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True

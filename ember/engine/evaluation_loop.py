@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..outputs import EvalLoopOutput, EvalPrediction
+from ..utils import batch_rows
 from .checks import checked_metrics
 from .loss import IGNORE_INDEX
 
@@ -186,7 +187,7 @@ def evaluation_loop(
     padding_from = getattr(sampler, "padding_from", None)
     rows_left = getattr(sampler, "num_samples", None) if padding_from is not None else None
     for step, (is_last, batch) in enumerate(_with_last(dataloader)):
-        batch_size = _batch_size(batch)
+        batch_size = batch_rows(batch) or 1
         padding = padding_from is not None and step >= padding_from
         loss, logits, batch_labels = host.prediction_step(model, batch, loss_only, ignore_keys)
         if loss is not None:
@@ -228,7 +229,7 @@ def _batch_metrics(
     pred = EvalPrediction(
         logits, labels, batch if "inputs" in want else None, losses if "loss" in want else None
     )
-    metrics = host.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc,call-arg]
+    metrics = host.compute_metrics(pred, compute_result=is_last)  # type: ignore[misc]
     return checked_metrics(metrics) if is_last else metrics  # earlier calls only accumulate
 
 
@@ -354,15 +355,6 @@ def _first_rows(value: Any, n: int) -> Any:
         return t[:n] if t.dim() else t
 
     return None if value is None else _map(first, value)
-
-
-def _batch_size(batch: Any) -> int:
-    for value in batch.values() if isinstance(batch, Mapping) else batch:
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-        if isinstance(value, list):
-            return len(value)
-    return 1
 
 
 def speed_metrics(

@@ -55,15 +55,15 @@ __all__ = ["NONFINITE_POLICIES", "GuardHost", "NonFiniteStepError", "SpikeGuard"
 
 
 class GuardHost(Protocol):
-    """What the guard reads and rolls back (the Trainer is one): the parts a step moves."""
+    """What the guard reads and rolls back (`engine.step.StepContext` is one): the parts a step moves."""
 
     args: TrainingArguments
     state: TrainerState
     strategy: Strategy
-    optimizer: torch.optim.Optimizer | None
+    optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     model_wrapped: nn.Module
-    _progress: RunProgress
+    progress: RunProgress
 
 
 class NonFiniteStepError(RuntimeError):
@@ -200,7 +200,7 @@ class StepGuard:
 def describe_step(host: GuardHost) -> str:
     """'step S (epoch E, micro-batches A-B of the epoch)', for the step about to be applied."""
     ga = host.args.gradient_accumulation_steps
-    epoch, in_epoch = host._progress.epoch, host._progress.step_in_epoch
+    epoch, in_epoch = host.progress.epoch, host.progress.step_in_epoch
     first = in_epoch * ga
     return (
         f"step {host.state.global_step + 1} (epoch {epoch}, micro-batches {first}-{first + ga - 1} "
@@ -244,7 +244,7 @@ class SpikeGuard:
     def roll_back(self, host: GuardHost, loss: float) -> None:
         mean, std = self._last_stats
         where = describe_step(host)
-        self.rollbacks.append([host._progress.epoch, host._progress.step_in_epoch])
+        self.rollbacks.append([host.progress.epoch, host.progress.step_in_epoch])
         if self._copy is not None:
             host.strategy.restore_rollback(_rollback_parts(host), self._copy)
         logger.warning(

@@ -19,12 +19,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from . import step as loop
+from ..utils import batch_rows
+from . import step
 
 if TYPE_CHECKING:
-    from .step import StepHost, StepResult
+    from .step import StepContext, StepResult
 
 logger = logging.getLogger("ember")
 
@@ -42,7 +42,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
     """`batch` cut along its first dimension into up to `parts` consecutive, non-empty pieces."""
-    size = _batch_size(batch)
+    size = batch_rows(batch)
     if parts <= 1 or size is None:
         return [batch]
     pieces: list[dict[str, Any]] = [{} for _ in range(min(parts, size))]
@@ -54,13 +54,6 @@ def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
             else:
                 piece[key] = value
     return pieces
-
-
-def _batch_size(batch: dict[str, Any]) -> int | None:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return None
 
 
 class MicroBatchSplit:
@@ -81,17 +74,18 @@ class MicroBatchSplit:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.split = int(state.get("split", 1))
 
-    def run_step(self, host: StepHost, model: nn.Module, micro_batches: list[dict[str, Any]]) -> StepResult:
-        """`loop.run_optimizer_step`, retried with smaller micro-batches on out-of-memory errors."""
-        if not self.enabled:
-            return loop.run_optimizer_step(host, model, micro_batches)
+    def run_step(self, run: StepContext, micro_batches: list[dict[str, Any]]) -> StepResult:
+        """`step.run_optimizer_step`, retried with smaller micro-batches on out-of-memory errors.
+
+        Only called with auto_find_batch_size on; otherwise the trainer runs the step directly.
+        """
         from ..checkpoint.rng import capture_rng_state, restore_rng_state
 
         rng = capture_rng_state()
         while True:
             pieces = [p for b in micro_batches for p in split_batch(b, self.split)]
             try:
-                return loop.run_optimizer_step(host, model, pieces)
+                return step.run_optimizer_step(run, pieces)
             except Exception as error:
                 if not is_out_of_memory(error):
                     raise
@@ -102,25 +96,24 @@ class MicroBatchSplit:
                         "more memory."
                     ) from error
             # Out of the except block, so the failed attempt's frames (and their activations) are freed.
-            self._shrink(host)
+            self._shrink(run)
             restore_rng_state(rng)
 
-    def shrink_after_step(self, host: StepHost, error: BaseException) -> bool:
+    def shrink_after_step(self, run: StepContext, error: BaseException) -> bool:
         """An out-of-memory error raised after the step's update (a callback's memory check, as
         transformers' tests raise it in on_step_end): the update stands, and the following steps
         use micro-batches half as large. False when this is not an error to shrink for."""
         if not self.enabled or not is_out_of_memory(error) or self.micro_batch_size <= 1:
             return False
-        self._shrink(host)
+        self._shrink(run)
         return True
 
-    def _shrink(self, host: StepHost) -> None:
-        assert host.optimizer is not None
-        host.optimizer.zero_grad(set_to_none=True)
+    def _shrink(self, run: StepContext) -> None:
+        run.optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.split *= 2
-        host.state.train_batch_size = self.micro_batch_size
+        run.state.train_batch_size = self.micro_batch_size
         logger.warning(
             "auto_find_batch_size: out of memory; retrying the step with micro-batches of %d "
             "(%d per loaded batch of %d). The global batch and the loss are unchanged.",

@@ -8,50 +8,54 @@ never waits for the device inside a step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..data.checks import check_first_step
+from ..data.checks import check_first_batch
 from .loss import count_targets
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
-    from ..callbacks.state import TrainerControl, TrainerState
+    from ..callbacks.state import TrainerState
     from ..strategy.base import Strategy
     from .guards import StepGuard
     from .run_position import RunProgress
 
 
-class StepHost(Protocol):
-    """What one optimizer step needs from its owner (the Trainer is one)."""
+@dataclass
+class StepContext:
+    """What one optimizer step works with, built once per run by the trainer.
+
+    The parts are the run's own (the model as the strategy wrapped it, the optimizer and scheduler it
+    set up, the run position and the guard); `training_step` and `fire` are the trainer's bound
+    methods, so a subclass's `training_step` is the one that runs and callbacks see every substep.
+    """
 
     args: TrainingArguments
     state: TrainerState
-    control: TrainerControl
     strategy: Strategy
-    optimizer: torch.optim.Optimizer | None
+    model_wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     label_shift: bool
-    step_guard: StepGuard
-    model_wrapped: nn.Module
-    _progress: RunProgress
+    progress: RunProgress
+    guard: StepGuard
+    training_step: Callable[[nn.Module, dict[str, Any], torch.Tensor | None], torch.Tensor]
+    fire: Callable[[str], None]
+    #: The first micro-batch is checked against the model once per run (token ids, label shapes).
+    first_batch_checked: bool = False
     #: False while a micro-batch's gradients stay local (all but the last of a step): what
     #: `accelerator.sync_gradients` reports to a custom training_step.
-    _sync_gradients: bool
+    sync_gradients: bool = True
 
     @property
-    def scheduler_waits_for_metrics(self) -> bool: ...
-
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
-
-    def _fire(self, event: str, **kwargs: Any) -> None: ...
+    def scheduler_waits_for_metrics(self) -> bool:
+        return isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 @dataclass
@@ -74,22 +78,35 @@ def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield group
 
 
-def run_optimizer_step(host: StepHost, model: nn.Module, micro_batches: list[dict[str, Any]]) -> StepResult:
+def target_counts(
+    micro_batches: list[dict[str, Any]],
+    label_shift: bool,
+    strategy: Strategy,
+    device: torch.device | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Each micro-batch's target count, their sum on this rank, and their sum on all ranks: the
+    divisor that makes the micro-batch losses add up to the step's exact mean."""
+    counts = [count_targets(b, label_shift) for b in micro_batches]
+    local = torch.stack(counts).sum()
+    total = strategy.all_reduce_sum(local.to(device or strategy.device, non_blocking=True))
+    return counts, local, total
+
+
+def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) -> StepResult:
     """Forward/backward every micro-batch, then clip, step the optimizer and the scheduler.
 
     The step loss is the mean over all targets of the step on all ranks, the same number one
     big batch would give.
     """
-    strategy = host.strategy
+    strategy, model, optimizer = run.strategy, run.model_wrapped, run.optimizer
     precision = strategy.precision
-    args = host.args
-    check_first_step(host, model, micro_batches)
-    counts = [count_targets(b, host.label_shift) for b in micro_batches]
-    local = torch.stack(counts).sum()
-    total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))
-    if host.step_guard.is_empty_step(host, local):
-        assert host.optimizer is not None, "train() builds the optimizer before the first step"
-        learning_rate = float(host.optimizer.param_groups[0]["lr"])
+    args = run.args
+    if not run.first_batch_checked:
+        check_first_batch(strategy.unwrap(model), micro_batches[0], run.label_shift)
+        run.first_batch_checked = True
+    counts, local, total = target_counts(micro_batches, run.label_shift, strategy)
+    if run.guard.is_empty_step(run, local):
+        learning_rate = float(optimizer.param_groups[0]["lr"])
         return StepResult(torch.zeros((), device=strategy.device), None, learning_rate)
     targets, total = total, total.clamp(min=1)
     step_loss = torch.zeros((), device=strategy.device)
@@ -97,36 +114,34 @@ def run_optimizer_step(host: StepHost, model: nn.Module, micro_batches: list[dic
     for i, batch in enumerate(micro_batches):
         # A micro-batch with no target contributes nothing; its mean loss would be 0/0 = nan.
         if i < last and int(counts[i]) == 0:
-            host._fire("on_substep_end")
+            run.fire("on_substep_end")
             continue
-        host._sync_gradients = i == last
+        run.sync_gradients = i == last
         with strategy.no_sync(model, sync=i == last):
-            step_loss += host.training_step(model, batch, total)
+            step_loss += run.training_step(model, batch, total)
         if i < last:
-            host._fire("on_substep_end")
+            run.fire("on_substep_end")
+    run.sync_gradients = True
 
-    host._sync_gradients = True
-    optimizer = host.optimizer
-    assert optimizer is not None, "train() builds the optimizer before the first step"
     grad_norm = None
     if args.max_grad_norm and args.max_grad_norm > 0:
         precision.unscale_(optimizer)
         grad_norm = strategy.clip_grad_norm(model, args.max_grad_norm)
     guard_norm = grad_norm
-    if guard_norm is None and host.step_guard.needs_grad_norm:
+    if guard_norm is None and run.guard.needs_grad_norm:
         guard_norm = strategy.clip_grad_norm(model, math.inf)  # the global norm; scales by 1
-    skip = host.step_guard.skip_update(host, step_loss, guard_norm, targets)
-    host._fire("on_pre_optimizer_step")
+    skip = run.guard.skip_update(run, step_loss, guard_norm, targets)
+    run.fire("on_pre_optimizer_step")
     if not skip:
         precision.step(optimizer)
     else:
         precision.drop_step(optimizer)
-    host._fire("on_optimizer_step")
+    run.fire("on_optimizer_step")
     # The step log reports the rate this update used, as transformers does (read before it moves).
     learning_rate = float(optimizer.param_groups[0]["lr"])
-    if not skip and not precision.step_was_skipped() and not host.scheduler_waits_for_metrics:
-        host.lr_scheduler.step()
+    if not skip and not precision.step_was_skipped() and not run.scheduler_waits_for_metrics:
+        run.lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not skip:
-        host.step_guard.after_update(host)
+        run.guard.after_update(run)
     return StepResult(step_loss, grad_norm, learning_rate)

@@ -126,7 +126,9 @@ def run_config(args: Any, model: Any, with_num_parameters: bool = False) -> dict
     to_dict = getattr(args, "to_dict", None)
     config = {**model_config_dict(model), **(to_dict() if callable(to_dict) else vars(args))}
     if with_num_parameters and model is not None:
-        config["model/num_parameters"] = sum(p.numel() for p in model.parameters())
+        from ..utils import count_parameters  # torch: not at import, ember.args imports this module
+
+        config["model/num_parameters"] = count_parameters(model)
     return config
 
 
@@ -142,10 +144,8 @@ def scalar_value(value: Any) -> float | None:
 
 
 def __getattr__(name: str) -> Any:
-    # Lazily: jsonl imports ember.callbacks, which imports ember.args, which imports this registry;
-    # an eager import here would hand one of them a half-built module, whichever is imported first.
+    # Lazily, and by the registry's name like every tracker: jsonl imports ember.callbacks, which
+    # imports (and types its events with) ember.args, which imports this registry.
     if name == "JsonlLoggerCallback":
-        from ember.integrations.jsonl import JsonlLoggerCallback
-
-        return JsonlLoggerCallback
+        return TRACKERS["jsonl"].load()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ember.callbacks.events import TrainerCallback
 from ember.integrations import run_config, scalar_value
+from ember.integrations.tracker import RunTracker
 
 __all__ = ["MLflowCallback", "flatten_params"]
 
@@ -34,7 +34,7 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> Iterator[tupl
             yield name, value
 
 
-class MLflowCallback(TrainerCallback):
+class MLflowCallback(RunTracker):
     """Starts a run when training begins (or at the first log), records the arguments and model
     config as params, logs each log dict's numbers as metrics at ``state.global_step``, and ends the
     run when training ends, if this callback started it (a run the user opened is left open).
@@ -89,25 +89,13 @@ class MLflowCallback(TrainerCallback):
         text = str(value)
         return text if len(text) <= self._max_value else text[: self._max_value - 3] + "..."
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        self._end_run()  # a run left open by an earlier train() (a search trial) is closed first
-        self.setup(args, state, model)
+    def has_run(self) -> bool:
+        return self.run_id is not None
 
-    def on_log(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        logs: dict[str, Any] | None = None,
-        model: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        if self.run_id is None:
-            self.setup(args, state, model)  # evaluate() without train()
+    def forget_run(self) -> None:
+        self.run_id = None
+
+    def log_values(self, state: Any, logs: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
@@ -121,14 +109,8 @@ class MLflowCallback(TrainerCallback):
         if metrics:
             self._mlflow.MlflowClient().log_batch(str(self.run_id), metrics=metrics)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self._end_run(keep_id=True)
-
-    def _end_run(self, keep_id: bool = False) -> None:
+    def close_run(self) -> None:
         active = self._mlflow.active_run()
         if self._owns_run and active is not None and active.info.run_id == self.run_id:
             self._mlflow.end_run()
         self._owns_run = False
-        if not keep_id:
-            self.run_id = None

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ember.callbacks.events import TrainerCallback
 from ember.integrations import SUMMARY_KEYS, rewrite_logs, run_config
+from ember.integrations.tracker import RunTracker
 
 __all__ = ["TrackioCallback"]
 
 
-class TrackioCallback(TrainerCallback):
+class TrackioCallback(RunTracker):
     """Starts (or resumes, by ``run_name``) a run when training begins, records the arguments and
     model config as its config, logs each log dict at ``state.global_step`` under transformers'
     names, and finishes the run when training ends. Only the world process zero talks to trackio."""
@@ -47,36 +47,19 @@ class TrackioCallback(TrainerCallback):
         )
         self._run_name = self.run.name
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        self._finish()
-        self._run_name = None  # each train() is its own run
-        self.setup(args, state, model)
+    def has_run(self) -> bool:
+        return self.run is not None
 
-    def on_log(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        logs: dict[str, Any] | None = None,
-        model: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        if self.run is None:
-            self.setup(args, state, model)
+    def forget_run(self) -> None:
+        self._run_name = None
+
+    def log_values(self, state: Any, logs: dict[str, Any]) -> None:
         # As transformers does: trackio has no run summary, so one-per-run numbers are not charted.
         history = rewrite_logs({k: v for k, v in logs.items() if k not in SUMMARY_KEYS})
         if history:
             self.run.log({**history, "train/global_step": state.global_step}, step=state.global_step)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self._finish()
-
-    def _finish(self) -> None:
+    def close_run(self) -> None:
         if self.run is not None:
             self._trackio.finish()  # also clears trackio's current run, which init() set to ours
         self.run = None

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ember.callbacks.events import TrainerCallback
 from ember.integrations import SUMMARY_KEYS, rewrite_logs, run_config
+from ember.integrations.tracker import RunTracker
 
 __all__ = ["WandbCallback"]
 
 
-class WandbCallback(TrainerCallback):
+class WandbCallback(RunTracker):
     """Starts a run when training begins (or at the first log), records the arguments and model config
     as the run config, logs each log dict against ``train/global_step``, and finishes the run when
     training ends. An `evaluate()` after training resumes that run (same id) rather than starting a
@@ -66,26 +66,13 @@ class WandbCallback(TrainerCallback):
             kwargs["name"] = args.run_name
         return kwargs
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        self._finish()  # a run left open by an earlier train() (a search trial) is closed first
-        self._finished_id = None  # each train() is a new run
-        self.setup(args, state, model)
+    def has_run(self) -> bool:
+        return self.run is not None
 
-    def on_log(
-        self,
-        args: Any,
-        state: Any,
-        control: Any,
-        logs: dict[str, Any] | None = None,
-        model: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        if self.run is None:
-            self.setup(args, state, model)  # evaluate() without train()
+    def forget_run(self) -> None:
+        self._finished_id = None
+
+    def log_values(self, state: Any, logs: dict[str, Any]) -> None:
         for key in SUMMARY_KEYS.intersection(logs):
             self.run.summary[key] = logs[key]
         history = rewrite_logs({k: v for k, v in logs.items() if k not in SUMMARY_KEYS})
@@ -100,11 +87,7 @@ class WandbCallback(TrainerCallback):
             self.setup(args, state, kwargs.get("model"))
         self.run.log(rewrite_logs(metrics))
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self._finish()
-
-    def _finish(self) -> None:
+    def close_run(self) -> None:
         if self.run is not None and self._owns_run:
             self._finished_id = self.run.id
             self.run.finish()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.args.parser import ConfigError
+from ember.report.keys import is_eval_metric, is_number
 
 __all__ = ["Panel", "ReportError", "RunLog", "find_runs", "panels_for", "run_names", "write_report"]
 
@@ -59,7 +60,6 @@ _FIXED_PANELS = (
     Panel("mfu", "Model FLOPs utilisation", ("mfu",), "MFU (%)", scale=100.0, smooth=True),
 )
 # Per-evaluation numbers that describe speed, not the model.
-_NOT_METRICS = ("_runtime", "_per_second", "_jit_compilation_time", "_model_preparation_time")
 
 
 def find_runs(paths: Sequence[str]) -> list[Path]:
@@ -131,19 +131,15 @@ def default_out_dir(logs: Sequence[Path]) -> Path:
 
 def panels_for(runs: Sequence[RunLog]) -> list[Panel]:
     """The fixed panels that some run has data for, then one per other eval metric."""
-    keys = {key for run in runs for record in run.records for key, v in record.items() if _is_number(v)}
+    keys = {key for run in runs for record in run.records for key, v in record.items() if is_number(v)}
     panels = [p for p in _FIXED_PANELS if any(k in keys for k in p.keys)]
     if "tokens_per_second" in keys:  # tokens/s says it all; samples/s only where there are no tokens
         panels = [p for p in panels if p.name != "samples_per_second"]
     for key in sorted(keys):
-        if key.startswith("eval_") and key != "eval_loss" and not key.endswith(_NOT_METRICS):
+        if key != "eval_loss" and is_eval_metric(key):
             title = key.removeprefix("eval_").replace("_", " ").capitalize() + " (eval)"
             panels.append(Panel(key, title, (key,), key))
     return panels
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -152,7 +148,7 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     for record in records:
         value: Any = record.get(key)
         # The final summary repeats quantities under other names; only per-step logs are plotted.
-        if _is_number(value) and _is_number(record.get("step")) and "train_runtime" not in record:
+        if is_number(value) and is_number(record.get("step")) and "train_runtime" not in record:
             steps.append(float(record["step"]))
             values.append(float(value))
     return steps, values

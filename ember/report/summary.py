@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-# The Trainer, typed loosely: its script helpers (trainer/surface.py) import this module, which
-# must not import it back (not even for types: the import graph of ember/ has no cycle).
-Trainer = Any
+from .keys import format_value, is_eval_metric
 
-# Keys of an eval log entry that describe the machine, not the model.
-_SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_tokens_per_second")
+# The Trainer, typed loosely: its script helpers (log_metrics, create_model_card) import this
+# module, which must not import it back (not even for types: the import graph of ember/ has no cycle).
+Trainer = Any
 
 
 def _duration(seconds: float) -> str:
@@ -60,10 +59,6 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
 def _eval_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per evaluation during training, with the last training loss logged before it."""
     rows, train_loss = [], "No log"
@@ -78,7 +73,7 @@ def _eval_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "Validation Loss": entry["eval_loss"],
             }
             for key, value in entry.items():
-                if key.startswith("eval_") and key != "eval_loss" and not key.endswith(_SPEED_SUFFIXES):
+                if key != "eval_loss" and is_eval_metric(key):
                     row[key.removeprefix("eval_").replace("_", " ").title()] = value
             rows.append(row)
     return rows
@@ -86,7 +81,7 @@ def _eval_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    cells = [[format_value(row.get(c, ""), decimals=4) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
 
     def line(values: list[str]) -> str:
@@ -190,9 +185,9 @@ def model_card(
     if last_eval is not None:
         parts.append("\nResults on the evaluation set:\n")
         parts += [
-            f"- {key.removeprefix('eval_').replace('_', ' ').title()}: {_fmt(value)}\n"
+            f"- {key.removeprefix('eval_').replace('_', ' ').title()}: {format_value(value, decimals=4)}\n"
             for key, value in last_eval.items()
-            if key.startswith("eval_") and not key.endswith(_SPEED_SUFFIXES)
+            if is_eval_metric(key)
         ]
     parts.append("\n## Training hyperparameters\n\n")
     parts += [f"- {key}: {value}\n" for key, value in _hyperparameters(trainer).items()]

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Protocol
 from ember.args.training_args import TrainingArguments, check_field_names
 from ember.callbacks.events import TrainerCallback
 
-# The Trainer, typed loosely: its hyperparameter_search (trainer/surface.py) imports this module,
+# The Trainer, typed loosely: its hyperparameter_search (trainer/trainer.py) imports this module,
 # which must not import it back (not even for types: the import graph of ember/ has no cycle).
 Trainer = Any
 

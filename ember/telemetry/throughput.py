@@ -62,18 +62,6 @@ def model_flops_per_token(model: nn.Module) -> float | None:
     return None
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Parameters a token's FLOPs scale with: the non-embedding ones when the model can tell
-    (`num_parameters(exclude_embeddings=True)`, as transformers models), else all of them."""
-    count = getattr(model, "num_parameters", None)
-    if callable(count):
-        try:
-            return int(count(exclude_embeddings=True))
-        except TypeError:
-            pass
-    return sum(p.numel() for p in model.parameters())
-
-
 class Throughput:
     """Counts tokens and samples per step; `rates()` turns them into per-second figures at log time."""
 

@@ -1,5 +1,6 @@
-"""The Trainer (`trainer.py`) and the members mixed into it: evaluate/predict (`evaluation.py`),
-log and FLOPs (`logs.py`), and the small ones scripts and subclasses call (`surface.py`)."""
+"""The Trainer (`trainer.py`) and the collaborators it holds: the `Run` one train() call owns
+(`run.py`), the `Evaluator` (`evaluation.py`), the `MetricsRecorder` (`logs.py`) and the
+`Checkpointer` (`checkpointing.py`)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ class EmberAccelerator:
 
     @property
     def sync_gradients(self) -> bool:
-        return bool(getattr(self._trainer, "_sync_gradients", True))
+        run = self._trainer.run
+        return run is None or run.step_parts.sync_gradients
 
     @property
     def gradient_accumulation_steps(self) -> int:

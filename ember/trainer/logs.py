@@ -1,7 +1,8 @@
-"""What a run records: `log()` (the log history and the callbacks' `on_log`), the FLOPs count behind
-`state.total_flos`, and the input tokens behind `state.num_input_tokens_seen`. Kept out of
-trainer/trainer.py so that file stays about training; the loop calls these through `self`, so a subclass's
-`log` or `floating_point_ops` is the one that runs."""
+"""`MetricsRecorder`, the Trainer's collaborator for what a run records besides `TrainerState`: the
+FLOPs counted since the last `store_flos()`, a step log's wall-clock rates (set aside for `on_log`
+only), and the parameter count behind the FLOPs estimate. The Trainer's `log`, `store_flos` and
+`floating_point_ops` are thin methods over it, so a subclass overriding them still changes what runs.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..telemetry.throughput import count_parameters
+from ..utils import count_parameters
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
@@ -18,65 +19,59 @@ if TYPE_CHECKING:
     from ..strategy.base import Strategy
 
 
-class TrainerLogging:
-    """Mixed into `Trainer`; relies on its `args`, `state`, `strategy`, `model_wrapped`, the FLOPs
-    counted since the last `store_flos()` (`_current_flos`) and its `_fire`."""
+class MetricsRecorder:
+    """The log history's side channel and the FLOPs count; holds no reference to the Trainer."""
 
-    args: TrainingArguments
-    state: TrainerState
-    strategy: Strategy
-    model_wrapped: nn.Module
-    _current_flos: float
+    def __init__(self) -> None:
+        self.flos_since_store = 0.0
+        self._rates: dict[str, float] | None = None
+        self._params: tuple[nn.Module, int] | None = None
 
-    if TYPE_CHECKING:  # defined by Trainer
+    def set_aside(self, rates: dict[str, float]) -> None:
+        """Wall-clock figures (samples/s, tokens/s, MFU) for the next `log()` to show but not keep."""
+        self._rates = rates
 
-        def _fire(self, event: str, **kwargs: Any) -> None: ...
+    def record(
+        self, args: TrainingArguments, state: TrainerState, logs: dict[str, float]
+    ) -> dict[str, float]:
+        """Append `logs` (with epoch and tokens seen) to `state.log_history`; return what `on_log` shows.
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Record `logs` in `state.log_history` and hand them to the callbacks' `on_log`.
-
-        A step log's wall-clock figures (samples/s, tokens/s, MFU; set aside by the loop) go to
-        `on_log` only: trackers and the progress bar show them, while the history keeps what two
-        identical runs, or a resumed and an uninterrupted one, agree on.
+        The history keeps what two identical runs, or a resumed and an uninterrupted one, agree on;
+        the rates set aside for this log go to the callbacks only.
         """
-        transient = self.__dict__.pop("_transient_logs", None)
-        if self.state.epoch is not None:
-            logs["epoch"] = self.state.epoch
-        if self.args.include_num_input_tokens_seen not in ("no", False):
-            logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        shown = {**logs, **transient} if transient else logs
-        self._fire("on_log", logs=shown)
+        if state.epoch is not None:
+            logs["epoch"] = state.epoch
+        if args.include_num_input_tokens_seen not in ("no", False):
+            logs["num_input_tokens_seen"] = state.num_input_tokens_seen
+        state.log_history.append({**logs, "step": state.global_step})
+        rates, self._rates = self._rates, None
+        return {**logs, **rates} if rates else logs
 
-    def store_flos(self) -> None:
+    def store_flos(self, state: TrainerState, strategy: Strategy) -> None:
         """Add the FLOPs counted since the last call, summed over ranks, to `state.total_flos`."""
-        flos = torch.tensor(self._current_flos, dtype=torch.float64)
-        self.state.total_flos += float(self.strategy.all_reduce_sum(flos))
-        self._current_flos = 0.0
+        flos = torch.tensor(self.flos_since_store, dtype=torch.float64)
+        state.total_flos += float(strategy.all_reduce_sum(flos))
+        self.flos_since_store = 0.0
 
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """Forward + backward FLOPs of one micro-batch: 6 x parameters x tokens of the main input.
-
-        transformers models count their non-embedding parameters; a plain module counts all of
-        them. A batch without the model's main input (`main_input_name`, default input_ids)
-        counts 0, as in transformers. Override this for a better estimate.
-        """
-        model = self.strategy.unwrap(self.model_wrapped)
+    def floating_point_ops(self, model: nn.Module, inputs: dict[str, Any]) -> int:
+        """6 x parameters x tokens of the model's main input (0 without it), as transformers counts."""
         ids = inputs.get(getattr(model, "main_input_name", "input_ids"))
         if not isinstance(ids, torch.Tensor):
             return 0
-        cached = self.__dict__.get("_flops_params")
-        if cached is None or cached[0] is not model:
-            cached = self.__dict__["_flops_params"] = (model, count_parameters(model))
-        return 6 * ids.numel() * cached[1]
+        if self._params is None or self._params[0] is not model:
+            self._params = (model, count_parameters(model, exclude_embeddings=True))
+        return 6 * ids.numel() * self._params[1]
 
-    def _count_input_tokens(self, micro_batches: list[dict[str, Any]]) -> int:
-        """Tokens of one step's `input_ids` on all ranks (attended ones only with "non_padding")."""
-        non_padding = self.args.include_num_input_tokens_seen == "non_padding"
-        total = 0
-        for batch in micro_batches:
-            ids = batch.get("input_ids")
-            if isinstance(ids, torch.Tensor):
-                mask = batch.get("attention_mask")
-                total += int(mask.sum()) if non_padding and isinstance(mask, torch.Tensor) else ids.numel()
-        return int(self.strategy.all_reduce_sum(torch.tensor(total)))
+
+def count_input_tokens(
+    args: TrainingArguments, strategy: Strategy, micro_batches: list[dict[str, Any]]
+) -> int:
+    """Tokens of one step's `input_ids` on all ranks (attended ones only with "non_padding")."""
+    non_padding = args.include_num_input_tokens_seen == "non_padding"
+    total = 0
+    for batch in micro_batches:
+        ids = batch.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            mask = batch.get("attention_mask")
+            total += int(mask.sum()) if non_padding and isinstance(mask, torch.Tensor) else ids.numel()
+    return int(strategy.all_reduce_sum(torch.tensor(total)))

@@ -3,17 +3,23 @@
 `train()` reads top to bottom; the work of one optimizer step lives in `engine/step.py`, the evaluation
 loop in `engine/evaluation_loop.py`, placement and collectives in the strategy (`strategy/`), dtype handling
 in the precision object. The trainer never asks which backend or precision it runs with.
-Members outside training are mixed in: evaluate / predict (`trainer/evaluation.py`), log and FLOPs
-(`trainer/logs.py`), and the small ones scripts call (`trainer/surface.py`).
+The Trainer holds collaborators rather than mixing them in: an `Evaluator` (`trainer/evaluation.py`),
+a `MetricsRecorder` (`trainer/logs.py`) and a `Checkpointer` (`trainer/checkpointing.py`); what one
+`train()` call owns is one `Run` (`trainer/run.py`). The methods transformers' Trainer has (`log`,
+`training_step`, `compute_loss`, `evaluate`, ...) stay here as overridable members, and the
+collaborators call back through them, so a subclass's override is the one that runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +30,8 @@ from torch.utils.data import Dataset, IterableDataset
 from ..args.training_args import TrainingArguments, check_eval_dataset
 from ..callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from ..callbacks.state import CallbackStates, TrainerControl, TrainerState
-from ..checkpoint.io import CheckpointIO
 from ..data import (
+    build_eval_dataloader,
     build_train_dataloader,
     is_iterable_dataset,
     make_train_batch_sampler,
@@ -36,7 +42,6 @@ from ..data.checks import check_dataset_items, check_scalar_loss
 from ..data.columns import default_label_names
 from ..data.loaders import SkipFirstBatches
 from ..engine import checks
-from ..engine import step as loop
 from ..engine.evaluation_loop import speed_metrics
 from ..engine.guards import StepGuard
 from ..engine.loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
@@ -45,33 +50,40 @@ from ..engine.optim import build_optimizer, build_optimizer_from_cls, build_sche
 from ..engine.optimizers import optimizer_eval_mode, set_optimizer_mode
 from ..engine.preemption import PreemptionWatcher, TrainingPreempted
 from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_steps
+from ..engine.step import StepContext, grouped, target_counts
 from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
-from ..outputs import TrainOutput
+from ..outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from ..strategy import build_strategy, fsdp_enabled
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
 from ..telemetry.throughput import Throughput, device_peak_flops, model_flops_per_token
-from ..utils import enable_full_determinism, set_seed, to_device
+from ..utils import count_parameters, enable_full_determinism, set_seed, to_device
 from .accelerator import EmberAccelerator
-from .evaluation import TrainerEvaluation
-from .logs import TrainerLogging
+from .checkpointing import Checkpointer
+from .evaluation import Evaluator
+from .full_eval import full_eval_model
+from .logs import MetricsRecorder, count_input_tokens
+from .run import Run
 from .run_log import log_training_start
-from .surface import TrainerSurface
 
 if TYPE_CHECKING:
     from ..checkpoint.training import Parts
+    from ..search import BestRun
 
 logger = logging.getLogger("ember")
 
 
-class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
+class Trainer:
     """Drop-in for `transformers.Trainer`: same constructor, same methods, same callbacks."""
 
     #: Signals that make train() checkpoint at the end of the current step and exit; add
     #: `signal.SIGUSR1` for schedulers that warn with it.
     preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
+    #: Set while hyperparameter_search runs ("optuna"), and the objective of the current trial.
+    hp_search_backend: str | None = None
+    objective: Any = None
 
     def __init__(
         self,
@@ -121,13 +133,11 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             self.optimizer,
             self.lr_scheduler,
         )
-        self._new_step_parts()
-        self._checkpoint_io = CheckpointIO(async_=self.args.save_async)
-        self._checkpoint_writer = self._checkpoint_io.writer  # scripts wait on it
+        self.evaluator = Evaluator(self)
+        self.recorder = MetricsRecorder()
+        self.checkpointer = Checkpointer(self.strategy, self.args.save_async)
+        self.run: Run | None = None  # what the current (or last) train() call owns
         self._train_batch_sampler: Any = None
-        self._current_flos = 0.0
-        self._step_lr = 0.0
-        self._sync_gradients = True
         self.is_in_train = False
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
@@ -158,32 +168,27 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     def is_fsdp_enabled(self) -> bool:
         return fsdp_enabled(self.args.fsdp)
 
+    @property
+    def _train_batch_size(self) -> int:
+        """transformers' name for the per-device micro-batch size (what auto_find_batch_size found)."""
+        if self.run is None:
+            return self.args.per_device_train_batch_size
+        return self.run.batch_split.micro_batch_size
+
     def _fire(self, event: str, **kwargs: Any) -> None:
         """Fire a callback event; a callback may hand back a new control object, which is kept."""
         handler = getattr(self.callback_handler, event)
         self.control = handler(self.args, self.state, self.control, **kwargs)
 
-    def _fire_step_end(self) -> None:
-        try:
-            self._fire("on_step_end")
-        except Exception as error:
-            if not self._batch_split.shrink_after_step(self, error):
-                raise
-
     @property
-    def _train_batch_size(self) -> int:
-        """transformers' name for the per-device micro-batch size (what auto_find_batch_size found)."""
-        return self._batch_split.micro_batch_size
+    def step_guard(self) -> StepGuard:
+        """The current run's step guard (its counters and rollbacks)."""
+        return self._current_run().guard
 
-    def _new_step_parts(self) -> None:
-        """Fresh run-state parts (position and loss, micro-batch split, step guard) for a new run."""
-        self._progress = RunProgress(LossTracker(self.strategy.device, self.args.logging_nan_inf_filter))
-        self._batch_split = MicroBatchSplit(
-            self.args.auto_find_batch_size, self.args.per_device_train_batch_size
-        )
-        self.step_guard = StepGuard(
-            self.args, self.precision.skips_nonfinite_steps, self.strategy.grad_norm_before_step
-        )
+    def _current_run(self) -> Run:
+        if self.run is None:
+            raise RuntimeError("The trainer has no run yet; call train() first.")
+        return self.run
 
     # -- building parts ----------------------------------------------------------------------------
     def _seed_everything(self) -> None:
@@ -279,7 +284,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
                 return self._train(resume_from_checkpoint, trial, ignore_keys_for_eval)
             except BaseException:
                 # A save in flight finishes before the lock goes; its error must not hide this one.
-                self._checkpoint_writer.settle()
+                self.checkpointer.settle()
                 raise
             finally:
                 self.is_in_train = False
@@ -291,8 +296,8 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         ignore_keys_for_eval: list[str] | None,
     ) -> TrainOutput:
         args = self.args
-        self._start_time = time.perf_counter()
-        self._memory = MemoryTracker(not args.skip_memory_metrics).start("train")
+        start_time = time.perf_counter()
+        memory = MemoryTracker(not args.skip_memory_metrics).start("train")
         if self.model_init is not None:
             self._fresh_model(trial)
         if args.tune_cpu_malloc and self.strategy.device.type == "cpu":
@@ -304,7 +309,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         model, self.optimizer = self.strategy.setup_optimizer(model, self.optimizer)
         self.model_wrapped = model
         self.callback_handler.optimizer = self.optimizer
-        self._begin_state(plan)
+        run = self.run = self._start_run(plan, model, start_time, memory)
         log_training_start(self, plan, loader)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
@@ -318,18 +323,18 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             PreemptionWatcher(self.preemption_signals) as preemption,
             neftune_noise(model, args.neftune_noise_alpha),
         ):
-            for epoch in range(self._progress.epoch, plan.num_epochs):
+            for epoch in range(run.progress.epoch, plan.num_epochs):
                 if self.state.global_step >= plan.max_steps:
                     break
                 self._fire("on_epoch_begin")
-                steps = loop.grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
+                steps = grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
                 for micro_batches in steps:
                     self._fire("on_step_begin")
-                    step = self._batch_split.run_step(self, model, micro_batches)
-                    self._progress.loss.add(step.loss)
-                    self._step_lr = step.learning_rate
-                    self._advance(epoch, micro_batches, plan)
-                    self._fire_step_end()
+                    step = run.optimizer_step(micro_batches)
+                    run.progress.loss.add(step.loss)
+                    run.learning_rate = step.learning_rate
+                    self._advance(epoch, micro_batches)
+                    self._fire_step_end(run)
                     if self.strategy.any_rank(preemption.requested):
                         self.control.should_save = self.control.should_training_stop = True
                     self._maybe_log_save_evaluate(step.grad_norm, ignore_keys_for_eval)
@@ -337,7 +342,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
                         break
                 if self.control.should_training_stop and self.strategy.any_rank(preemption.requested):
                     self._exit_preempted()
-                self._progress.end_epoch()
+                run.progress.end_epoch()
                 self._fire("on_epoch_end")
                 self._maybe_log_save_evaluate(None, ignore_keys_for_eval)
                 if self.control.should_training_stop:
@@ -353,32 +358,48 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         checks.check_plan(self.args, plan.max_steps)
         return loader, plan
 
-    def _begin_state(self, plan: TrainPlan) -> None:
+    def _start_run(self, plan: TrainPlan, model: nn.Module, start_time: float, memory: MemoryTracker) -> Run:
+        """A fresh state and control, and the run's parts, for a train() call about to start."""
+        args, strategy = self.args, self.strategy
         self.state = TrainerState(
             max_steps=plan.max_steps,
             num_train_epochs=plan.num_epochs,
-            train_batch_size=self.args.per_device_train_batch_size,
-            is_local_process_zero=self.strategy.is_local_main,
-            is_world_process_zero=self.strategy.is_main,
+            train_batch_size=args.per_device_train_batch_size,
+            is_local_process_zero=strategy.is_local_main,
+            is_world_process_zero=strategy.is_main,
         )
-        self.state.compute_steps(self.args, plan.max_steps)
+        self.state.compute_steps(args, plan.max_steps)
         self.state.epoch = 0.0
         self.control = TrainerControl()
-        self._plan = plan
-        self._new_step_parts()
-        self._current_flos = 0.0
-        model = self.strategy.unwrap(self.model_wrapped)
-        self._throughput = Throughput(
-            self.args.flops_per_token or model_flops_per_token(model),
-            self.args.device_peak_flops or device_peak_flops(self.strategy.device, self.precision.name),
-            self.strategy.world_size,
+        self.recorder.flos_since_store = 0.0
+        assert self.optimizer is not None, "train() builds the optimizer before the run starts"
+        step_parts = StepContext(
+            args=args,
+            state=self.state,
+            strategy=strategy,
+            model_wrapped=model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            label_shift=self.label_shift,
+            progress=RunProgress(LossTracker(strategy.device, args.logging_nan_inf_filter)),
+            guard=StepGuard(args, self.precision.skips_nonfinite_steps, strategy.grad_norm_before_step),
+            training_step=self.training_step,
+            fire=self._fire,
+        )
+        throughput = Throughput(
+            args.flops_per_token or model_flops_per_token(strategy.unwrap(model)),
+            args.device_peak_flops or device_peak_flops(strategy.device, self.precision.name),
+            strategy.world_size,
             label_shift=self.label_shift,
         )
+        batch_split = MicroBatchSplit(args.auto_find_batch_size, args.per_device_train_batch_size)
+        return Run(plan, step_parts, batch_split, throughput, memory, start_time)
 
     def _epoch_batches(self, loader: Any, epoch: int) -> Any:
         """This epoch's micro-batches, starting where a resumed run left off (O(1): no replay)."""
-        self._progress.start_epoch(epoch)
-        skip = self._progress.step_in_epoch * self.args.gradient_accumulation_steps
+        progress = self._current_run().progress
+        progress.start_epoch(epoch)
+        skip = progress.step_in_epoch * self.args.gradient_accumulation_steps
         if self._train_batch_sampler is not None:
             self._train_batch_sampler.set_epoch(epoch)
         elif hasattr(loader.dataset, "set_epoch"):
@@ -398,15 +419,16 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             return dataloader
         return SkipFirstBatches(dataloader, num_batches)
 
-    def _advance(self, epoch: int, micro_batches: list[dict[str, Any]], plan: TrainPlan) -> None:
+    def _advance(self, epoch: int, micro_batches: list[dict[str, Any]]) -> None:
+        run = self._current_run()
         self.state.global_step += 1
-        self._progress.advance()
-        self._throughput.add(micro_batches)
-        self._current_flos += float(sum(self.floating_point_ops(b) for b in micro_batches))
-        steps = plan.steps_per_epoch
-        self.state.epoch = epoch + (self._progress.step_in_epoch / steps if steps else 0.0)
+        run.progress.advance()
+        run.throughput.add(micro_batches)
+        self.recorder.flos_since_store += float(sum(self.floating_point_ops(b) for b in micro_batches))
+        steps = run.plan.steps_per_epoch
+        self.state.epoch = epoch + (run.progress.step_in_epoch / steps if steps else 0.0)
         if self.args.include_num_input_tokens_seen not in ("no", False):
-            self.state.num_input_tokens_seen += self._count_input_tokens(micro_batches)
+            self.state.num_input_tokens_seen += count_input_tokens(self.args, self.strategy, micro_batches)
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | None = None
@@ -498,84 +520,75 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         return to_device(inputs, self.strategy.device, non_blocking=True)
 
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, ignore_keys: list[str] | None) -> None:
-        progress = self._progress
+        run = self._current_run()
+        progress = run.progress
         if self.control.should_log and self.state.global_step > progress.last_logged_step:
             logs: dict[str, float] = {"loss": progress.loss.pop_mean(self.strategy.all_reduce_sum)}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
-            logs["learning_rate"] = self._step_lr
-            logs.update(self.step_guard.counts())
-            self._transient_logs = self._throughput.rates(self.strategy.all_reduce_sum)
+            logs["learning_rate"] = run.learning_rate
+            logs.update(run.guard.counts())
+            self.recorder.set_aside(run.throughput.rates(self.strategy.all_reduce_sum))
             progress.last_logged_step = self.state.global_step
             self.store_flos()
             self.log(logs)
         metrics = None
         if self.control.should_evaluate:
             metrics = self._evaluate(ignore_keys)
-            is_best = self._is_new_best(metrics)
+            is_best = self.evaluator.is_new_best(metrics)
             if self.args.save_strategy == "best":
                 self.control.should_save = is_best
         if self.control.should_save:
             self._save_checkpoint(metrics)
             self._fire("on_save")
 
+    def _fire_step_end(self, run: Run) -> None:
+        try:
+            self._fire("on_step_end")
+        except Exception as error:
+            if not run.batch_split.shrink_after_step(run.step_parts, error):
+                raise
+
     def _load_callback_state(self) -> None:
         """transformers' name: restore the callbacks' and control's state from
         `self.state.stateful_callbacks` (resume does this), if restore_callback_states_from_checkpoint."""
         if self.args.restore_callback_states_from_checkpoint:
-            self._stateful_parts().callbacks.load_state_dict(self.state.stateful_callbacks)
+            states = CallbackStates(lambda: self.callback_handler.callbacks, self.control)
+            states.load_state_dict(self.state.stateful_callbacks)
 
     def _stateful_parts(self) -> Parts:
         """The run's state as named parts, for checkpoint code (which never sees the trainer)."""
         from ..checkpoint.rng import RngState
         from ..checkpoint.training import Parts
 
+        run = self._current_run()
         return Parts(
             model=self.model_wrapped,
             optimizer=self.optimizer,
             scheduler=self.lr_scheduler,
             precision=self.precision,
-            progress=self._progress,
+            progress=run.progress,
             sampler=self._train_batch_sampler,
             callbacks=CallbackStates(lambda: self.callback_handler.callbacks, self.control),
             rng=RngState(),
-            batch_split=self._batch_split,
-            guard=self.step_guard,
+            batch_split=run.batch_split,
+            guard=run.guard,
         )
 
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
-        from ..checkpoint.training import save_checkpoint
-
         self.store_flos()
         with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
-            save_checkpoint(
-                self._stateful_parts(),
-                self.strategy,
-                self._checkpoint_io,
-                self.args,
-                self.state,
-                self.processing_class,
-            )
+            self.checkpointer.save(self._stateful_parts(), self.args, self.state, self.processing_class)
 
     def _resume(self, checkpoint: str | bool) -> None:
-        from ..checkpoint.training import resume
-
-        resume(self._stateful_parts(), self.strategy, self.args, self.state, checkpoint, self._checkpoint_io)
+        self.checkpointer.resume(self._stateful_parts(), self.args, self.state, checkpoint)
         # The micro-batch size auto_find_batch_size found (the split came back with the checkpoint).
-        self.state.train_batch_size = self._batch_split.micro_batch_size
-
-    def _keep_only_best_checkpoint(self) -> None:
-        """As transformers: with save_total_limit=1, a finished run leaves only the best checkpoint."""
-        from ..checkpoint.rotation import keep_only
-
-        if self.strategy.is_main:
-            keep_only(self.args.output_dir, Path(str(self.state.best_model_checkpoint)))
-        self.strategy.barrier()
+        self.state.train_batch_size = self._current_run().batch_split.micro_batch_size
 
     def _exit_preempted(self) -> None:
-        self._checkpoint_writer.wait()
+        self.checkpointer.wait()
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         logger.warning(
             "ember: preempted at step %d; checkpoint written to %s. Run again with "
@@ -587,7 +600,8 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         raise TrainingPreempted(self.state.global_step, str(folder))
 
     def _finish_training(self) -> TrainOutput:
-        self._checkpoint_writer.wait()
+        run = self._current_run()
+        self.checkpointer.wait()
         # Schedule-free: the trained model is the averaged point (what evaluation and saves use, and
         # what load_best_model_at_end loads); train() moves back to the train point.
         set_optimizer_mode(self.optimizer, training=False)
@@ -600,28 +614,117 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             )
             self.strategy.load_model_weights(self.model_wrapped, Path(self.state.best_model_checkpoint))
         if self.args.save_total_limit == 1 and self.state.best_model_checkpoint is not None:
-            self._keep_only_best_checkpoint()
-        loss = self._progress.loss
+            self.checkpointer.keep_only_best(self.args, self.state)
+        loss = run.progress.loss
         if loss.steps_since_log:
             loss.pop_mean(self.strategy.all_reduce_sum)
         train_loss = loss.mean()
-        plan = self._plan
         metrics = speed_metrics(
             "train",
-            self._start_time,
-            num_samples=plan.num_samples_seen(self.state.global_step),
+            run.start_time,
+            num_samples=run.plan.num_samples_seen(self.state.global_step),
             num_steps=self.state.global_step,
         )
         self.store_flos()
         metrics["total_flos"] = float(self.state.total_flos)
         metrics["train_loss"] = train_loss
         metrics["epoch"] = float(self.state.epoch or 0.0)
-        metrics.update(self._memory.stop("train"))
+        metrics.update(run.memory.stop("train"))
         metrics.update(self._init_memory_metrics)
         self._init_memory_metrics = {}
         self.log(dict(metrics))
         self._fire("on_train_end")
         return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    # -- evaluation and prediction (the Evaluator's work, overridable here) ---------------------------
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError(
+                "evaluate() needs an eval dataset: pass `eval_dataset` to Trainer(...) or evaluate()."
+            )
+        checks.check_eval_dataset_not_empty(dataset)
+        loader = build_eval_dataloader(
+            self._prepare_dataset(dataset, "evaluation"),
+            self.args,
+            self.data_collator,
+            rank=self.strategy.dp_rank,
+            world_size=self.strategy.dp_world_size,
+        )
+        self.callback_handler.eval_dataloader = loader
+        return loader
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        return build_eval_dataloader(
+            self._prepare_dataset(test_dataset, "test"),
+            self.args,
+            self.data_collator,
+            rank=self.strategy.dp_rank,
+            world_size=self.strategy.dp_world_size,
+        )
+
+    def model_for_eval(self) -> nn.Module:
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        return full_eval_model(model, self.args, self.is_in_train)
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self.evaluator.evaluate(dataset, ignore_keys, metric_key_prefix)
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        return self.evaluator.predict(test_dataset, ignore_keys, metric_key_prefix)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """(loss, logits, labels) of one batch, without gradients."""
+        return self.evaluator.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The loop behind evaluate() and predict(), for subclasses that call it directly."""
+        return self.evaluator.loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+
+    def _evaluate(self, ignore_keys: list[str] | None) -> dict[str, float]:
+        return self.evaluator.during_training(ignore_keys, self.scheduler_waits_for_metrics)
+
+    # -- what a run records (the MetricsRecorder's work, overridable here) ----------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Record `logs` in `state.log_history` and hand them to the callbacks' `on_log`.
+
+        A step log's wall-clock figures (samples/s, tokens/s, MFU) go to `on_log` only: trackers and
+        the progress bar show them, while the history keeps what reproducible runs agree on.
+        """
+        self._fire("on_log", logs=self.recorder.record(self.args, self.state, logs))
+
+    def store_flos(self) -> None:
+        """Add the FLOPs counted since the last call, summed over ranks, to `state.total_flos`."""
+        self.recorder.store_flos(self.state, self.strategy)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Forward + backward FLOPs of one micro-batch: 6 x parameters x tokens of the main input.
+
+        transformers models count their non-embedding parameters; a plain module counts all of
+        them. A batch without the model's main input (`main_input_name`, default input_ids)
+        counts 0, as in transformers. Override this for a better estimate.
+        """
+        return self.recorder.floating_point_ops(self.strategy.unwrap(self.model_wrapped), inputs)
 
     # -- saving --------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -648,3 +751,213 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
 
     def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         self.callback_handler.remove_callback(callback)
+
+    # == transformers' compatibility surface: small members scripts and subclasses call ============
+
+    # -- precision contexts (for custom training_step / compute_loss overrides) ----------------------
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
+        """The autocast context of the run's precision (a no-op context in fp32)."""
+        return self.precision.autocast()
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:
+        """Everything the forward and loss run under: here, autocast."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast_smart_context_manager())
+        return stack
+
+    # -- batch sizes -----------------------------------------------------------------------------------
+    def get_tp_size(self) -> int:
+        return 1  # ember has no tensor parallelism
+
+    def get_cp_size(self) -> int:
+        return 1  # nor context parallelism
+
+    def get_sp_size(self) -> int:
+        return 1  # nor sequence parallelism
+
+    def get_total_train_batch_size(self, args: Any) -> int:
+        """Samples per optimizer step on all ranks: per-device batch x accumulation x data-parallel ranks."""
+        per_rank = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return per_rank * self.strategy.dp_world_size
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device | None = None
+    ) -> tuple[list[Any], torch.Tensor | None]:
+        """The next `num_batches` micro-batches and their target count on all ranks (the loss divisor)."""
+        batches: list[Any] = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batches:
+            return batches, None
+        return batches, target_counts(batches, self.label_shift, self.strategy, device)[2]
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Names of the parameters weight decay applies to (not biases, not norm weights)."""
+        from ..engine.optim import get_decay_parameter_names
+
+        return get_decay_parameter_names(model)
+
+    # -- transformers' script helpers ------------------------------------------------------------------
+    def is_world_process_zero(self) -> bool:
+        return self.strategy.is_main
+
+    def is_local_process_zero(self) -> bool:
+        return self.strategy.is_local_main
+
+    def metrics_format(self, metrics: dict[str, float]) -> dict[str, Any]:
+        from ..report.summary import metrics_format
+
+        return metrics_format(metrics)
+
+    def log_metrics(self, split: str, metrics: dict[str, float]) -> None:
+        """Print `metrics` as an aligned table headed by `split` (main process only)."""
+        from ..report.summary import metrics_table
+
+        if self.is_world_process_zero():
+            print(metrics_table(split, metrics))
+
+    def save_metrics(self, split: str, metrics: dict[str, float], combined: bool = True) -> None:
+        """Write `output_dir/{split}_results.json`; with `combined`, merge into `all_results.json`."""
+        if not self.is_world_process_zero():
+            return
+        folder = Path(self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / f"{split}_results.json", metrics)
+        if combined:
+            merged_path = folder / "all_results.json"
+            merged = json.loads(merged_path.read_text(encoding="utf-8")) if merged_path.exists() else {}
+            merged.update(metrics)
+            _write_json(merged_path, merged)
+
+    def save_state(self) -> None:
+        """Write `output_dir/trainer_state.json` (main process only)."""
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            self.state.save_to_json(os.path.join(self.args.output_dir, "trainer_state.json"))
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write a draft `output_dir/README.md`: names, hyperparameters and the results table.
+
+        Local only: nothing is looked up or pushed to a hub.
+        """
+        from ..report.summary import model_card
+
+        if not self.is_world_process_zero():
+            return
+        text = model_card(
+            self,
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        Path(self.args.output_dir, "README.md").write_text(text, encoding="utf-8")
+
+    def num_examples(self, dataloader: Any) -> int:
+        """Samples in `dataloader`'s dataset, or batches x batch size when it has no length."""
+        try:
+            return len(dataloader.dataset)
+        except (AttributeError, TypeError):
+            return len(dataloader) * self.args.per_device_train_batch_size
+
+    def num_tokens(self, train_dl: Any, max_steps: int | None = None) -> int:
+        """Tokens of `input_ids` in `train_dl` (only its first `max_steps` x GA batches if given)."""
+        limit = None if max_steps is None else max_steps * self.args.gradient_accumulation_steps
+        total = 0
+        for i, batch in enumerate(train_dl):
+            if limit is not None and i >= limit:
+                break
+            ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+            if isinstance(ids, torch.Tensor):
+                total += ids.numel()
+        return total
+
+    def get_num_trainable_parameters(self) -> int:
+        return count_parameters(self.model, trainable_only=True)
+
+    def get_learning_rates(self) -> list[float]:
+        return [group["lr"] for group in self._require_optimizer().param_groups]
+
+    def get_optimizer_group(self, param: str | torch.nn.Parameter | None = None) -> Any:
+        """The parameter group holding `param`, or every group's parameter list when None."""
+        optimizer = self._require_optimizer()
+        if param is not None:
+            for group in optimizer.param_groups:
+                if any(p is param for p in group["params"]):
+                    return group
+        return [group["params"] for group in optimizer.param_groups]
+
+    def _require_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise ValueError(
+                "The trainer has no optimizer yet; call train() or create_optimizer() before asking for it."
+            )
+        return self.optimizer
+
+    # -- hyperparameter search -------------------------------------------------------------------------
+    def hyperparameter_search(
+        self,
+        hp_space: Callable[[Any], dict[str, Any]] | None = None,
+        compute_objective: Callable[[dict[str, float]], Any] | None = None,
+        n_trials: int = 20,
+        direction: str | list[str] = "minimize",
+        backend: str | None = None,
+        hp_name: Callable[[Any], str] | None = None,
+        **kwargs: Any,
+    ) -> BestRun | list[BestRun]:
+        """Train `n_trials` times with values from `hp_space(trial)`, each in `output_dir/run-{n}`
+        with a fresh model from `model_init`; returns the best `BestRun` (a list of them when
+        `direction` is a list). `backend`: "optuna" (default) or "ray". `kwargs` go to the backend
+        (optuna: `create_study` and `optimize`; ray: `tune.run`). See `ember.search`."""
+        from ..search import hyperparameter_search
+
+        return hyperparameter_search(
+            self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs
+        )
+
+    # -- end of a script -------------------------------------------------------------------------------
+    def end(self) -> None:
+        """Destroy the process group ember started (after a barrier); call once, after the last
+        collective. Without it the group ends at interpreter exit; on one process nothing happens."""
+        from ..strategy.env import teardown_process_group
+
+        teardown_process_group()
+
+    # -- the hub ---------------------------------------------------------------------------------------
+    def push_to_hub(
+        self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
+    ) -> Any:
+        raise RuntimeError(
+            "ember does not push to the Hugging Face Hub. Save the model with trainer.save_model(folder), "
+            "then upload that folder with huggingface_hub.upload_folder(repo_id=..., folder_path=folder)."
+        )
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        raise RuntimeError(
+            "ember does not create Hub repositories; create one with huggingface_hub.create_repo(...) and "
+            "upload trainer.save_model's folder with huggingface_hub.upload_folder."
+        )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=4, sort_keys=True) + "\n", encoding="utf-8")

@@ -39,7 +39,7 @@ def _resume(out: Path, name: str, **kw: Any) -> dict[str, torch.Tensor]:
     try:
         first.train()
     except Crash:
-        first._checkpoint_writer.wait()
+        first.checkpointer.wait()
     resumed = lm_trainer(str(out / name), save_strategy="steps", save_steps=2, **GPU, **kw)
     resumed.train(resume_from_checkpoint=True)
     return lm_state(resumed)

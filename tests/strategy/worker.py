@@ -156,7 +156,7 @@ def interrupted_resume(out: Path, name: str, stop_at: int, **kw: Any) -> None:
         first.train()
         raise AssertionError("the run should have crashed")
     except Crash:
-        first._checkpoint_writer.wait()  # an async save may still be in flight
+        first.checkpointer.wait()  # an async save may still be in flight
     resumed = lm_trainer(str(out / name), save_strategy="steps", save_steps=2, **kw)
     resumed.train(resume_from_checkpoint=True)
     write(out, name, lm_state(resumed), {"losses": losses(resumed)})
@@ -180,7 +180,7 @@ def regression_resume(out: Path) -> None:
     try:
         first.train()
     except Crash:
-        first._checkpoint_writer.wait()
+        first.checkpointer.wait()
     resumed = Trainer(
         model_init=lambda: RegressionModel(dropout=0.2), args=job_args(run_dir), train_dataset=AugmentedData()
     )

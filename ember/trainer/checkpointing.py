@@ -1,0 +1,59 @@
+"""`Checkpointer`, the Trainer's collaborator for checkpoint folders: it holds the checkpoint IO (and
+through it the background writer) and hands the run's named parts to `checkpoint.training`, which
+never sees the Trainer. The layout of a checkpoint is not decided here: `checkpoint.io` names the
+files and the strategy writes the parts through it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..checkpoint.io import CheckpointIO
+from ..checkpoint.writer import CheckpointWriter
+
+if TYPE_CHECKING:
+    from ..args.training_args import TrainingArguments
+    from ..callbacks.state import TrainerState
+    from ..checkpoint.training import Parts
+    from ..strategy.base import Strategy
+
+
+class Checkpointer:
+    """Saves and resumes a run's parts; one per Trainer (its writer outlives a run's last save)."""
+
+    def __init__(self, strategy: Strategy, save_async: bool) -> None:
+        self.strategy = strategy
+        self.io = CheckpointIO(async_=save_async)
+
+    @property
+    def writer(self) -> CheckpointWriter:
+        return self.io.writer
+
+    def save(self, parts: Parts, args: TrainingArguments, state: TrainerState, processing_class: Any) -> None:
+        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
+        from ..checkpoint.training import save_checkpoint
+
+        save_checkpoint(parts, self.strategy, self.io, args, state, processing_class)
+
+    def resume(
+        self, parts: Parts, args: TrainingArguments, state: TrainerState, checkpoint: str | bool
+    ) -> None:
+        from ..checkpoint.training import resume
+
+        resume(parts, self.strategy, args, state, checkpoint, self.io)
+
+    def keep_only_best(self, args: TrainingArguments, state: TrainerState) -> None:
+        """As transformers: with save_total_limit=1, a finished run leaves only the best checkpoint."""
+        from ..checkpoint.rotation import keep_only
+
+        if self.strategy.is_main:
+            keep_only(args.output_dir, Path(str(state.best_model_checkpoint)))
+        self.strategy.barrier()
+
+    def wait(self) -> None:
+        """Block until a save in flight is on disk (its error raises here)."""
+        self.writer.wait()
+
+    def settle(self) -> None:
+        """Let a save in flight finish while another error propagates (its own error is logged)."""
+        self.writer.settle()
