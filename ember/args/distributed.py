@@ -59,8 +59,6 @@ _XLA_KEYS = ("xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt", "xla_fsdp_settings")
 PARALLELISM_SIZES: tuple[str, ...] = ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "sp_size")
 # ember's own key: a tensor-parallel plan that replaces the model's (module pattern -> style name).
 PARALLELISM_KEYS: tuple[str, ...] = (*PARALLELISM_SIZES, "tp_plan")
-# accelerate's object carries these too; left at None they mean "the defaults", which is all ember has.
-_PARALLELISM_HANDLERS: tuple[str, ...] = ("tp_handler", "cp_handler", "sp_handler", "cp_backend", "sp_backend")
 
 
 def _load_json_file(field: str, path: str) -> dict[str, Any]:
@@ -174,12 +172,15 @@ def _parallelism_mapping(raw: Any) -> dict[str, Any]:
     if isinstance(raw, Mapping):
         return dict(raw)
     if any(hasattr(raw, name) for name in PARALLELISM_SIZES):
-        config = {name: getattr(raw, name) for name in PARALLELISM_SIZES if getattr(raw, name, None) is not None}
-        for name in _PARALLELISM_HANDLERS:
-            if getattr(raw, name, None) not in (None, "torch"):
-                raise ValueError(
-                    f"`{field}.{name}`={getattr(raw, name)!r}: ember has no {name} options; leave it None."
-                )
+        config = {
+            name: getattr(raw, name) for name in PARALLELISM_SIZES if getattr(raw, name, None) is not None
+        }
+        if getattr(getattr(raw, "tp_handler", None), "enable_async_tp", False):
+            raise ValueError(
+                f"`{field}.tp_handler.enable_async_tp` is True: asynchronous TP overlaps collectives through "
+                "GPU symmetric memory, which ember does not run; set enable_async_tp=False."
+            )
+        # cp/sp handlers and backends only matter with cp_size/sp_size > 1, which are refused below.
         return config
     raise ValueError(
         f"`{field}` must be a dict, a JSON object or file, or an accelerate ParallelismConfig; got "
@@ -207,7 +208,9 @@ def normalise_parallelism_config(raw: Any, use_cpu: bool, cuda: bool | None = No
         if number != value and not (isinstance(value, str) and value.strip() == str(number)):
             raise ValueError(f"`{field}['{name}']` must be a whole number >= 1, got {value!r}.")
         if number < 1:
-            raise ValueError(f"`{field}['{name}']` must be >= 1, got {number}; 1 means that dimension is unused.")
+            raise ValueError(
+                f"`{field}['{name}']` must be >= 1, got {number}; 1 means that dimension is unused."
+            )
         out[name] = number
     if out["cp_size"] > 1:
         if use_cpu or cuda is False or (cuda is None and not _cuda_available()):
@@ -227,7 +230,9 @@ def normalise_parallelism_config(raw: Any, use_cpu: bool, cuda: bool | None = No
         )
     plan = config.get("tp_plan")
     if plan is not None:
-        if not isinstance(plan, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in plan.items()):
+        if not isinstance(plan, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in plan.items()
+        ):
             raise ValueError(
                 f"`{field}['tp_plan']` must map module names (with * for any index, e.g. "
                 "'model.layers.*.mlp.up_proj') to style names such as 'colwise' or 'rowwise'."
@@ -253,7 +258,9 @@ def parallelism_world_size(config: Mapping[str, Any]) -> int:
 def check_parallelism_world_size(config: Mapping[str, Any], world_size: int) -> None:
     needed = parallelism_world_size(config)
     if needed != world_size:
-        sizes = " x ".join(f"{name}={config.get(name, 1)}" for name in PARALLELISM_SIZES if config.get(name, 1) != 1)
+        sizes = " x ".join(
+            f"{name}={config.get(name, 1)}" for name in PARALLELISM_SIZES if config.get(name, 1) != 1
+        )
         raise ValueError(
             f"`parallelism_config` sizes multiply to {needed} ({sizes or 'all 1'}), but {world_size} "
             f"process(es) were launched; launch {needed} processes (torchrun --nproc_per_node {needed}) or "
@@ -300,7 +307,8 @@ def check_distributed_args(args: DistributedFields) -> None:
         if enabled and config["dp_shard_size"] == 1:
             raise ValueError(
                 "`fsdp` is set but `parallelism_config['dp_shard_size']` is 1, so there is nothing to shard "
-                "over; set dp_shard_size to the number of ranks that share one copy of the model (or unset fsdp)."
+                "over; set dp_shard_size to the number of ranks that share one copy of the model (or unset "
+                "fsdp)."
             )
         if "WORLD_SIZE" in os.environ:
             check_parallelism_world_size(config, int(os.environ["WORLD_SIZE"] or 1))

@@ -51,7 +51,7 @@ def build_strategy(args: TrainingArguments) -> Strategy:
         from ..args.distributed import check_parallelism_world_size
 
         # One process: every size 1 is the plain single-device run; anything else needs a launcher.
-        check_parallelism_world_size(args.parallelism_config, 1)
+        check_parallelism_world_size(args.parallelism_config, 1)  # type: ignore[arg-type]
     if not (env.distributed or args.deepspeed or fsdp):
         device = pick_device(args.use_cpu)
         return SingleDevice(device, build_precision(args, device))

@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -57,7 +57,7 @@ def tp_style(name: str, where: str) -> Any:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    styles = {
+    styles: dict[str, Callable[[], Any]] = {
         "colwise": ColwiseParallel,
         "rowwise": RowwiseParallel,
         # The full output on every rank: the head, whose logits the loss reads whole.
@@ -128,8 +128,8 @@ def check_tp_model(model: nn.Module, tp_size: int, user_plan: Mapping[str, str] 
         heads = getattr(config, field, None)
         if isinstance(heads, int) and heads % tp_size:
             raise ValueError(
-                f"{name} has {field}={heads}, which tp_size={tp_size} does not divide: each TP rank must hold "
-                f"whole heads. Choose a tp_size that divides {heads}."
+                f"{name} has {field}={heads}, which tp_size={tp_size} does not divide: each TP rank must "
+                f"hold whole heads. Choose a tp_size that divides {heads}."
             )
     paths = [n for n, _ in model.named_modules()]
     for pattern, style in plan.items():
@@ -193,7 +193,9 @@ class MeshStrategy(FSDPStrategy):
         cls, args: TrainingArguments, env: LaunchEnv, device: torch.device, backend: str, precision: Precision
     ) -> MeshStrategy:
         fsdp_config = args.fsdp_config if isinstance(args.fsdp_config, dict) else {}
-        strategy = cls(env, device, backend, args.parallelism_config, fsdp_config, precision)
+        # A dict once the arguments are validated (args/distributed.py).
+        parallelism = cast(dict[str, Any], args.parallelism_config)
+        strategy = cls(env, device, backend, parallelism, fsdp_config, precision)
         strategy.save_only_model = bool(args.save_only_model)
         return strategy
 
@@ -318,7 +320,7 @@ def global_grad_norm(grads: list[torch.Tensor], device: torch.device) -> torch.T
     from torch.distributed.tensor import DTensor, Replicate
 
     squares = torch.zeros((), dtype=torch.float32, device=device)
-    groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+    groups: dict[tuple[Any, ...], list[DTensor]] = {}
     for grad in grads:
         if isinstance(grad, DTensor):
             key = (id(grad.device_mesh), tuple(grad.placements))

@@ -8,7 +8,8 @@ consolidated model (`save_model`) to OUT/NAME/model and its logged losses to OUT
 Layouts: one (no parallelism_config: the reference), tp2, dp2xtp2 (FSDP2 over dp_shard x TP),
 hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step).
 Options: ckpt (save every 4 steps, keep them), resume (resume from OUT/NAME's last checkpoint:
-the folder is copied there by the test), stop6 (stop after step 6, as a crash would).
+the folder is copied there by the test), kill8 (rank 1 kills itself with SIGKILL while writing
+its shards of checkpoint-8).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ember import Trainer, TrainerCallback, TrainingArguments
+from ember import Trainer, TrainingArguments
 
 RANK = int(os.environ.get("RANK", "0"))
 STEPS, GLOBAL_BATCH, SEQ, VOCAB = 12, 4, 16, 101
@@ -60,13 +61,21 @@ def examples(n: int = STEPS * GLOBAL_BATCH) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
+def kill_rank_1_mid_save(step: int) -> None:
+    """Rank 1 dies (SIGKILL: no handler, no cleanup) once its shards of checkpoint-`step` are on disk,
+    before the ranks agree and rank 0 publishes the folder."""
+    import signal
 
-    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.global_step >= self.step:
-            control.should_training_stop = True
+    from ember.checkpoint import sharded
+
+    original = sharded.save_sharded
+
+    def save_then_die(tensors, groups, folder, is_main, process_group):  # type: ignore[no-untyped-def]
+        original(tensors, groups, folder, is_main, process_group)
+        if RANK == 1 and folder.name.startswith(f"checkpoint-{step}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sharded.save_sharded = save_then_die
 
 
 def args_for(out: Path, layout: str, options: list[str]) -> TrainingArguments:
@@ -76,6 +85,8 @@ def args_for(out: Path, layout: str, options: list[str]) -> TrainingArguments:
     kw: dict[str, Any] = {}
     if "ckpt" in options or "resume" in options:
         kw.update(save_strategy="steps", save_steps=4, save_total_limit=None)
+    if "kill8" in options:
+        kw.update(ddp_timeout=60)
     else:
         kw.update(save_strategy="no")
     return TrainingArguments(
@@ -99,13 +110,9 @@ def run_job(out: Path, spec: str) -> None:
     name, _, rest = spec.partition("=")
     arch, layout, *options = rest.split(":")
     folder = out / name
-    callbacks = [StopAt(6)] if "stop6" in options else []
-    trainer = Trainer(
-        model=tiny(arch),
-        args=args_for(folder, layout, options),
-        train_dataset=examples(),
-        callbacks=callbacks,
-    )
+    if "kill8" in options:
+        kill_rank_1_mid_save(8)
+    trainer = Trainer(model=tiny(arch), args=args_for(folder, layout, options), train_dataset=examples())
     result = trainer.train(resume_from_checkpoint=True if "resume" in options else None)
     trainer.save_model(str(folder / "model"))
     if RANK == 0:
