@@ -41,7 +41,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("resume-tp2", "resume-one"):
         (out / name).mkdir()
         shutil.copytree(out / "dptp" / "checkpoint-4", out / name / "checkpoint-4")
-    _launch(out, ["tp2=llama:tp2", "qtp2=qwen2:tp2", "resume-tp2=llama:tp2:resume"], nproc=2)
+    _launch(
+        out,
+        ["tp2=llama:tp2", "qtp2=qwen2:tp2", "resume-tp2=llama:tp2:resume", "chunk=llama:tp2:chunked"],
+        nproc=2,
+    )
     for spec in ("one=llama:one", "qone=qwen2:one", "resume-one=llama:one:resume"):
         run_job(out, spec)
     return out
@@ -76,12 +80,18 @@ def _assert_equal_runs(out: Path, name: str, reference: str) -> None:
         ("ddptp", "one", 2, 2),
         ("qtp2", "qone", 2, 1),
         ("qdptp", "qone", 2, 2),
+        ("chunk", "one", 2, 1),
     ],
 )
 def test_layout_trains_like_one_process(runs, name, reference, tp, dp):
     _assert_equal_runs(runs, name, reference)
     result = _result(runs, name)
     assert (result["tp_size"], result["dp_world_size"]) == (tp, dp)  # Trainer.get_tp_size is real
+
+
+def test_chunked_loss_falls_back_under_tp_with_the_reason(runs):
+    # chunk trained with chunked_loss=True: the plain loss ran (equal to one process, above).
+    assert "split by tensor parallelism" in _result(runs, "chunk")["chunked_fallback"]
 
 
 def test_saved_model_loads_with_from_pretrained(runs):

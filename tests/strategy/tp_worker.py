@@ -9,7 +9,7 @@ Layouts: one (no parallelism_config: the reference), tp2, dp2xtp2 (FSDP2 over dp
 hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step).
 Options: ckpt (save every 4 steps, keep them), resume (resume from OUT/NAME's last checkpoint:
 the folder is copied there by the test), kill8 (rank 1 kills itself with SIGKILL while writing
-its shards of checkpoint-8).
+its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under TP).
 """
 
 from __future__ import annotations
@@ -82,13 +82,13 @@ def args_for(out: Path, layout: str, options: list[str]) -> TrainingArguments:
     sizes = LAYOUTS[layout]
     dp = 1 if sizes is None else sizes.get("dp_replicate_size", 1) * sizes.get("dp_shard_size", 1)
     accumulation = 2 if layout == "ddp2xtp2" else 1
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"save_strategy": "no"}
     if "ckpt" in options or "resume" in options:
         kw.update(save_strategy="steps", save_steps=4, save_total_limit=None)
     if "kill8" in options:
         kw.update(ddp_timeout=60)
-    else:
-        kw.update(save_strategy="no")
+    if "chunked" in options:
+        kw.update(chunked_loss=True, loss_chunk_size=8)
     return TrainingArguments(
         output_dir=str(out),
         use_cpu=True,
@@ -124,6 +124,10 @@ def run_job(out: Path, spec: str) -> None:
             "dp_world_size": trainer.strategy.dp_world_size,
             "global_step": trainer.state.global_step,
         }
+        if "chunked" in options:
+            from ember.engine.chunked_loss import why_not
+
+            meta["chunked_fallback"] = why_not(trainer.model_wrapped)
         (folder / "result.json").write_text(json.dumps(meta))
 
 
