@@ -277,6 +277,24 @@ class MeshStrategy(FSDPStrategy):
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(_local(tensor), src=src, group=self._dp_mesh.get_group())
 
+    def setup_optimizer(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        from torch.distributed.tensor import DTensor
+
+        model, optimizer = super().setup_optimizer(model, optimizer)
+        if optimizer is None:
+            return model, optimizer
+        for group in optimizer.param_groups:
+            kinds = {isinstance(p, DTensor) for p in group["params"]}
+            if len(kinds) > 1:
+                # One group holds TP shards and whole tensors (e.g. Qwen2's split q/k/v biases with the
+                # unsplit norms, both without weight decay): foreach/fused steps refuse the mix unless
+                # the whole tensors count as replicated, which they are on every TP rank.
+                _step_with_implicit_replication(optimizer)
+                break
+        return model, optimizer
+
     # -- training -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
@@ -302,6 +320,21 @@ class MeshStrategy(FSDPStrategy):
         for grad in grads:
             _local(grad).mul_(coef.to(_local(grad).dtype))
         return total
+
+
+def _step_with_implicit_replication(optimizer: torch.optim.Optimizer) -> None:
+    import functools
+
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def replicated_step(*args: Any, **kwargs: Any) -> Any:
+        with implicit_replication():
+            return step(*args, **kwargs)
+
+    optimizer.step = replicated_step  # type: ignore[method-assign]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
