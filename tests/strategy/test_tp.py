@@ -34,7 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tp")
     _launch(
         out,
-        ["dptp=llama:dp2xtp2:ckpt", "hsdp=llama:hsdp2x2", "ddptp=llama:ddp2xtp2", "qdptp=qwen2:dp2xtp2"],
+        ["dptp=llama:dp2xtp2:ckpt:eval", "hsdp=llama:hsdp2x2", "ddptp=llama:ddp2xtp2", "qdptp=qwen2:dp2xtp2"],
         nproc=4,
     )
     # The dp2 x tp2 run's checkpoint-4, resumed with other layouts.
@@ -43,10 +43,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copytree(out / "dptp" / "checkpoint-4", out / name / "checkpoint-4")
     _launch(
         out,
-        ["tp2=llama:tp2", "qtp2=qwen2:tp2", "resume-tp2=llama:tp2:resume", "chunk=llama:tp2:chunked"],
+        [
+            "tp2=llama:tp2",
+            "qtp2=qwen2:tp2",
+            "resume-tp2=llama:tp2:resume",
+            "chunk=llama:tp2:chunked",
+            "given=llama:tp2:given",
+        ],
         nproc=2,
     )
-    for spec in ("one=llama:one", "qone=qwen2:one", "resume-one=llama:one:resume"):
+    for spec in ("one=llama:one:eval", "qone=qwen2:one", "resume-one=llama:one:resume"):
         run_job(out, spec)
     return out
 
@@ -81,12 +87,20 @@ def _assert_equal_runs(out: Path, name: str, reference: str) -> None:
         ("qtp2", "qone", 2, 1),
         ("qdptp", "qone", 2, 2),
         ("chunk", "one", 2, 1),
+        ("given", "one", 2, 1),
     ],
 )
 def test_layout_trains_like_one_process(runs, name, reference, tp, dp):
     _assert_equal_runs(runs, name, reference)
     result = _result(runs, name)
     assert (result["tp_size"], result["dp_world_size"]) == (tp, dp)  # Trainer.get_tp_size is real
+
+
+def test_evaluation_under_dp2_tp2_counts_each_row_once(runs):
+    got, ref = _result(runs, "dptp")["eval"], _result(runs, "one")["eval"]
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    assert got["rows"] == ref["rows"] == 13
+    assert got["logits_sum"] == pytest.approx(ref["logits_sum"], rel=1e-5)
 
 
 def test_chunked_loss_falls_back_under_tp_with_the_reason(runs):

@@ -9,7 +9,10 @@ Layouts: one (no parallelism_config: the reference), tp2, dp2xtp2 (FSDP2 over dp
 hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step).
 Options: ckpt (save every 4 steps, keep them), resume (resume from OUT/NAME's last checkpoint:
 the folder is copied there by the test), kill8 (rank 1 kills itself with SIGKILL while writing
-its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under TP).
+its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under TP), eval (evaluate
+13 examples after training: rows gathered over the data-parallel ranks only), given (the model is
+split by this script with torch's parallelize_module before the Trainer sees it, as
+`from_pretrained(tp_plan="auto")` hands it over: ember takes it as it is).
 """
 
 from __future__ import annotations
@@ -106,15 +109,38 @@ def args_for(out: Path, layout: str, options: list[str]) -> TrainingArguments:
     )
 
 
+def split_beforehand(model: Any) -> Any:
+    """TP applied outside ember, on a mesh of this script's own (the group is started here)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from ember.strategy.mesh import model_tp_plan, tp_style
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),), mesh_dim_names=("tp",))
+    styles = {k: s for k, v in model_tp_plan(model, None).items() if (s := tp_style(v, k)) is not None}
+    parallelize_module(model, mesh, styles)
+    return model
+
+
 def run_job(out: Path, spec: str) -> None:
     name, _, rest = spec.partition("=")
     arch, layout, *options = rest.split(":")
     folder = out / name
     if "kill8" in options:
         kill_rank_1_mid_save(8)
-    trainer = Trainer(model=tiny(arch), args=args_for(folder, layout, options), train_dataset=examples())
+    model = split_beforehand(tiny(arch)) if "given" in options else tiny(arch)
+    trainer = Trainer(model=model, args=args_for(folder, layout, options), train_dataset=examples())
     result = trainer.train(resume_from_checkpoint=True if "resume" in options else None)
     trainer.save_model(str(folder / "model"))
+    metrics = None
+    if "eval" in options:  # collectives: every rank
+        metrics = trainer.evaluate(eval_dataset=examples(13))
+        predictions = trainer.predict(examples(13)).predictions
+        metrics["rows"] = int(predictions.shape[0])
+        metrics["logits_sum"] = float(abs(predictions).sum())
     if RANK == 0:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         meta = {
@@ -124,6 +150,8 @@ def run_job(out: Path, spec: str) -> None:
             "dp_world_size": trainer.strategy.dp_world_size,
             "global_step": trainer.state.global_step,
         }
+        if metrics is not None:
+            meta["eval"] = metrics
         if "chunked" in options:
             from ember.engine.chunked_loss import why_not
 
