@@ -1,4 +1,5 @@
-"""Checking and normalising the distributed fields of TrainingArguments (ddp_*, fsdp, deepspeed).
+"""Checking and normalising the distributed fields of TrainingArguments (ddp_*, fsdp, deepspeed,
+parallelism_config).
 
 Names and accepted values follow transformers 5: `fsdp=True` (or the legacy option string
 'full_shard offload auto_wrap'), `fsdp_config` as a dict or a JSON file whose keys may carry the
@@ -23,6 +24,8 @@ class DistributedFields(Protocol):
     fsdp: Any
     fsdp_config: Any
     deepspeed: Any
+    parallelism_config: Any
+    use_cpu: bool
 
 
 DDP_BACKENDS: tuple[str, ...] = ("nccl", "gloo", "mpi", "xccl", "hccl", "ccl")
@@ -50,6 +53,12 @@ _FSDP1_KEYS = (
     "limit_all_gathers",
 )
 _XLA_KEYS = ("xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt", "xla_fsdp_settings")
+
+
+# accelerate's ParallelismConfig sizes; their product is the number of processes.
+PARALLELISM_SIZES: tuple[str, ...] = ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "sp_size")
+# ember's own key: a tensor-parallel plan that replaces the model's (module pattern -> style name).
+PARALLELISM_KEYS: tuple[str, ...] = (*PARALLELISM_SIZES, "tp_plan")
 
 
 def _load_json_file(field: str, path: str) -> dict[str, Any]:
@@ -154,6 +163,111 @@ def _choose(field: str, key: str, config: dict[str, Any], choices: tuple[str, ..
             raise ValueError(f"`{field}['{key}']`={config[key]!r} must be one of {', '.join(choices)}.")
 
 
+def _parallelism_mapping(raw: Any) -> dict[str, Any]:
+    """The config as a plain dict: from a dict, a JSON file, or an object with the size attributes
+    (accelerate's `ParallelismConfig`, read without importing accelerate)."""
+    field = "parallelism_config"
+    if isinstance(raw, str):
+        return _load_json_file(field, raw)
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if any(hasattr(raw, name) for name in PARALLELISM_SIZES):
+        config = {
+            name: getattr(raw, name) for name in PARALLELISM_SIZES if getattr(raw, name, None) is not None
+        }
+        if getattr(getattr(raw, "tp_handler", None), "enable_async_tp", False):
+            raise ValueError(
+                f"`{field}.tp_handler.enable_async_tp` is True: asynchronous TP overlaps collectives through "
+                "GPU symmetric memory, which ember does not run; set enable_async_tp=False."
+            )
+        # cp/sp handlers and backends only matter with cp_size/sp_size > 1, which are refused below.
+        return config
+    raise ValueError(
+        f"`{field}` must be a dict, a JSON object or file, or an accelerate ParallelismConfig; got "
+        f"{type(raw).__name__}."
+    )
+
+
+def normalise_parallelism_config(raw: Any, use_cpu: bool, cuda: bool | None = None) -> dict[str, Any]:
+    """`parallelism_config` as a dict of checked sizes (every size present, 1 when not given) plus
+    `tp_plan` when the user gives one. The world size is checked where the strategy starts."""
+    field = "parallelism_config"
+    config = _parallelism_mapping(raw)
+    for key in config:
+        if key not in PARALLELISM_KEYS:
+            close = difflib.get_close_matches(key, PARALLELISM_KEYS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(PARALLELISM_KEYS)}."
+            raise ValueError(f"`{field}` has an unknown key {key!r}.{hint}")
+    out: dict[str, Any] = {}
+    for name in PARALLELISM_SIZES:
+        value = config.get(name, 1)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"`{field}['{name}']` must be a whole number >= 1, got {value!r}.") from None
+        if number != value and not (isinstance(value, str) and value.strip() == str(number)):
+            raise ValueError(f"`{field}['{name}']` must be a whole number >= 1, got {value!r}.")
+        if number < 1:
+            raise ValueError(
+                f"`{field}['{name}']` must be >= 1, got {number}; 1 means that dimension is unused."
+            )
+        out[name] = number
+    if out["cp_size"] > 1:
+        if use_cpu or cuda is False or (cuda is None and not _cuda_available()):
+            raise ValueError(
+                f"`{field}['cp_size']`={out['cp_size']}: context parallelism splits each sequence over GPUs "
+                "with ring attention (SDPA's flash/efficient kernels), which the CPU does not have. Set "
+                "cp_size to 1 here; on GPUs, shard the model with tp_size / dp_shard_size instead."
+            )
+        raise ValueError(
+            f"`{field}['cp_size']`={out['cp_size']}: context parallelism is not implemented by ember yet. "
+            "Set cp_size to 1 and use tp_size / dp_shard_size to fit the model."
+        )
+    if out["sp_size"] > 1:
+        raise ValueError(
+            f"`{field}['sp_size']`={out['sp_size']}: accelerate's sp_size is DeepSpeed's Ulysses sequence "
+            "parallelism, which ember does not run. Set sp_size to 1."
+        )
+    plan = config.get("tp_plan")
+    if plan is not None:
+        if not isinstance(plan, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in plan.items()
+        ):
+            raise ValueError(
+                f"`{field}['tp_plan']` must map module names (with * for any index, e.g. "
+                "'model.layers.*.mlp.up_proj') to style names such as 'colwise' or 'rowwise'."
+            )
+        out["tp_plan"] = dict(plan)
+    return out
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def parallelism_world_size(config: Mapping[str, Any]) -> int:
+    """The number of processes a normalised `parallelism_config` needs."""
+    size = 1
+    for name in PARALLELISM_SIZES:
+        size *= int(config.get(name, 1))
+    return size
+
+
+def check_parallelism_world_size(config: Mapping[str, Any], world_size: int) -> None:
+    needed = parallelism_world_size(config)
+    if needed != world_size:
+        sizes = " x ".join(
+            f"{name}={config.get(name, 1)}" for name in PARALLELISM_SIZES if config.get(name, 1) != 1
+        )
+        raise ValueError(
+            f"`parallelism_config` sizes multiply to {needed} ({sizes or 'all 1'}), but {world_size} "
+            f"process(es) were launched; launch {needed} processes (torchrun --nproc_per_node {needed}) or "
+            f"change the sizes so that their product is {world_size}."
+        )
+
+
 def fsdp_enabled(value: Any) -> bool:
     """`fsdp` as transformers reads it: True, or a non-empty option string such as 'full_shard'."""
     if isinstance(value, str):
@@ -183,6 +297,22 @@ def check_distributed_args(args: DistributedFields) -> None:
         args.fsdp = True
     elif args.fsdp is not None:
         args.fsdp = False
+    if args.parallelism_config is not None:
+        config = normalise_parallelism_config(args.parallelism_config, bool(args.use_cpu))
+        if args.deepspeed is not None:
+            raise ValueError(
+                "`parallelism_config` and `deepspeed` are both set; ember lays out the mesh with PyTorch's "
+                "own TP and FSDP2, not DeepSpeed. Choose one of them."
+            )
+        if enabled and config["dp_shard_size"] == 1:
+            raise ValueError(
+                "`fsdp` is set but `parallelism_config['dp_shard_size']` is 1, so there is nothing to shard "
+                "over; set dp_shard_size to the number of ranks that share one copy of the model (or unset "
+                "fsdp)."
+            )
+        if "WORLD_SIZE" in os.environ:
+            check_parallelism_world_size(config, int(os.environ["WORLD_SIZE"] or 1))
+        args.parallelism_config = config
     if args.deepspeed is not None:
         if enabled:
             raise ValueError("`fsdp` and `deepspeed` are both set; choose one of them.")

@@ -226,6 +226,13 @@ class TrainingFields:
     )
     fsdp_config: dict[str, Any] | str | None = _f(None, "FSDP options: a dict or the path of a JSON file.")
     deepspeed: dict[str, Any] | str | None = _f(None, "DeepSpeed config: a dict or a JSON file path.")
+    # transformers types it as accelerate's ParallelismConfig; a dict / JSON string keeps argparse working
+    # without accelerate, and such an object is read by its attributes (validation.py widens the type).
+    parallelism_config: dict[str, Any] | str | None = _f(
+        None,
+        "Mesh sizes as a dict or JSON (dp_replicate_size, dp_shard_size, tp_size, cp_size, sp_size; "
+        "their product is the world size) or an accelerate ParallelismConfig.",
+    )
     # --- Data loading ---
     dataloader_drop_last: bool = _f(False, "Drop the last, smaller batch of each epoch.")
     dataloader_num_workers: int = _f(0, "Data-loading worker processes; 0 loads in the main process.")
@@ -335,9 +342,6 @@ class TrainingFields:
     hub_always_push: bool = _f(False, "Not supported by ember; leave False.")
     hub_revision: str | None = _f(None, "Not supported by ember; leave unset.")
     accelerator_config: dict[str, Any] | str | None = _f(None, "Not supported by ember; leave unset.")
-    # transformers types it as accelerate's ParallelismConfig; `str | None` keeps argparse working without
-    # importing accelerate, and only None is accepted anyway.
-    parallelism_config: str | None = _f(None, "Not supported by ember; leave unset.")
     dataloader_multiprocessing_context: str | None = _f(
         None, "Start method of the loader workers ('spawn', 'fork', 'forkserver'); None: torch's default."
     )

@@ -37,7 +37,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "hub_always_push": "upload output_dir with huggingface_hub after training",
     "hub_revision": "upload output_dir with huggingface_hub after training",
     "accelerator_config": "ember does not use accelerate; its loop has no such options",
-    "parallelism_config": "use fsdp/fsdp_config or ddp_* fields",
     "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
 }
 # fmt: on

@@ -78,6 +78,8 @@ _VALUE_TYPES: dict[str, Any] = {
     "report_to": str | list[str] | None,
     "fsdp": bool | str | None,
     "include_num_input_tokens_seen": str | bool,
+    # accelerate's ParallelismConfig object too, read by its attributes (args/distributed.py).
+    "parallelism_config": Any,
 }
 
 
@@ -150,7 +152,7 @@ def _normalise(args: TrainingFields) -> None:
     elif isinstance(args.lr_scheduler_kwargs, Mapping):
         args.lr_scheduler_kwargs = dict(args.lr_scheduler_kwargs)
     # A command line gives these as strings: a JSON object is the value itself, anything else a file path.
-    for name in ("fsdp_config", "deepspeed"):
+    for name in ("fsdp_config", "deepspeed", "parallelism_config"):
         value = getattr(args, name)
         if isinstance(value, str) and value.lstrip().startswith("{"):
             setattr(args, name, _parse_json_object(name, value))

@@ -258,6 +258,10 @@ def why_not(model: nn.Module) -> str | None:
     head = get_head() if callable(get_head) else None
     if type(head) is not nn.Linear:
         return f"the output head of {type(hf).__name__} is {type(head).__name__}, not a plain nn.Linear"
+    if "tp" in (getattr(getattr(head.weight, "device_mesh", None), "mesh_dim_names", None) or ()):
+        # Its weight is a vocabulary shard per TP rank; a vocab-parallel (loss parallel) chunked loss
+        # is not implemented, so the plain loss runs on the gathered logits.
+        return f"the output head of {type(hf).__name__} is split by tensor parallelism (tp_size > 1)"
     body = getattr(hf, "base_model", None)
     if not isinstance(body, nn.Module) or body is hf:
         return f"{type(hf).__name__} has no separate body (`base_model`) to run without its head"

@@ -7,7 +7,8 @@ object is built here, once, and handed to the strategy, which derives its own dt
 from it.
 
 `build_strategy` reads the launcher's environment (WORLD_SIZE, RANK, LOCAL_RANK from torchrun)
-and the arguments (`fsdp`, `deepspeed`): several processes without either mean DDP. The process
+and the arguments (`fsdp`, `deepspeed`, `parallelism_config`): several processes without any of
+them mean DDP; `parallelism_config` lays the ranks out on a named mesh (mesh.py). The process
 group is started here, once per process, and ended at interpreter exit (see `env`). Every
 backend module is imported only when chosen, so `import ember` never loads DeepSpeed.
 """
@@ -58,6 +59,12 @@ def _build(args: TrainingArguments) -> Strategy:
 
     env = launch_env()
     fsdp = fsdp_enabled(args.fsdp)
+    mesh = args.parallelism_config is not None
+    if mesh and not env.distributed:
+        from ..args.distributed import check_parallelism_world_size
+
+        # One process: every size 1 is the plain single-device run; anything else needs a launcher.
+        check_parallelism_world_size(args.parallelism_config, 1)  # type: ignore[arg-type]
     if not (env.distributed or args.deepspeed or fsdp):
         device = pick_device(args.use_cpu)
         return SingleDevice(device, build_precision(args, device))
@@ -71,6 +78,10 @@ def _build(args: TrainingArguments) -> Strategy:
         from .deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy.build(args, env, device, backend, precision)
+    if mesh:
+        from .mesh import MeshStrategy
+
+        return MeshStrategy.build(args, env, device, backend, precision)
     if fsdp:
         from .fsdp import FSDPStrategy
 

@@ -88,7 +88,7 @@ class FSDPStrategy(MultiProcess):
             # The same path as the activation_checkpointing argument, on FSDP's own blocks.
             enable_activation_checkpointing(model, blocks=self._blocks(model))
         kwargs: dict[str, Any] = {
-            "mesh": self.mesh,
+            "mesh": self._shard_mesh(),
             "reshard_after_forward": bool(self.config.get("reshard_after_forward", True)),
             "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy(),
         }
@@ -106,8 +106,14 @@ class FSDPStrategy(MultiProcess):
                 module.set_gradient_divide_factor(1.0)
                 # A plain SUM (no pre-multiplied sum, which gloo lacks); with factor 1 nothing is divided.
                 module.set_force_sum_reduction_for_comms(True)
-        logger.info("ember: FSDP2 over %d ranks, %d blocks sharded separately", self.world_size, len(blocks))
+        logger.info(
+            "ember: FSDP2 over %d ranks, %d blocks sharded separately", self._shard_mesh().size(), len(blocks)
+        )
         return model
+
+    def _shard_mesh(self) -> Any:
+        """The mesh `fully_shard` shards over: every rank here; the data-parallel dims under TP."""
+        return self.mesh
 
     def _mixed_precision(self) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy

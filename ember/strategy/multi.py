@@ -44,6 +44,11 @@ class MultiProcess(SingleDevice):
         # Made here, on the training thread, while every rank builds its Trainer at the same point.
         self._checkpoint_group = side_group("checkpoint")
 
+    # The group over which data-derived values (token counts, losses, eval rows) are summed or
+    # gathered: every rank here; only the data-parallel ranks under tensor parallelism (mesh.py),
+    # where the ranks of one TP group hold the same batch and must be counted once.
+    _data_group: Any = None
+
     # -- collectives ------------------------------------------------------------------------------
     def _reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
         # A CPU tensor under a GPU-only backend (ddp_backend="nccl") makes the trip to the device.
@@ -51,22 +56,22 @@ class MultiProcess(SingleDevice):
         movable = device.type == "cpu" and self._flag_device.type != "cpu"
         out = tensor.to(self.device) if movable else tensor.clone()
         with collective("all_reduce", self.rank):
-            dist.all_reduce(out, op=op)
+            dist.all_reduce(out, op=op, group=self._data_group)
         return out.to(device) if movable else out
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._reduce(tensor, dist.ReduceOp.SUM)
 
     def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Equal-shaped `tensor` of every rank, concatenated on dim 0."""
+        """Equal-shaped `tensor` of every data-parallel rank, concatenated on dim 0."""
         tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        parts = [torch.empty_like(tensor) for _ in range(self.dp_world_size)]
         with collective("all_gather", self.rank):
-            dist.all_gather(parts, tensor)
+            dist.all_gather(parts, tensor, group=self._data_group)
         return torch.cat([p.reshape(-1) if p.dim() == 0 else p for p in parts], dim=0)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Rows of every rank, rank 0's first, concatenated on dim 0.
+        """Rows of every data-parallel rank, rank 0's first, concatenated on dim 0.
 
         Ranks may differ in every dimension (the last batch is shorter, sequences have other
         lengths): dims >= 1 are padded with -100 to the longest on any rank and stay padded, as
@@ -78,9 +83,9 @@ class MultiProcess(SingleDevice):
         shapes = self._all_gather(shape.unsqueeze(0))
         longest = shapes.max(dim=0).values.tolist()
         padded = _pad_to_shape(tensor.contiguous(), longest)
-        gathered = self._all_gather(padded).reshape(self.world_size, *longest)
+        gathered = self._all_gather(padded).reshape(self.dp_world_size, *longest)
         rows = shapes[:, 0].tolist()
-        return torch.cat([gathered[r, : rows[r]] for r in range(self.world_size)], dim=0)
+        return torch.cat([gathered[r, : rows[r]] for r in range(self.dp_world_size)], dim=0)
 
     def gather_object(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size

@@ -169,8 +169,10 @@ class EmberAccelerator:
         def one(t: torch.Tensor) -> torch.Tensor:
             if reduction == "none":
                 return t * scale if scale != 1.0 else t
+            # all_reduce_sum runs over the data-parallel ranks (under tensor parallelism the ranks of
+            # one TP group hold the same value), so the mean divides by their number.
             out = self._strategy.all_reduce_sum(t.clone() * scale)
-            return out / self.num_processes if reduction == "mean" else out
+            return out / self._strategy.dp_world_size if reduction == "mean" else out
 
         return _map_tensors(one, tensor)
 

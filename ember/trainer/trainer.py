@@ -767,13 +767,14 @@ class Trainer:
 
     # -- batch sizes -----------------------------------------------------------------------------------
     def get_tp_size(self) -> int:
-        return 1  # ember has no tensor parallelism
+        """Ranks that split each layer (parallelism_config['tp_size']); 1 without tensor parallelism."""
+        return int(getattr(self.strategy, "tp_size", 1))
 
     def get_cp_size(self) -> int:
-        return 1  # nor context parallelism
+        return 1  # context parallelism is refused when parallelism_config asks for it
 
     def get_sp_size(self) -> int:
-        return 1  # nor sequence parallelism
+        return 1  # as is sequence parallelism (accelerate's sp_size)
 
     def get_total_train_batch_size(self, args: Any) -> int:
         """Samples per optimizer step on all ranks: per-device batch x accumulation x data-parallel ranks."""

@@ -1,0 +1,169 @@
+"""One rank of tests/strategy/test_tp.py: `python -m tests.strategy.tp_worker OUT JOB[,JOB...]`.
+
+A job is `NAME=ARCH:LAYOUT[:OPTION...]`, e.g. `tp2=llama:tp2`. Several jobs run in one launch (the
+process group is shared), so the start-up cost of 4 processes is paid once. Each job trains the
+tiny model 12 steps on the same 48 examples with a global batch of 4 and writes (rank 0) the
+consolidated model (`save_model`) to OUT/NAME/model and its logged losses to OUT/NAME/result.json.
+
+Layouts: one (no parallelism_config: the reference), tp2, dp2xtp2 (FSDP2 over dp_shard x TP),
+hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step).
+Options: ckpt (save every 4 steps, keep them), resume (resume from OUT/NAME's last checkpoint:
+the folder is copied there by the test), kill8 (rank 1 kills itself with SIGKILL while writing
+its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under TP), eval (evaluate
+13 examples after training: rows gathered over the data-parallel ranks only), given (the model is
+split by this script with torch's parallelize_module before the Trainer sees it, as
+`from_pretrained(tp_plan="auto")` hands it over: ember takes it as it is).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember import Trainer, TrainingArguments
+
+RANK = int(os.environ.get("RANK", "0"))
+STEPS, GLOBAL_BATCH, SEQ, VOCAB = 12, 4, 16, 101
+
+LAYOUTS: dict[str, dict[str, int] | None] = {
+    "one": None,
+    "tp2": {"tp_size": 2},
+    "dp2xtp2": {"dp_shard_size": 2, "tp_size": 2},
+    "hsdp2x2": {"dp_replicate_size": 2, "dp_shard_size": 2},
+    "ddp2xtp2": {"dp_replicate_size": 2, "tp_size": 2},
+}
+
+
+def tiny(arch: str) -> Any:
+    """hidden 64, 2 layers, 4 heads / 2 kv heads, vocab 101 (odd: shards split it unevenly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def examples(n: int = STEPS * GLOBAL_BATCH) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def kill_rank_1_mid_save(step: int) -> None:
+    """Rank 1 dies (SIGKILL: no handler, no cleanup) once its shards of checkpoint-`step` are on disk,
+    before the ranks agree and rank 0 publishes the folder."""
+    import signal
+
+    from ember.checkpoint import sharded
+
+    original = sharded.save_sharded
+
+    def save_then_die(tensors, groups, folder, is_main, process_group):  # type: ignore[no-untyped-def]
+        original(tensors, groups, folder, is_main, process_group)
+        if RANK == 1 and folder.name.startswith(f"checkpoint-{step}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sharded.save_sharded = save_then_die
+
+
+def args_for(out: Path, layout: str, options: list[str]) -> TrainingArguments:
+    sizes = LAYOUTS[layout]
+    dp = 1 if sizes is None else sizes.get("dp_replicate_size", 1) * sizes.get("dp_shard_size", 1)
+    accumulation = 2 if layout == "ddp2xtp2" else 1
+    kw: dict[str, Any] = {"save_strategy": "no"}
+    if "ckpt" in options or "resume" in options:
+        kw.update(save_strategy="steps", save_steps=4, save_total_limit=None)
+    if "kill8" in options:
+        kw.update(ddp_timeout=60)
+    if "chunked" in options:
+        kw.update(chunked_loss=True, loss_chunk_size=8)
+    return TrainingArguments(
+        output_dir=str(out),
+        use_cpu=True,
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // dp // accumulation,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        logging_steps=1,
+        seed=7,
+        report_to="none",
+        disable_tqdm=True,
+        parallelism_config=dict(sizes) if sizes is not None else None,
+        **kw,
+    )
+
+
+def split_beforehand(model: Any) -> Any:
+    """TP applied outside ember, on a mesh of this script's own (the group is started here)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from ember.strategy.mesh import model_tp_plan, tp_style
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),), mesh_dim_names=("tp",))
+    styles = {k: s for k, v in model_tp_plan(model, None).items() if (s := tp_style(v, k)) is not None}
+    parallelize_module(model, mesh, styles)
+    return model
+
+
+def run_job(out: Path, spec: str) -> None:
+    name, _, rest = spec.partition("=")
+    arch, layout, *options = rest.split(":")
+    folder = out / name
+    if "kill8" in options:
+        kill_rank_1_mid_save(8)
+    model = split_beforehand(tiny(arch)) if "given" in options else tiny(arch)
+    trainer = Trainer(model=model, args=args_for(folder, layout, options), train_dataset=examples())
+    result = trainer.train(resume_from_checkpoint=True if "resume" in options else None)
+    trainer.save_model(str(folder / "model"))
+    metrics = None
+    if "eval" in options:  # collectives: every rank
+        metrics = trainer.evaluate(eval_dataset=examples(13))
+        predictions = trainer.predict(examples(13)).predictions
+        metrics["rows"] = int(predictions.shape[0])
+        metrics["logits_sum"] = float(abs(predictions).sum())
+    if RANK == 0:
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        meta = {
+            "losses": losses,
+            "train_loss": result.training_loss,
+            "tp_size": trainer.get_tp_size(),
+            "dp_world_size": trainer.strategy.dp_world_size,
+            "global_step": trainer.state.global_step,
+        }
+        if metrics is not None:
+            meta["eval"] = metrics
+        if "chunked" in options:
+            from ember.engine.chunked_loss import why_not
+
+            meta["chunked_fallback"] = why_not(trainer.model_wrapped)
+        (folder / "result.json").write_text(json.dumps(meta))
+
+
+def main(out: str, jobs: str) -> None:
+    torch.set_num_threads(1)
+    for spec in jobs.split(","):
+        run_job(Path(out), spec)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
