@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from ..data.checks import check_first_step
+from ..data.checks import check_step_batches
 from .loss import count_targets
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor | None
     learning_rate: float
+    #: Why the update was not applied ('nonfinite', 'empty', 'spike'), None when it was.
+    skipped: str | None = None
 
 
 def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -80,14 +82,14 @@ def run_optimizer_step(host: StepHost, model: nn.Module, micro_batches: list[dic
     strategy = host.strategy
     precision = strategy.precision
     args = host.args
-    check_first_step(host, model, micro_batches)
+    check_step_batches(host, model, micro_batches)
     counts = [count_targets(b, host.label_shift) for b in micro_batches]
     local = torch.stack(counts).sum()
     total = strategy.all_reduce_sum(local.to(strategy.device, non_blocking=True))
     if host.step_guard.is_empty_step(host, local):
         assert host.optimizer is not None, "train() builds the optimizer before the first step"
         learning_rate = float(host.optimizer.param_groups[0]["lr"])
-        return StepResult(torch.zeros((), device=strategy.device), None, learning_rate)
+        return StepResult(torch.zeros((), device=strategy.device), None, learning_rate, skipped="empty")
     targets, total = total, total.clamp(min=1)
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1
@@ -124,4 +126,4 @@ def run_optimizer_step(host: StepHost, model: nn.Module, micro_batches: list[dic
     optimizer.zero_grad(set_to_none=True)
     if not skip:
         host.step_guard.after_update(host)
-    return StepResult(step_loss, grad_norm, learning_rate)
+    return StepResult(step_loss, grad_norm, learning_rate, host.step_guard.last_skip if skip else None)

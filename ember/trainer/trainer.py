@@ -286,7 +286,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
                 for micro_batches in steps:
                     self._fire("on_step_begin")
                     step = self._batch_split.run_step(self, model, micro_batches)
-                    self._progress.loss.add(step.loss)
+                    self._progress.loss.add(step.loss, step.skipped)
                     self._step_lr = step.learning_rate
                     self._advance(epoch, micro_batches, plan)
                     self._fire("on_step_end")
@@ -308,6 +308,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         """The training loader and the run's length, refused before any work if either is unusable."""
         if self.train_dataset is not None:
             check_dataset_items(self.train_dataset, "train_dataset")
+        checks.check_eval_sets_before_training(self.args, self.eval_dataset)
         loader = self.get_train_dataloader()
         plan = plan_steps(self.args, self._train_batch_sampler, self.strategy.dp_world_size)
         checks.check_plan(self.args, plan.max_steps)
@@ -460,7 +461,14 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, ignore_keys: list[str] | None) -> None:
         progress = self._progress
         if self.control.should_log and self.state.global_step > progress.last_logged_step:
-            logs: dict[str, float] = {"loss": progress.loss.pop_mean(self.strategy.all_reduce_sum)}
+            logs: dict[str, float] = {}
+            # A window of only skipped steps has no loss to report (not a loss of 0): it says how
+            # many steps it skipped instead, next to the guard's running counts.
+            if progress.loss.steps_since_log:
+                logs["loss"] = progress.loss.pop_mean(self.strategy.all_reduce_sum)
+            skipped = progress.loss.pop_skipped()
+            if skipped:
+                logs["skipped_steps"] = float(sum(skipped.values()))
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
@@ -554,6 +562,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         loss = self._progress.loss
         if loss.steps_since_log:
             loss.pop_mean(self.strategy.all_reduce_sum)
+        loss.pop_skipped()
         train_loss = loss.mean()
         plan = self._plan
         metrics = speed_metrics(
