@@ -66,6 +66,22 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(rank, local_rank, world, local_world)
 
 
+#: The variables a relaunched job is recognised by: torchrun's elastic agent counts its restarts of
+#: the worker group, Slurm counts requeues of the job; EMBER_AUTO_RESUME=1 says so by hand.
+RESTART_VARIABLES = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+
+
+def relaunch_reason() -> str | None:
+    """Why this process counts as a relaunch of an earlier one ('TORCHELASTIC_RESTART_COUNT=1'),
+    or None for a first launch."""
+    for name in RESTART_VARIABLES:
+        if _env_int(name, 0) > 0:
+            return f"{name}={os.environ[name]}"
+    if os.environ.get("EMBER_AUTO_RESUME", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "EMBER_AUTO_RESUME=" + os.environ["EMBER_AUTO_RESUME"]
+    return None
+
+
 def pick_device(use_cpu: bool, local_rank: int | None = None) -> torch.device:
     """This process's device, unless use_cpu: with a `local_rank` (one of several processes) GPU
     `local_rank`; alone, the current GPU, else MPS. The CPU when there is none of those."""
@@ -202,7 +218,12 @@ def _dist_errors() -> tuple[type[BaseException], ...]:
 
 
 def peer_failure_message(what: str, rank: int, exc: BaseException) -> str:
+    from .peers import known_failure
+
     first_line = str(exc).splitlines()[0] if str(exc) else ""
+    known = known_failure()
+    if known is not None:
+        return f"ember: rank {rank}: stopping because {known} ({what} failed: {first_line})."
     return (
         f"ember: rank {rank}: {what} failed ({type(exc).__name__}: {first_line}). "
         "Another rank most likely died or raised an error (look at its log above), or did not reach "

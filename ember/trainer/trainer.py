@@ -48,6 +48,8 @@ from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import TrainOutput
 from ..strategy import build_strategy
+from ..strategy.env import PeerFailure
+from ..strategy.peers import AFTER_STEP, BOUNDARY, COMPUTE, LOADING, STEP_BEGIN, STEP_END, build_watch
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
@@ -239,12 +241,27 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         checks.check_output_dir_writable(self.args.output_dir)
         # One writer per output_dir: a second run there is refused before it touches anything.
         with hold_output_dir(self.args.output_dir, self.strategy):
+            self._peers = build_watch(self.strategy, self.args.peer_stall_timeout).start()
             try:
                 return self._train(resume_from_checkpoint, trial, ignore_keys_for_eval)
-            except BaseException:
+            except BaseException as error:
                 # A save in flight finishes before the lock goes; its error must not hide this one.
                 self._checkpoint_writer.settle()
+                self._raise_by_name(error)
                 raise
+            finally:
+                self._peers.stop()
+
+    def _raise_by_name(self, error: BaseException) -> None:
+        """Across ranks, a failure names its rank, step and cause on every rank (strategy/peers.py):
+        a rank stopped by a failed peer raises `PeerFailure` saying so; the failed rank tells them."""
+        peer = self._peers.peer_failure()
+        if peer is not None and not isinstance(error, TrainingPreempted):
+            if isinstance(error, PeerFailure) and peer in str(error):
+                return
+            raise PeerFailure(f"ember: rank {self.strategy.rank}: stopping because {peer}.") from error
+        if not isinstance(error, PeerFailure | TrainingPreempted):
+            self._peers.report_failure(error)
 
     def _train(
         self,
@@ -267,6 +284,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         self.model_wrapped = model
         self.callback_handler.optimizer = self.optimizer
         self._begin_state(plan)
+        resume_from_checkpoint = self._resume_target(resume_from_checkpoint)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
@@ -284,22 +302,32 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
                 self._fire("on_epoch_begin")
                 steps = loop.grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
                 for micro_batches in steps:
+                    # Where this rank is, for its peers to tell a hang from a long step (an attribute write).
+                    mark, now = self._peers.mark, self.state.global_step + 1
+                    mark(now, STEP_BEGIN)
                     self._fire("on_step_begin")
+                    mark(now, COMPUTE)
                     step = self._batch_split.run_step(self, model, micro_batches)
                     self._progress.loss.add(step.loss, step.skipped)
                     self._step_lr = step.learning_rate
                     self._advance(epoch, micro_batches, plan)
+                    mark(now, STEP_END)
                     self._fire("on_step_end")
+                    mark(now, BOUNDARY)
                     if self.strategy.any_rank(preemption.requested):
                         self.control.should_save = self.control.should_training_stop = True
+                    mark(now, AFTER_STEP)
                     self._maybe_log_save_evaluate(step.grad_norm, ignore_keys_for_eval)
+                    mark(now, LOADING)
                     if self.control.should_epoch_stop or self.control.should_training_stop:
                         break
                 if self.control.should_training_stop and self.strategy.any_rank(preemption.requested):
                     self._exit_preempted()
                 self._progress.end_epoch()
+                self._peers.mark(self.state.global_step, AFTER_STEP)
                 self._fire("on_epoch_end")
                 self._maybe_log_save_evaluate(None, ignore_keys_for_eval)
+                self._peers.mark(self.state.global_step, LOADING)
                 if self.control.should_training_stop:
                     break
         return self._finish_training()
@@ -519,6 +547,23 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             self.state,
             self.processing_class,
         )
+
+    def _resume_target(self, requested: str | bool | None) -> str | bool | None:
+        """What train() resumes from. A value given to train() keeps transformers' meaning (a folder;
+        True: the newest complete checkpoint, an error if none; False: start fresh). None lets
+        `auto_resume` decide: on, a relaunched job continues from the newest complete checkpoint of
+        output_dir when there is one and starts fresh when there is none, with no change to the
+        script. Unset, it is on only where the launcher says the job was relaunched."""
+        if requested is not None:
+            return requested
+        from ..checkpoint.run_folder import auto_resume_checkpoint
+        from ..strategy.env import relaunch_reason
+
+        auto = self.args.auto_resume
+        why = "auto_resume=True" if auto else (relaunch_reason() if auto is None else None)
+        if why is None:
+            return None
+        return auto_resume_checkpoint(self.args.output_dir, self.strategy, why)
 
     def _resume(self, checkpoint: str | bool) -> None:
         from ..checkpoint.training import resume
