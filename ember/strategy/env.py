@@ -132,11 +132,32 @@ def init_process_group(env: LaunchEnv, backend: str, timeout_s: float) -> bool:
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # One process (FSDP on a single device, tests): an in-memory store, no port to find.
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        kwargs.update(store=_attempt_store(timeout_s), rank=env.rank, world_size=env.world_size)
     dist.init_process_group(**kwargs)
     _state.update(owned=True, timeout=timeout_s)
     _install_exit_hooks()
     logger.info("ember: process group started (%s, rank %d of %d)", backend, env.rank, env.world_size)
     return True
+
+
+def _attempt_store(timeout_s: float) -> Any:
+    """The elastic agent's store, seen under a prefix of this restart attempt.
+
+    torchrun keeps its store across `--max-restarts` restarts, so the process group of a restarted
+    worker group would read the addresses its predecessors published (gloo then connects to a dead
+    port, "Connection refused", and the restart fails whenever rank 0 is slower to start than the
+    others). A prefix per attempt keeps each attempt's keys apart.
+    """
+    import torch.distributed as dist
+
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"ember/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def _nccl_fail_fast() -> None:
@@ -223,7 +244,8 @@ def peer_failure_message(what: str, rank: int, exc: BaseException) -> str:
     first_line = str(exc).splitlines()[0] if str(exc) else ""
     known = known_failure()
     if known is not None:
-        return f"ember: rank {rank}: stopping because {known} ({what} failed: {first_line})."
+        # The low-level error ("Connection closed by peer") stays chained below; the cause is this.
+        return f"ember: rank {rank}: stopping because {known}."
     return (
         f"ember: rank {rank}: {what} failed ({type(exc).__name__}: {first_line}). "
         "Another rank most likely died or raised an error (look at its log above), or did not reach "

@@ -233,11 +233,14 @@ class PeerWatch:
             if behind and waited >= self.stall_timeout:
                 text = (
                     f"rank {rank} stopped progressing: it has been {describe(theirs)} for "
-                    f"{waited:.0f}s while rank {self.rank} waited for it {describe(mine)} "
+                    f"{waited:.0f}s while rank {self.rank} was {describe(mine)} "
                     f"(peer_stall_timeout={self.stall_timeout:g}s; a hang in user code?)"
                 )
                 self.store.set(self._key("fail", rank), json.dumps({"text": text}))
                 self.store.add(self._key("failures"), 1)
+                self._reported.add(rank)
+                _known.setdefault("text", text)
+                logger.error("ember: rank %d: %s; stopping this rank too.", self.rank, text)
                 return
 
     def _exit_stuck(self, text: str) -> None:
