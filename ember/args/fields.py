@@ -63,12 +63,49 @@ class ParallelMode(Enum):
 
 
 class OptimizerNames(str, Enum):
+    """transformers' members and values, so `OptimizerNames.ADAMW_BNB` in a script means the same."""
+
     ADAMW_TORCH = "adamw_torch"
     ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    ADAMW_TORCH_XLA = "adamw_torch_xla"
+    ADAMW_TORCH_NPU_FUSED = "adamw_torch_npu_fused"
+    ADAFACTOR = "adafactor"
+    ADAMW_ANYPRECISION = "adamw_anyprecision"
+    ADAMW_TORCH_4BIT = "adamw_torch_4bit"
+    ADAMW_TORCH_8BIT = "adamw_torch_8bit"
+    ADEMAMIX = "ademamix"
     SGD = "sgd"
     ADAGRAD = "adagrad"
+    ADAMW_BNB = "adamw_bnb_8bit"
+    ADAMW_8BIT = "adamw_8bit"
+    ADEMAMIX_8BIT = "ademamix_8bit"
+    LION_8BIT = "lion_8bit"
+    LION = "lion_32bit"
+    PAGED_ADAMW = "paged_adamw_32bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+    PAGED_ADEMAMIX = "paged_ademamix_32bit"
+    PAGED_ADEMAMIX_8BIT = "paged_ademamix_8bit"
+    PAGED_LION = "paged_lion_32bit"
+    PAGED_LION_8BIT = "paged_lion_8bit"
     RMSPROP = "rmsprop"
-    ADAFACTOR = "adafactor"
+    RMSPROP_BNB = "rmsprop_bnb"
+    RMSPROP_8BIT = "rmsprop_bnb_8bit"
+    RMSPROP_32BIT = "rmsprop_bnb_32bit"
+    GALORE_ADAMW = "galore_adamw"
+    GALORE_ADAMW_8BIT = "galore_adamw_8bit"
+    GALORE_ADAFACTOR = "galore_adafactor"
+    GALORE_ADAMW_LAYERWISE = "galore_adamw_layerwise"
+    GALORE_ADAMW_8BIT_LAYERWISE = "galore_adamw_8bit_layerwise"
+    GALORE_ADAFACTOR_LAYERWISE = "galore_adafactor_layerwise"
+    LOMO = "lomo"
+    ADALOMO = "adalomo"
+    GROKADAMW = "grokadamw"
+    SCHEDULE_FREE_RADAM = "schedule_free_radam"
+    SCHEDULE_FREE_ADAMW = "schedule_free_adamw"
+    SCHEDULE_FREE_SGD = "schedule_free_sgd"
+    APOLLO_ADAMW = "apollo_adamw"
+    APOLLO_ADAMW_LAYERWISE = "apollo_adamw_layerwise"
+    STABLE_ADAMW = "stable_adamw"
 
 
 INTERVAL_STRATEGIES: tuple[str, ...] = tuple(m.value for m in IntervalStrategy)
@@ -112,6 +149,12 @@ class TrainingFields:
     # --- Optimizer ---
     optim: str = _f("adamw_torch_fused", "Optimizer to build.", choices=OPTIMIZER_NAMES)
     optim_args: str | None = _f(None, "Extra optimizer options as 'key=value,key2=value2'.")
+    # transformers' order of the union: its HfArgumentParser reads it as a str flag.
+    optim_target_modules: None | str | list[str] = _f(
+        None,
+        "Modules whose gradients galore_*/apollo_* optimizers project: a regex (full match), a list of "
+        "names (or parts of names), or 'all-linear'. nn.Linear modules only.",
+    )
     weight_decay: float = _f(0.0, "Decoupled weight decay; biases and norm weights never decay.")
     adam_beta1: float = _f(0.9, "Adam-family decay rate of the gradient mean.")
     adam_beta2: float = _f(0.999, "Adam-family decay rate of the squared-gradient mean.")
@@ -284,7 +327,6 @@ class TrainingFields:
     save_on_each_node: bool = _f(False, "Save on each node's main process (ember: one node only).")
     enable_jit_checkpoint: bool = _f(False, "Checkpoint on SIGTERM and exit; ember always does.")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
-    optim_target_modules: str | None = _f(None, "Not supported by ember; leave unset.")
     bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
     fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
     use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")

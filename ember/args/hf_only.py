@@ -22,7 +22,6 @@ from .fields import TrainingFields
 _GENERIC_FIX = "leave it at its default"
 # fmt: off
 HF_ONLY_FIELDS: dict[str, str] = {
-    "optim_target_modules": "use an optimizer that needs no target modules",
     "bf16_full_eval": "evaluation runs under the training precision (bf16=True autocasts it)",
     "fp16_full_eval": "evaluation runs under the training precision",
     "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",

@@ -32,7 +32,12 @@ from .fields import (
     TrainingFields,
 )
 from .hf_only import _check_hf_only, _suggest
-from .names import NONFINITE_POLICIES
+from .names import (
+    BACKWARD_STEP_OPTIMIZERS,
+    LOW_RANK_OPTIMIZERS,
+    NONFINITE_POLICIES,
+    OPTIMIZERS_REFUSED,
+)
 
 _logger = logging.getLogger("ember.args")
 
@@ -50,6 +55,7 @@ def validate(args: TrainingFields) -> None:
     _check_types(args)
     _normalise(args)
     _check_choices(args)
+    _check_optimizer(args)
     _fill_derived(args)
     _check_ranges(args)
     _check_intervals(args)
@@ -208,6 +214,38 @@ def _check_choices(args: TrainingFields) -> None:
     _choose("include_num_input_tokens_seen", mode, TOKENS_SEEN_MODES, "a token-counting mode")
     for item in args.include_for_metrics:
         _choose("include_for_metrics", item, ("inputs", "loss"), "an extra input for metrics")
+
+
+def _check_optimizer(args: TrainingFields) -> None:
+    """What `optim` needs from the other fields; the optimizer's own options are checked where it is
+    built (optim.py), where its package is imported."""
+    name = args.optim
+    if name in OPTIMIZERS_REFUSED:
+        raise ValueError(f"`optim`={name!r} cannot run in ember: {OPTIMIZERS_REFUSED[name]}.")
+    targets = args.optim_target_modules
+    if name in LOW_RANK_OPTIMIZERS and not targets:
+        raise ValueError(
+            f"`optim`={name!r} projects the gradients of the modules that `optim_target_modules` names, "
+            "and it is unset; set it to a regex, a list of module names, or 'all-linear'."
+        )
+    if targets is not None and name not in LOW_RANK_OPTIMIZERS:
+        raise ValueError(
+            f"`optim_target_modules` is read only by the galore_* and apollo_* optimizers, not by "
+            f"optim={name!r}; unset it, or choose one of: {', '.join(LOW_RANK_OPTIMIZERS)}."
+        )
+    if name in BACKWARD_STEP_OPTIMIZERS:
+        why = f"`optim`={name!r} updates each weight inside backward, as its gradient arrives"
+        if args.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"{why}, so gradients cannot accumulate over micro-batches; set "
+                f"gradient_accumulation_steps=1 (it is {args.gradient_accumulation_steps}), or choose "
+                "another optimizer."
+            )
+        if args.fp16:
+            raise ValueError(
+                f"{why}, before fp16's loss scale could be taken off its gradient; use bf16=True, or "
+                "another optimizer."
+            )
 
 
 def _fill_derived(args: TrainingFields) -> None:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-from ..args.names import OPTIMIZER_NAMES, SCHEDULER_NAMES
+from ..args.names import SCHEDULER_NAMES
+from .optimizers import NULLABLE_OPTIM_ARGS, OPTIM_ARG_TYPES, build_named_optimizer
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
@@ -32,7 +33,7 @@ _OPTIM_ARG_TYPES: dict[str, dict[str, type]] = {
     "sgd": {"momentum": float, "dampening": float, "nesterov": bool, "maximize": bool},
     "adagrad": {"lr_decay": float, "eps": float, "initial_accumulator_value": float, "maximize": bool},
     "rmsprop": {"momentum": float, "alpha": float, "eps": float, "centered": bool, "maximize": bool},
-    "adafactor": {"beta2_decay": float, "d": float, "eps1": float, "eps2": float, "maximize": bool},
+    **OPTIM_ARG_TYPES,  # the names optimizers.py builds
 }
 # optim_args keys that duplicate a TrainingArguments field: point the user at the field.
 _FIELD_FOR_OPTIM_ARG = {
@@ -125,12 +126,16 @@ def parse_optim_args(optim_args: str | None) -> dict[str, bool | int | float | s
 
 
 def _coerce_optim_arg(optim: str, key: str, value: Any, kind: type) -> Any:
-    if value is None and key == "eps1":  # Adafactor's eps1=None means "derive from the dtype"
+    if value is None and key in NULLABLE_OPTIM_ARGS:  # None lets the package choose
         return None
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
     if kind is bool and (isinstance(value, bool) or value in (0, 1)):
         return bool(value)
+    if kind is str and isinstance(value, str):
+        return value
     raise ValueError(f"optim_args: {key}={value!r} for optim={optim!r} must be a {kind.__name__}")
 
 
@@ -144,9 +149,8 @@ def _optim_kwargs(optim: str, optim_args: str | None) -> dict[str, Any]:
                 if key in _FIELD_FOR_OPTIM_ARG
                 else ""
             )
-            raise ValueError(
-                f"optim_args: {key!r} is not an option of optim={optim!r} (valid: {', '.join(allowed)}){hint}"
-            )
+            valid = f"valid: {', '.join(allowed)}" if allowed else "it reads none"
+            raise ValueError(f"optim_args: {key!r} is not an option of optim={optim!r} ({valid}){hint}")
         kwargs[key] = _coerce_optim_arg(optim, key, value, allowed[key])
     return kwargs
 
@@ -188,8 +192,9 @@ def _fused_adamw(groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> torch.
 def build_optimizer(args: TrainingArguments, model: nn.Module) -> torch.optim.Optimizer:
     """Optimizer named by `args.optim`, with HF-style decay/no-decay parameter groups."""
     optim = _enum_value(args.optim)
-    if optim not in OPTIMIZER_NAMES:
-        raise ValueError(f"optim={optim!r} is not supported; choose one of: {_names(OPTIMIZER_NAMES)}")
+    if optim not in _OPTIM_ARG_TYPES:
+        # Names TrainingArguments refuses (no device ember runs on has them) land here when set after it.
+        raise ValueError(f"optim={optim!r} is not supported; choose one of: {_names(_OPTIM_ARG_TYPES)}")
     extra = _optim_kwargs(optim, args.optim_args)
     groups = build_param_groups(model, args.weight_decay)
     lr = args.learning_rate
@@ -204,8 +209,7 @@ def build_optimizer(args: TrainingArguments, model: nn.Module) -> torch.optim.Op
         return torch.optim.Adagrad(groups, lr=lr, **extra)
     if optim == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, **extra)
-    eps = (extra.pop("eps1", None), extra.pop("eps2", 1e-3))
-    return torch.optim.Adafactor(groups, lr=lr, eps=eps, **extra)
+    return build_named_optimizer(optim, args, model, groups, extra)
 
 
 def build_optimizer_from_cls(

@@ -18,6 +18,7 @@ from ..engine.evaluation_loop import (
     evaluation_loop as run_evaluation_loop,  # apart from the method of that name
 )
 from ..engine.evaluation_loop import ignore_keys_at_inference, labels_of, logits_without, speed_metrics
+from ..engine.optimizers import optimizer_eval_mode
 from ..outputs import EvalLoopOutput, PredictionOutput
 from ..telemetry.memory import MemoryTracker
 
@@ -107,7 +108,7 @@ class TrainerEvaluation:
         start = time.perf_counter()
         memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_eval_dataloader(dataset)
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(getattr(self, "optimizer", None)):
             # As transformers: without compute_metrics there is nothing to keep logits for.
             loss_only = True if self.compute_metrics is None else None
             output = run_evaluation_loop(
@@ -127,7 +128,7 @@ class TrainerEvaluation:
         start = time.perf_counter()
         memory = MemoryTracker(not self.args.skip_memory_metrics).start(metric_key_prefix)
         loader = self.get_test_dataloader(test_dataset)
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(getattr(self, "optimizer", None)):
             output: EvalLoopOutput = run_evaluation_loop(
                 self, loader, "Prediction", None, ignore_keys, metric_key_prefix
             )
@@ -168,7 +169,7 @@ class TrainerEvaluation:
         metric_key_prefix: str = "eval",
     ) -> EvalLoopOutput:
         """The loop behind evaluate() and predict(), for subclasses that call it directly."""
-        with torch.no_grad():
+        with torch.no_grad(), optimizer_eval_mode(getattr(self, "optimizer", None)):
             return run_evaluation_loop(
                 self,
                 dataloader,

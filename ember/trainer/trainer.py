@@ -42,6 +42,7 @@ from ..engine.guards import StepGuard
 from ..engine.loss import count_targets, logits_of, loss_from_outputs, shifts_labels, smoothed_loss_sum
 from ..engine.micro_batches import MicroBatchSplit
 from ..engine.optim import build_optimizer, build_optimizer_from_cls, build_scheduler
+from ..engine.optimizers import optimizer_eval_mode, set_optimizer_mode
 from ..engine.preemption import PreemptionWatcher, TrainingPreempted
 from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_steps
 from ..models.neftune import neftune_noise
@@ -289,6 +290,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             self._resume(resume_from_checkpoint)
             checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
         model.train()
+        set_optimizer_mode(self.optimizer, training=True)  # schedule-free: weights at the train point
         self._fire("on_train_begin")
         if args.eval_on_start and self.state.global_step == 0:
             self._evaluate(ignore_keys_for_eval)
@@ -539,14 +541,15 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         from ..checkpoint.training import save_checkpoint
 
         self.store_flos()
-        save_checkpoint(
-            self._stateful_parts(),
-            self.strategy,
-            self._checkpoint_writer,
-            self.args,
-            self.state,
-            self.processing_class,
-        )
+        with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
+            save_checkpoint(
+                self._stateful_parts(),
+                self.strategy,
+                self._checkpoint_writer,
+                self.args,
+                self.state,
+                self.processing_class,
+            )
 
     def _resume_target(self, requested: str | bool | None) -> str | bool | None:
         """What train() resumes from. A value given to train() keeps transformers' meaning (a folder;
@@ -594,6 +597,9 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
 
     def _finish_training(self) -> TrainOutput:
         self._checkpoint_writer.wait()
+        # Schedule-free: the trained model is the averaged point (what evaluation and saves use, and
+        # what load_best_model_at_end loads); train() moves back to the train point.
+        set_optimizer_mode(self.optimizer, training=False)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info(
                 "Loading the best model from %s (%s = %s).",
@@ -631,11 +637,15 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
 
         folder = Path(output_dir or self.args.output_dir)
         # Every rank calls model_state_dict: gathering a sharded model is a collective.
-        state_dict = self.strategy.model_state_dict(self.model_wrapped)
-        if self.strategy.is_main:
-            save_model_files(
-                self.strategy.unwrap(self.model_wrapped), folder, self.processing_class, state_dict=state_dict
-            )
+        with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
+            state_dict = self.strategy.model_state_dict(self.model_wrapped)
+            if self.strategy.is_main:
+                save_model_files(
+                    self.strategy.unwrap(self.model_wrapped),
+                    folder,
+                    self.processing_class,
+                    state_dict=state_dict,
+                )
 
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
