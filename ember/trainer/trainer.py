@@ -50,7 +50,17 @@ from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import TrainOutput
 from ..strategy import build_strategy
 from ..strategy.env import PeerFailure
-from ..strategy.peers import AFTER_STEP, BOUNDARY, COMPUTE, LOADING, STEP_BEGIN, STEP_END, build_watch
+from ..strategy.peers import (
+    AFTER_STEP,
+    BOUNDARY,
+    COMPUTE,
+    LOADING,
+    STEP_BEGIN,
+    STEP_END,
+    NoWatch,
+    PeerWatch,
+    build_watch,
+)
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
@@ -120,6 +130,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         )
         self._new_step_parts()
         self._checkpoint_writer = CheckpointWriter(async_=self.args.save_async)
+        self._peers: PeerWatch | NoWatch = NoWatch()
         self._train_batch_sampler: Any = None
         self._current_flos = 0.0
         self._step_lr = 0.0
@@ -256,13 +267,16 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     def _raise_by_name(self, error: BaseException) -> None:
         """Across ranks, a failure names its rank, step and cause on every rank (strategy/peers.py):
         a rank stopped by a failed peer raises `PeerFailure` saying so; the failed rank tells them."""
-        peer = self._peers.peer_failure()
-        if peer is not None and not isinstance(error, TrainingPreempted):
-            if isinstance(error, PeerFailure) and peer in str(error):
-                return
-            raise PeerFailure(f"ember: rank {self.strategy.rank}: stopping because {peer}.") from error
-        if not isinstance(error, PeerFailure | TrainingPreempted):
+        if isinstance(error, TrainingPreempted):
+            return  # every rank stops together, by design
+        if not isinstance(error, PeerFailure | torch.distributed.DistError):
+            # This rank's own error (also when every rank raises one, as a search's pruned trial
+            # does): it stays what it is, and the other ranks are told.
             self._peers.report_failure(error)
+            return
+        peer = self._peers.peer_failure()
+        if peer is not None and peer not in str(error):
+            raise PeerFailure(f"ember: rank {self.strategy.rank}: stopping because {peer}.") from error
 
     def _train(
         self,
