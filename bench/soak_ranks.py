@@ -97,6 +97,11 @@ def _ready(
     return [json.loads(p.read_text()) for p in paths]
 
 
+def _newest(folder: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
+
+
 def soak(kills: int, seed: int, work: Path, window: float) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -121,8 +126,8 @@ def soak(kills: int, seed: int, work: Path, window: float) -> dict[str, Any]:
             events[-1]["resumed_step"] = ranks[0]["step"]
         # Kill once the attempt has saved 1-3 checkpoints past its start, up to `window` s later:
         # in a step, a (sync or async) save or a rotation, wherever that moment falls.
-        target = run / "run" / f"checkpoint-{ranks[0]['step'] + 2 * rng.randint(1, 3)}"
-        while not target.exists() and proc.poll() is None:
+        target = ranks[0]["step"] + 2 * rng.randint(1, 3)
+        while _newest(run / "run") < target and proc.poll() is None:  # rotation removes older ones
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, window))
         victim = rng.randrange(2)
