@@ -16,8 +16,13 @@
    runs with no saves, sync saves and `save_async=True`, interleaved. Blocking per save = step
    time of a saving step minus the median of the run's non-saving steps (wall, and CPU time of
    the training thread, which the machine's other load disturbs less). Async checkpoints are
-   deep-verified and their tensor files compared by sha256 with the sync run's.
+   deep-verified and their tensor files compared by hash with the sync run's.
 3. A profile of the save and load path on the big checkpoint.
+4. Against the disk (`--only disk` runs this part alone): a sync save (`Trainer._save_checkpoint`,
+   fsync and manifest included) and a verified load (hash check of every file, then model,
+   optimizer and trainer state; page cache dropped first with posix_fadvise) of that checkpoint,
+   as a fraction of the disk's own bandwidth measured in the same run: one sequential write of as
+   many bytes with fsync, and a cold read of it. Also the hash speeds (xxh3_128, sha256) per GB.
 
 One torch thread, OMP_WAIT_POLICY=PASSIVE; medians over interleaved repetitions.
 """
@@ -388,7 +393,8 @@ def compare_checkpoints(sync_dir: Path, async_dir: Path) -> dict[str, Any]:
 
 def _manifest_hashes(folder: Path) -> dict[str, str]:
     files = json.loads((folder / "manifest.json").read_text())["files"]
-    return {name: info["sha256"] for name, info in files.items()}
+    # The hash the manifest recorded (xxh3_128; sha256 in manifests of older ember).
+    return {name: info.get("xxh3_128") or info["sha256"] for name, info in files.items()}
 
 
 def summarise_mode(rows: list[dict[str, Any]], none_wall: float) -> dict[str, Any]:
@@ -452,6 +458,7 @@ def timed(fn: Callable[[], Any], reps: int, before: Callable[[], Any] | None = N
 
 def profile_save(cfg: Config, work: Path, trainer: Any) -> dict[str, float]:
     from ember.checkpoint import atomic, training
+    from ember.checkpoint.files import hash_file
     from ember.checkpoint.model import save_model_files
     from ember.checkpoint.state_io import save_state
     from ember.checkpoint.writer import StagingBuffers
@@ -487,8 +494,9 @@ def profile_save(cfg: Config, work: Path, trainer: Any) -> dict[str, float]:
         ("save_model_files", lambda: save_model_files(snap.model, tmp, None, snap.model_state), fresh),
         ("save_state_optimizer", lambda: save_state(snap.optimizer or {}, tmp, "optimizer"), fresh),
         ("write_snapshot", write_all, fresh),
-        ("write_manifest_fsync_and_sha256", lambda: atomic.write_manifest(tmp), fresh_and_written),
-        ("sha256_all_files_cached", lambda: [atomic.sha256_file(p) for p in files()], None),
+        ("write_manifest_fsync_and_hash", lambda: atomic.write_manifest(tmp), fresh_and_written),
+        ("xxh3_128_all_files_cached", lambda: [hash_file(p, "xxh3_128") for p in files()], None),
+        ("sha256_all_files_cached", lambda: [hash_file(p, "sha256") for p in files()], None),
     ]
     out = {name: timed(fn, cfg.profile_reps, before) for name, fn, before in steps}
     blob = b"".join(p.read_bytes() for p in files())
@@ -515,7 +523,7 @@ def profile_load(cfg: Config, work: Path, trainer: Any, folder: Path) -> dict[st
     model, optimizer = trainer.model, trainer.optimizer
     state = load_state(folder, "optimizer")
     out = {
-        "verify_deep_sha256": timed(lambda: load_checkpoint_dir(folder), cfg.profile_reps),
+        "verify_deep_hash": timed(lambda: load_checkpoint_dir(folder, deep=True), cfg.profile_reps),
         "verify_sizes_only": timed(lambda: verify_checkpoint(folder, deep=False), cfg.profile_reps),
         "load_model_weights": timed(lambda: load_model_weights(model, folder), cfg.profile_reps),
         "load_state_optimizer": timed(lambda: load_state(folder, "optimizer"), cfg.profile_reps),
@@ -540,6 +548,141 @@ def bench_profile(cfg: Config, work: Path, newest: Path) -> dict[str, Any]:
     trainer = save_job_trainer(cfg, work / "profile-train", "none", [], 2)
     trainer.train()
     return {"save": profile_save(cfg, work, trainer), "load": profile_load(cfg, work, trainer, newest)}
+
+
+# -- 4. against the disk ----------------------------------------------------------------------------------
+
+_IO_CHUNK = 8 << 20
+
+
+def _evict(paths: list[Path]) -> None:
+    """Drop `paths` from the page cache (clean pages only: they were fsynced), so reads hit the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+class DiskProbe:
+    """A plain sequential write of `nbytes` with fsync, and a cold read of it: the disk's own speed."""
+
+    def __init__(self, work: Path, nbytes: int) -> None:
+        self.path, self.nbytes = work / "disk-probe.bin", nbytes
+        self.block, self.buffer = memoryview(os.urandom(_IO_CHUNK)), bytearray(_IO_CHUNK)
+
+    def write(self) -> float:
+        self.path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        with open(self.path, "wb", buffering=0) as fh:
+            left = self.nbytes
+            while left > 0:
+                left -= fh.write(self.block[: min(left, _IO_CHUNK)])
+            os.fsync(fh.fileno())
+        return time.perf_counter() - start
+
+    def read_cold(self) -> float:
+        _evict([self.path])
+        start = time.perf_counter()
+        with open(self.path, "rb", buffering=0) as fh:
+            while fh.readinto(self.buffer):
+                pass
+        return time.perf_counter() - start
+
+
+def hash_speeds(files: list[Path], reps: int) -> dict[str, float]:
+    """Seconds per GB of each hash over the checkpoint's bytes, already in memory (CPU cost only)."""
+    import hashlib
+
+    import xxhash
+
+    blob = memoryview(b"".join(p.read_bytes() for p in files))
+
+    def run(make: Callable[[], Any]) -> None:
+        h = make()
+        for i in range(0, len(blob), _IO_CHUNK):
+            h.update(blob[i : i + _IO_CHUNK])
+
+    gb = len(blob) / 1e9
+    return {
+        name: timed(lambda make=make: run(make), reps) / gb
+        for name, make in (("xxh3_128", xxhash.xxh3_128), ("sha256", hashlib.sha256))
+    }
+
+
+def bench_disk(cfg: Config, work: Path) -> dict[str, Any]:
+    """Each rep times the disk probe right before the ember operation it is compared with (the
+    machine is shared: its disk speed drifts within a minute), and the fraction is taken per rep."""
+    from ember.checkpoint import load_checkpoint_dir, load_state
+    from ember.checkpoint.training import load_model_weights
+
+    trainer = save_job_trainer(cfg, work / "disk-train", "sync", [], 2)
+    trainer.train()  # step 2: model and AdamW state exist; no checkpoint yet (save_every > 2)
+    out_dir = Path(trainer.args.output_dir)
+    model, step = trainer.model, [1000]
+
+    def save() -> Path:
+        step[0] += 1
+        trainer.state.global_step = step[0]
+        trainer._save_checkpoint(None)
+        return out_dir / f"checkpoint-{step[0]}"
+
+    folder = save()  # warm-up, and the size of what the probe writes
+    files = _files(folder)
+    nbytes = sum(p.stat().st_size for p in files)
+    probe = DiskProbe(work, nbytes)
+
+    def verified_load(where: Path) -> None:
+        load_checkpoint_dir(where, deep=True)
+        load_model_weights(model, where)
+        load_state(where, "optimizer")
+        load_state(where, "trainer")
+
+    rows: dict[str, list[float]] = {k: [] for k in ("disk_write", "save", "disk_read", "load", "verify")}
+    reps = max(cfg.profile_reps, 5) if cfg.profile_reps > 1 else 1
+    for _ in range(reps):
+        rows["disk_write"].append(probe.write())
+        start = time.perf_counter()
+        folder = save()
+        rows["save"].append(time.perf_counter() - start)
+        files = _files(folder)
+        rows["disk_read"].append(probe.read_cold())
+        _evict(files)
+        start = time.perf_counter()
+        verified_load(folder)
+        rows["load"].append(time.perf_counter() - start)
+        _evict(files)
+        start = time.perf_counter()
+        load_checkpoint_dir(folder, deep=True)
+        rows["verify"].append(time.perf_counter() - start)
+    probe.path.unlink(missing_ok=True)
+    load_warm = timed(lambda: verified_load(folder), cfg.profile_reps)
+    m = {k: med(v) for k, v in rows.items()}
+    result = {
+        "bytes": nbytes,
+        "files": len(files),
+        "reps": reps,
+        "per_rep": rows,
+        "disk": {"write_fsync": m["disk_write"], "read_cold": m["disk_read"]},
+        "disk_write_MBps": nbytes / m["disk_write"] / 1e6,
+        "disk_read_cold_MBps": nbytes / m["disk_read"] / 1e6,
+        "sync_save": m["save"],
+        "sync_save_MBps": nbytes / m["save"] / 1e6,
+        "verified_load_cold": m["load"],
+        "verified_load_cold_MBps": nbytes / m["load"] / 1e6,
+        "verified_load_warm": load_warm,
+        "verify_only_cold": m["verify"],
+        "save_fraction_of_disk": med([d / x for d, x in zip(rows["disk_write"], rows["save"])]),
+        "load_fraction_of_disk": med([d / x for d, x in zip(rows["disk_read"], rows["load"])]),
+        "hash_seconds_per_GB": hash_speeds(files, cfg.profile_reps),
+    }
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
 
 
 # -- report ----------------------------------------------------------------------------------------------
@@ -568,6 +711,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--work", default=None, help="scratch folder for checkpoints (default: a temp folder)")
+    p.add_argument(
+        "--only", choices=["disk"], default=None, help="run one part alone (disk: section 4, ~1 minute)"
+    )
     return p.parse_args(argv)
 
 
@@ -582,18 +728,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     try:
         result: dict[str, Any] = {"config": asdict(cfg), "machine": machine(), "smoke": ns.smoke}
+        if ns.only == "disk":
+            result["disk"] = bench_disk(cfg, work)
+            return _report(result, Path(ns.out), "checkpoint-disk-smoke" if ns.smoke else "checkpoint-disk")
         result["resume"] = bench_resume(cfg, work)
         r = result["resume"]
         near, far = seconds_text(r["near"]["wall"]["median"]), seconds_text(r["far"]["wall"]["median"])
         print(f"resume: {near} near, {far} far, ratio {r['ratio_far_near']['wall']:.2f}", flush=True)
         result["saves"] = bench_saves(cfg, work)
         result["profile"] = bench_profile(cfg, work, Path(result["saves"]["profiled_checkpoint"]))
+        result["disk"] = bench_disk(cfg, work)
     finally:
         if ns.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    out = Path(ns.out)
+    return _report(result, Path(ns.out), "checkpoint-smoke" if ns.smoke else "checkpoint")
+
+
+def _report(result: dict[str, Any], out: Path, stem: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = "checkpoint-smoke" if ns.smoke else "checkpoint"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     text = markdown(result)
     (out / f"{stem}.md").write_text(text)

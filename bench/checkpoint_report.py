@@ -122,6 +122,53 @@ def _md_profile(profile: dict[str, Any]) -> list[str]:
     return [*lines, "", f"Bytes per checkpoint (all files): {profile['save']['bytes'] / 1e6:.0f} MB."]
 
 
+def _md_disk(d: dict[str, Any]) -> list[str]:
+    disk, hashes = d["disk"], d["hash_seconds_per_GB"]
+    mb = d["bytes"] / 1e6
+    return [
+        f"## 4. Against the disk ({mb:.0f} MB checkpoint, {d['files']} files; medians)",
+        "",
+        "Sync save: `Trainer._save_checkpoint` until it returns (write, fsync, manifest, rename). "
+        "Verified load: the hash check of every file, then model, optimizer and trainer state, with "
+        "the files dropped from the page cache first. The disk: one sequential write of as many "
+        "bytes with fsync, and a cold read of it, each timed right before the operation it is "
+        f"compared with; fractions are medians of the per-rep ratios ({d['reps']} reps).",
+        "",
+        _row("", "time", "MB/s", "fraction of the disk"),
+        _row(*["---"] * 4),
+        _row(
+            "disk: sequential write + fsync",
+            seconds_text(disk["write_fsync"]),
+            f"{d['disk_write_MBps']:.0f}",
+            "1",
+        ),
+        _row(
+            "disk: cold sequential read",
+            seconds_text(disk["read_cold"]),
+            f"{d['disk_read_cold_MBps']:.0f}",
+            "1",
+        ),
+        _row(
+            "**sync save**",
+            seconds_text(d["sync_save"]),
+            f"{d['sync_save_MBps']:.0f}",
+            f"**{d['save_fraction_of_disk']:.2f}**",
+        ),
+        _row(
+            "**verified load, cold cache**",
+            seconds_text(d["verified_load_cold"]),
+            f"{d['verified_load_cold_MBps']:.0f}",
+            f"**{d['load_fraction_of_disk']:.2f}**",
+        ),
+        _row("verified load, warm cache", seconds_text(d["verified_load_warm"]), "", ""),
+        _row("hash check alone, cold cache", seconds_text(d["verify_only_cold"]), "", ""),
+        "",
+        f"Hash cost on one core, bytes in memory: xxh3_128 {hashes['xxh3_128']:.3f} s/GB, "
+        f"sha256 {hashes['sha256']:.3f} s/GB.",
+        "",
+    ]
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The report of `bench.checkpoint.main`'s result dict, as Markdown."""
     m = res["machine"]
@@ -133,8 +180,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"thread(s), OMP_WAIT_POLICY={m['omp_wait_policy']}, Python {m['python']}, load average at start "
         f"{load} (shared machine), {m['date']}.",
         "",
-        *_md_resume(res["config"], res["resume"]),
-        *_md_saves(res["config"], res["saves"]),
-        *_md_profile(res["profile"]),
+        *(_md_resume(res["config"], res["resume"]) if "resume" in res else []),
+        *(_md_saves(res["config"], res["saves"]) if "saves" in res else []),
+        *(_md_profile(res["profile"]) if "profile" in res else []),
+        *(_md_disk(res["disk"]) if "disk" in res else []),
     ]
     return "\n".join(lines) + "\n"

@@ -346,8 +346,8 @@ def test_resume_keeps_the_checkpoints_intervals_and_warns(tmp_path, caplog):
     em = em_run(save_steps=5, logging_steps=3)
     with caplog.at_level(logging.WARNING):
         em.train(resume_from_checkpoint=str(tmp_path / "em" / "checkpoint-4"))
-    assert "logging_steps is 2 in the checkpoint and 3 in the arguments" in caplog.text
-    assert "save_steps is 4 in the checkpoint and 5 in the arguments" in caplog.text
+    assert "logging_steps: 3 (from args) != 2 (from trainer_state.json)" in caplog.text
+    assert "save_steps: 5 (from args) != 4 (from trainer_state.json)" in caplog.text
     assert "eval_steps" not in caplog.text or "eval_steps is" in caplog.text
     assert [s for s, _ in _steps(em.state.log_history, "loss")] == [
         s for s, _ in _steps(hf.state.log_history, "loss")

@@ -244,7 +244,11 @@ class TrainingFields:
     local_rank: int = _f(-1, "Rank of this process on its machine, from the launcher; -1 if not distributed.")
     # --- ember only ---
     save_async: bool = _f(False, "Write checkpoints in a background thread while training goes on.")
-    verify_checkpoints: bool = _f(False, "On resume, re-hash every checkpoint file against its manifest.")
+    verify_checkpoints: bool = _f(
+        True,
+        "On resume, re-hash every checkpoint file against its manifest (xxh3_128, well under a second per "
+        "GB), so a file changed after writing is found, naming it. False checks sizes only.",
+    )
     auto_resume: bool | None = _f(
         None,
         "When train() is given no resume_from_checkpoint: resume from the newest complete checkpoint of "
@@ -327,8 +331,8 @@ class TrainingFields:
     save_on_each_node: bool = _f(False, "Save on each node's main process (ember: one node only).")
     enable_jit_checkpoint: bool = _f(False, "Checkpoint on SIGTERM and exit; ember always does.")
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
-    bf16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
-    fp16_full_eval: bool = _f(False, "Not supported by ember; leave False.")
+    bf16_full_eval: bool = _f(False, "Evaluate outside training with the model cast to bf16.")
+    fp16_full_eval: bool = _f(False, "Evaluate outside training with the model cast to fp16.")
     use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
     liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")
@@ -336,8 +340,8 @@ class TrainingFields:
     trackio_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
     trackio_bucket_id: str | None = _f(None, "Not supported by ember; leave unset.")
     trackio_static_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
-    eval_do_concat_batches: bool = _f(True, "Not supported by ember; leave True.")
-    eval_use_gather_object: bool = _f(False, "Not supported by ember; leave False.")
+    eval_do_concat_batches: bool = _f(True, "Concatenate evaluation batches; False returns a list per batch.")
+    eval_use_gather_object: bool = _f(False, "Gather non-tensor evaluation outputs as Python objects.")
     push_to_hub: bool = _f(False, "Not supported by ember (upload output_dir yourself); leave False.")
     hub_token: str | None = _f(None, "Not supported by ember; leave unset.")
     hub_private_repo: bool | None = _f(None, "Not supported by ember; leave unset.")
@@ -349,6 +353,11 @@ class TrainingFields:
     # transformers types it as accelerate's ParallelismConfig; `str | None` keeps argparse working without
     # importing accelerate, and only None is accepted anyway.
     parallelism_config: str | None = _f(None, "Not supported by ember; leave unset.")
-    dataloader_multiprocessing_context: str | None = _f(None, "Not supported by ember; leave unset.")
-    dataloader_in_order: bool = _f(True, "Not supported by ember (always in order); leave True.")
+    dataloader_multiprocessing_context: str | None = _f(
+        None, "Start method of the loader workers ('spawn', 'fork', 'forkserver'); None: torch's default."
+    )
+    dataloader_in_order: bool = _f(
+        True,
+        "Workers return batches in order; False: as they finish (order and exact resume then vary).",
+    )
     debug: str | list[str] = _f("", "Not supported by ember; leave empty.")

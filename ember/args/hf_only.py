@@ -22,8 +22,6 @@ from .fields import TrainingFields
 _GENERIC_FIX = "leave it at its default"
 # fmt: off
 HF_ONLY_FIELDS: dict[str, str] = {
-    "bf16_full_eval": "evaluation runs under the training precision (bf16=True autocasts it)",
-    "fp16_full_eval": "evaluation runs under the training precision",
     "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
     "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
@@ -31,8 +29,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "trackio_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_bucket_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_static_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
-    "eval_do_concat_batches": "use batch_eval_metrics=True to avoid holding all predictions",
-    "eval_use_gather_object": "ember gathers tensors only",
     "push_to_hub": "upload output_dir with huggingface_hub's upload_folder after training",
     "hub_token": "upload output_dir with huggingface_hub after training",
     "hub_private_repo": "upload output_dir with huggingface_hub after training",
@@ -42,8 +38,6 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "hub_revision": "upload output_dir with huggingface_hub after training",
     "accelerator_config": "ember does not use accelerate; its loop has no such options",
     "parallelism_config": "use fsdp/fsdp_config or ddp_* fields",
-    "dataloader_multiprocessing_context": "set torch.multiprocessing's start method in your script",
-    "dataloader_in_order": "ember's samplers always yield batches in order",
     "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
 }
 # fmt: on

@@ -363,6 +363,16 @@ def _check_save_multiple_of_eval(save: float, ev: float | None) -> None:
 
 
 def _check_dataloader(args: TrainingFields) -> None:
+    context = args.dataloader_multiprocessing_context
+    if context is not None:
+        import multiprocessing
+
+        methods = tuple(multiprocessing.get_all_start_methods())
+        if context not in methods:
+            raise ValueError(
+                f"`dataloader_multiprocessing_context`={context!r} is not a start method of this "
+                f"platform; use one of {', '.join(methods)} or None."
+            )
     if args.dataloader_num_workers > 0:
         _at_least(args, "dataloader_prefetch_factor", 1, "use at least 1 or None", optional=True)
         return

@@ -135,10 +135,11 @@ class CallbackHandler(TrainerCallback):
         """Attach a callback instance, or a callback class (instantiated with no arguments)."""
         instance = callback() if isinstance(callback, type) else callback
         if any(type(cb) is type(instance) for cb in self._callbacks):
+            # The names go in the message itself: transformers' tests read the logger call's
+            # first argument.
             logger.warning(
-                "Adding a second %s to the callbacks; both will run. Current callbacks: %s",
-                type(instance).__name__,
-                self.callback_list,
+                f"Adding a second {type(instance).__name__} to the callbacks; both will run. "
+                f"Current callbacks: {self.callback_list}"
             )
         self._callbacks.append(instance)
 

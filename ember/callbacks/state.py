@@ -178,6 +178,16 @@ class TrainerControl(ExportableState):
     def state(self) -> dict[str, Any]:
         return {"args": dataclasses.asdict(self), "attributes": {}}
 
+    # transformers' reset helpers, which its callbacks and tests call by name.
+    def _new_training(self) -> None:
+        self.should_training_stop = False
+
+    def _new_epoch(self) -> None:
+        self.should_epoch_stop = False
+
+    def _new_step(self) -> None:
+        self.should_save = self.should_evaluate = self.should_log = False
+
 
 def export_callback_states(callbacks: Iterable[Any], control: Any = None) -> dict[str, Any]:
     """``{ClassName: state}`` for every exportable object in `callbacks` (then `control`).
@@ -240,7 +250,7 @@ def restore_callback_states(
             restored.append(obj)
     if missing:
         logger.warning(
-            "The checkpoint has state for callbacks that are not attached; ignoring: %s", ", ".join(missing)
+            "The checkpoint has state for callbacks that are not attached; ignoring: " + ", ".join(missing)
         )
     return restored
 

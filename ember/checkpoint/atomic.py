@@ -1,16 +1,16 @@
 """Atomic checkpoint folders: write into `checkpoint-N.tmp/`, fsync, add a manifest, rename.
 
 A checkpoint is complete exactly when its `manifest.json` exists and every file it lists has the
-recorded size (and, for a deep check, sha256). The manifest is written last, so a crash at any
-point leaves either no `checkpoint-N/` at all or a complete one; a folder truncated afterwards (a
-full disk on a copy, a bad sync) is caught by the sizes.
+recorded size (and, for a deep check, hash: xxh3_128, or sha256 in manifests of older versions).
+The manifest is written last, so a crash at any point leaves either no `checkpoint-N/` at all or a
+complete one; a folder truncated afterwards (a full disk on a copy, a bad sync) is caught by the
+sizes, a same-size change (a flipped byte) by the hash, which resume checks by default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +20,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .files import CheckpointError, forget_digests, known_sha256, read_json, resolve_inside
+from .files import (
+    HASH_NAME,
+    HASH_NAMES,
+    CheckpointError,
+    forget_digests,
+    hash_file,
+    known_digest,
+    read_json,
+    resolve_inside,
+)
 
 __all__ = [
     "CheckpointError",
@@ -37,12 +46,12 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ember-checkpoint"
-MANIFEST_VERSION = 1
+# 2: files are hashed with xxh3_128 (version 1: sha256).
+MANIFEST_VERSION = 2
 TMP_SUFFIX = ".tmp"
 # The old folder of a re-saved step waits here until the new one is in place; the `.tmp` suffix
 # makes rotation clean it up if a crash leaves it behind.
 REPLACED_SUFFIX = ".replaced.tmp"
-_CHUNK = 8 << 20
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -66,11 +75,7 @@ def sorted_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return hash_file(path, "sha256")
 
 
 def fsync_dir(path: Path) -> None:
@@ -114,7 +119,7 @@ def write_manifest(folder: Path) -> dict[str, Any]:
         _fsync_path(path)
         files[path.relative_to(folder).as_posix()] = {
             "size": path.stat().st_size,
-            "sha256": known_sha256(path) or sha256_file(path),
+            HASH_NAME: known_digest(path) or hash_file(path, HASH_NAME),
         }
     # Deepest first, so each folder's entry in its parent is synced after the folder itself.
     for sub in sorted({p.parent for p in payload} - {folder}, key=lambda p: -len(p.parts)):
@@ -233,7 +238,8 @@ def _newest_complete(output_dir: Path, exclude: Path | None = None) -> Path | No
 def verify_checkpoint(path: str | os.PathLike[str], deep: bool = True) -> str | None:
     """None when `path` is a complete checkpoint, else the reason it is not.
 
-    `deep=False` compares sizes only (cheap; catches truncation); `deep=True` also re-hashes.
+    `deep=False` compares sizes only (cheap; catches truncation); `deep=True` also re-hashes every
+    file with the hash its manifest recorded (xxh3_128; sha256 in manifests of ember before it).
     """
     path = Path(path)
     if not path.is_dir():
@@ -246,6 +252,12 @@ def verify_checkpoint(path: str | os.PathLike[str], deep: bool = True) -> str | 
         files = manifest["files"]
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
             return f"{MANIFEST_NAME} is not an ember checkpoint manifest"
+        version = manifest.get("version")
+        if not isinstance(version, int) or version > MANIFEST_VERSION:
+            return (
+                f"{MANIFEST_NAME} has version {version!r}; this ember reads up to {MANIFEST_VERSION} "
+                "(upgrade ember to resume from it)"
+            )
     except CheckpointError as exc:
         return str(exc)
     except (KeyError, TypeError, AttributeError) as exc:
@@ -265,8 +277,12 @@ def verify_checkpoint(path: str | os.PathLike[str], deep: bool = True) -> str | 
         if size != expected:
             how = "truncated" if size < expected else "grew after writing"
             return f"{rel}: size {size} != {expected} ({how})"
-        if deep and sha256_file(file) != info.get("sha256"):
-            return f"{rel}: sha256 hash mismatch (changed after writing)"
+        if deep:
+            algo = next((name for name in HASH_NAMES if isinstance(info.get(name), str)), None)
+            if algo is None:
+                return f"{MANIFEST_NAME} has no hash for {rel}"
+            if hash_file(file, algo) != info[algo]:
+                return f"{rel}: {algo} hash mismatch (changed after writing)"
     return None
 
 
@@ -310,7 +326,7 @@ def check_checkpoint_files(path: str | os.PathLike[str]) -> None:
 
 def usable_checkpoint(path: str | os.PathLike[str], deep: bool = False) -> str | None:
     """None when checkpoint `path` can be resumed from (manifest and sizes, the JSON files ember
-    reads, and with `deep` every sha256), else the reason it cannot."""
+    reads, and with `deep` every file's hash), else the reason it cannot."""
     reason = verify_checkpoint(path, deep=deep)
     if reason is None:
         try:
@@ -334,9 +350,10 @@ def find_resumable_checkpoint(output_dir: str | os.PathLike[str], deep: bool = F
 def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Path:
     """Check a checkpoint named by the user before anything reads it.
 
-    By default the manifest and every file's size are checked: that catches incomplete writes and
-    truncation in about a millisecond. `deep=True` also re-hashes every byte (sha256, ~1 GB/s here),
-    which at billions of parameters takes minutes, so it is opt-in (`verify_checkpoints=True`).
+    The manifest and every file's size are checked: that catches incomplete writes and truncation
+    in about a millisecond. `deep=True` (what resume does unless `verify_checkpoints=False`) also
+    re-hashes every byte against the manifest, which catches a same-size change; with xxh3_128 that
+    costs about the time of reading the files (see README, "Failure behaviour").
     A run folder (one holding `checkpoint-N` folders, not a checkpoint itself) stands for its newest
     usable checkpoint, as `resume_from_checkpoint=True` does.
     """

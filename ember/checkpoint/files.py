@@ -6,6 +6,11 @@ through `resolve_inside`, so no entry can point outside its folder.
 
 Writing: `write_bytes` and `save_safetensors` hash the bytes as they go to disk and remember the
 digest, so the manifest (`atomic.write_manifest`) needs no second read of what ember wrote itself.
+
+Hashes: new manifests record xxh3_128 (`HASH_NAME`), ~10x faster than sha256 (5.9 against 0.5 GB/s
+on one core of the 2-core test machine), so checking every file on each resume costs well under a
+second per GB; it detects accidental change (bit rot, a bad copy, a truncated-and-padded file),
+not a crafted one. Manifests written before (sha256 only) are still checked with sha256.
 """
 
 from __future__ import annotations
@@ -147,7 +152,34 @@ def relocate_in_run(stored: Any, output_dir: str | os.PathLike[str], source: Pat
 
 # -- writing ---------------------------------------------------------------------------------------
 
-# Digests of files written through this module: path -> (size, mtime_ns, inode, sha256). An entry
+HASH_NAME = "xxh3_128"
+HASH_NAMES = ("xxh3_128", "sha256")  # what a manifest entry may hold, preferred first
+_CHUNK = 8 << 20
+
+
+def new_hasher(name: str) -> Any:
+    """A fresh hash object of kind `name` (one of `HASH_NAMES`)."""
+    if name == "sha256":
+        return hashlib.sha256()
+    if name == "xxh3_128":
+        import xxhash  # lazy: `import ember` stays light
+
+        return xxhash.xxh3_128()
+    raise ValueError(f"Unknown checkpoint hash {name!r}; this ember knows {', '.join(HASH_NAMES)}.")
+
+
+def hash_file(path: str | os.PathLike[str], name: str = HASH_NAME) -> str:
+    """The `name` digest of the file at `path`, read in chunks into one reused buffer."""
+    digest = new_hasher(name)
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+# Digests of files written through this module: path -> (size, mtime_ns, inode, digest). An entry
 # counts only while the file still has that size, time and inode, so a file rewritten by other code
 # is re-hashed rather than trusted.
 _DIGESTS: dict[str, tuple[int, int, int, str]] = {}
@@ -155,12 +187,15 @@ _DIGESTS_LOCK = threading.Lock()
 
 
 def write_bytes(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview]) -> None:
-    """Write `chunks` to `path`, hashing them on the way (see `known_sha256`)."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as fh:
+    """Write `chunks` to `path`, hashing them on the way (see `known_digest`)."""
+    digest = new_hasher(HASH_NAME)
+    # Unbuffered: large chunks go straight to write(2) with no copy through Python's file buffer.
+    with open(path, "wb", buffering=0) as fh:
         for chunk in chunks:
-            digest.update(chunk)  # hashlib drops the GIL for large buffers: async saves overlap
-            fh.write(chunk)
+            digest.update(chunk)
+            view = memoryview(chunk)
+            while view:  # a raw write may take fewer bytes than asked
+                view = view[fh.write(view) :]
     st = os.stat(path)
     with _DIGESTS_LOCK:
         _DIGESTS[os.fspath(Path(path).absolute())] = (
@@ -175,9 +210,9 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, [text.encode("utf-8")])
 
 
-def known_sha256(path: Path) -> str | None:
-    """The sha256 recorded when `path` was written by `write_bytes`, if the file is unchanged since;
-    the record is consumed."""
+def known_digest(path: Path) -> str | None:
+    """The `HASH_NAME` digest recorded when `path` was written by `write_bytes`, if the file is
+    unchanged since; the record is consumed."""
     with _DIGESTS_LOCK:
         record = _DIGESTS.pop(os.fspath(path.absolute()), None)
     if record is None:

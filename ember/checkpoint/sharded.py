@@ -93,15 +93,47 @@ def save_sharded(
     """Write this rank's shards into `folder/sharded/` (collective over `process_group`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from .state_io import save_state
 
     target = folder / SHARDED_DIR
     target.mkdir(exist_ok=True)
     writer = HuggingFaceStorageWriter(str(target), save_distributed=True)
-    dcp.save(_unshare(tensors, set()), storage_writer=writer, process_group=process_group)
+    try:
+        dcp.save(_unshare(tensors, set()), storage_writer=writer, process_group=process_group)
+    except CheckpointException as exc:
+        # A BaseException: left alone it would pass the checkpoint protocol's cleanup by.
+        raise shard_write_error(exc, target) from None
     if is_main:
         save_state(groups, folder, GROUPS_NAME)
+
+
+class PeerWriteError(OSError):
+    """Another rank could not write its shards (this rank's own went through); carries that rank's
+    error so every rank can say why the checkpoint failed."""
+
+    peer_failure = True
+
+
+def shard_write_error(exc: Any, target: Path) -> BaseException:
+    """The error to raise on this rank for a failed DCP save (`CheckpointException`, which every
+    rank receives with each failed rank's exception): this rank's own when it failed, else a
+    `PeerWriteError` with the first failed rank's reason."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    failures: dict[int, Any] = dict(exc.failures)
+    if rank in failures:
+        own = failures[rank][0]
+        if isinstance(own, OSError) and own.filename is None:
+            own.filename = str(target)  # DCP's stream writes name no file
+        return own if isinstance(own, Exception) else RuntimeError(f"{type(own).__name__}: {own}")
+    first = min(failures)
+    cause = failures[first][0]
+    if isinstance(cause, OSError):
+        return PeerWriteError(cause.errno, cause.strerror or str(cause), cause.filename or str(target))
+    return PeerWriteError(None, f"rank {first}: {type(cause).__name__}: {cause}")
 
 
 def load_sharded(

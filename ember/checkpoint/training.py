@@ -9,7 +9,7 @@ Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never
     optimizer.{safetensors,json}                                    # optimizer.state_dict()
     trainer.{safetensors,json}     # scheduler, precision (grad scaler), data position, loss totals
     rank-<r>.{safetensors,json}    # per process: RNG states, its share of the running loss
-    manifest.json                  # written last: sizes and sha256 of every file above
+    manifest.json                  # written last: sizes and hashes (xxh3_128) of every file above
 
 Every part is a `state_dict()`; this module only moves those dicts. It receives the parts by name
 (`Parts`: model, optimizer, scheduler, precision, progress, sampler, callbacks, rng, and the
@@ -242,21 +242,28 @@ def _warn_on_changed_shape(
         )
 
 
-def _keep_saved_intervals(state: TrainerState, saved: TrainerState, folder: Path) -> None:
+def _keep_saved_intervals(
+    state: TrainerState, saved: TrainerState, folder: Path, per_device_batch: int | None = None
+) -> None:
     """As transformers: the checkpoint's logging/eval/save intervals go on; say so when args differ."""
+    # One warning, each difference worded as transformers words it (scripts and tests grep it).
+    lines = []
     for kind in ("logging_steps", "eval_steps", "save_steps"):
         old, new = getattr(saved, kind), getattr(state, kind)
         if old != new:
-            logger.warning(
-                "Resuming from %s: %s is %s in the checkpoint and %s in the arguments; the run goes on "
-                "with the checkpoint's %s (as transformers does). Start a new run to change it.",
-                folder,
-                kind,
-                old,
-                new,
-                old,
-            )
+            lines.append(f"\n\t{kind}: {new} (from args) != {old} (from trainer_state.json)")
             setattr(state, kind, old)
+    if per_device_batch is not None and saved.train_batch_size and per_device_batch != saved.train_batch_size:
+        lines.append(
+            f"\n\tper_device_train_batch_size: {per_device_batch} (from args) != "
+            f"{saved.train_batch_size} (from trainer_state.json)"
+        )
+    if lines:
+        logger.warning(
+            f"Resuming from {folder}: these arguments differ from the checkpoint's trainer_state.json; "
+            "the logging/eval/save intervals go on as the checkpoint has them (as transformers does):"
+            + "".join(lines)
+        )
 
 
 def save_checkpoint(
@@ -305,13 +312,15 @@ def resume(
 ) -> Path:
     """Load `checkpoint` (or, with True, the newest complete one in output_dir) into the parts and
     `state`; returns the folder it came from."""
-    folder = _checkpoint_folder(args.output_dir, checkpoint, deep=args.verify_checkpoints)
+    folder = _agreed_checkpoint_folder(strategy, args, checkpoint)
     saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))  # checked by the line above
     # A moved run folder still names its best checkpoint by the old path: find it in this one.
     saved.best_model_checkpoint = relocate_in_run(
         saved.best_model_checkpoint, args.output_dir, folder / TRAINER_STATE_NAME
     )
-    _keep_saved_intervals(state, saved, folder)
+    # With auto_find_batch_size the saved batch is the one found, not a changed argument.
+    batch = None if args.auto_find_batch_size else args.per_device_train_batch_size
+    _keep_saved_intervals(state, saved, folder, batch)
     for name in _RESUMED_STATE_FIELDS:
         setattr(state, name, getattr(saved, name))
     restore_training_state(parts, strategy, args, folder)
@@ -332,6 +341,30 @@ def resume(
         parts.progress.step_in_epoch,
     )
     return folder
+
+
+def _agreed_checkpoint_folder(strategy: Strategy, args: TrainingArguments, checkpoint: str | bool) -> Path:
+    """The checkpoint folder to resume from, checked (hashes too unless `verify_checkpoints=False`)
+    by the main process alone and sent to every rank, so the files are hashed once, not once per
+    rank, and every rank resumes from the same folder or stops with the same error."""
+    deep = args.verify_checkpoints
+    if strategy.world_size == 1:
+        return _checkpoint_folder(args.output_dir, checkpoint, deep)
+    found: Path | None = None
+    error: Exception | None = None
+    failure: tuple[bool, str] | None = None
+    if strategy.is_main:
+        try:
+            found = _checkpoint_folder(args.output_dir, checkpoint, deep)
+        except Exception as exc:  # any error: the other ranks wait for the answer
+            error, failure = exc, (isinstance(exc, ValueError), str(exc))
+    name, failure = strategy.broadcast_object((str(found) if found is not None else None, failure))
+    if error is not None:
+        raise error
+    if failure is not None:
+        is_value_error, message = failure
+        raise (ValueError if is_value_error else CheckpointError)(message)
+    return Path(name)
 
 
 def _checkpoint_folder(output_dir: str, checkpoint: str | bool, deep: bool) -> Path:

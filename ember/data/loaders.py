@@ -70,6 +70,12 @@ def _worker_kwargs(args: TrainingArguments) -> dict[str, Any]:
         kwargs["worker_init_fn"] = seed_worker
         if args.dataloader_prefetch_factor is not None:
             kwargs["prefetch_factor"] = args.dataloader_prefetch_factor
+        if args.dataloader_multiprocessing_context is not None:
+            kwargs["multiprocessing_context"] = args.dataloader_multiprocessing_context
+        if not args.dataloader_in_order:
+            # Workers hand batches over as they finish; the run's order (and so an exact resume)
+            # then depends on timing, which the user chose.
+            kwargs["in_order"] = False
     return kwargs
 
 

@@ -67,16 +67,39 @@ def concat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-class _Accumulator:
-    """Collects tensors (or tuples of tensors) batch by batch; offloads to CPU every `every` batches."""
+class GatheredObjects(list):  # type: ignore[type-arg]
+    """Python objects of every rank's batch (`eval_use_gather_object`): one leaf to the evaluation
+    loop, whose batches are concatenated as lists, not tensors."""
 
-    def __init__(self, every: int | None) -> None:
+
+def _concat(parts: list[Any]) -> Any:
+    if isinstance(parts[0], GatheredObjects):
+        return GatheredObjects(item for part in parts for item in part)
+    return concat_padded(parts)
+
+
+def _to_host(value: Any) -> Any:
+    return list(value) if isinstance(value, GatheredObjects) else _numpy(value)
+
+
+class _Accumulator:
+    """Collects tensors (or tuples of tensors) batch by batch; offloads to CPU every `every` batches.
+
+    With `concat=False` (`eval_do_concat_batches=False`) the result is the list of the batches'
+    outputs, each as it came (sequence lengths may differ), as transformers returns them.
+    """
+
+    def __init__(self, every: int | None, concat: bool = True) -> None:
         self.every = every
+        self.concat = concat
         self.device_parts: list[Any] = []
         self.cpu_parts: list[Any] = []
 
     def add(self, value: Any) -> None:
         if value is None:
+            return
+        if not self.concat:
+            self.cpu_parts.append(_map(_to_host, value))
             return
         self.device_parts.append(value)
         if self.every and len(self.device_parts) >= self.every:
@@ -84,19 +107,27 @@ class _Accumulator:
 
     def offload(self) -> None:
         if self.device_parts:
-            self.cpu_parts.append(_map(lambda *ts: concat_padded(list(ts)).cpu(), *self.device_parts))
+            self.cpu_parts.append(_map(lambda *ts: _cpu(_concat(list(ts))), *self.device_parts))
             self.device_parts = []
 
     def result(self) -> Any:
         self.offload()
         if not self.cpu_parts:
             return None
-        return _map(lambda *ts: _numpy(concat_padded(list(ts))), *self.cpu_parts)
+        if not self.concat:
+            return list(self.cpu_parts)
+        return _map(lambda *ts: _to_host(_concat(list(ts))), *self.cpu_parts)
+
+
+def _cpu(value: Any) -> Any:
+    return value if isinstance(value, GatheredObjects) else value.cpu()
 
 
 def _map(fn: Callable[..., Any], *values: Any) -> Any:
     """Apply `fn` across parallel nested tuples/lists of tensors (logits may be a tuple)."""
     first = values[0]
+    if isinstance(first, GatheredObjects):
+        return fn(*values)
     if isinstance(first, (tuple, list)):
         return type(first)(_map(fn, *inner) for inner in zip(*values))
     if isinstance(first, Mapping):
@@ -143,7 +174,9 @@ def evaluation_loop(
     model = host.model_for_eval()
     model.eval()
 
-    accumulators = tuple(_Accumulator(args.eval_accumulation_steps) for _ in range(4))
+    accumulators = tuple(
+        _Accumulator(args.eval_accumulation_steps, args.eval_do_concat_batches) for _ in range(4)
+    )
     loss_sums = _LossSums(strategy.device)
     num_samples = 0
     metrics: dict[str, Any] = {}
@@ -168,12 +201,15 @@ def evaluation_loop(
             strategy,
             (logits, batch_labels, batch.get("input_ids") if want_inputs else None, batch_losses),
             rows_left,
+            args.eval_use_gather_object,
         )
         if outputs[0] is not None and host.preprocess_logits_for_metrics is not None:
             outputs = (host.preprocess_logits_for_metrics(outputs[0], outputs[1]), *outputs[1:])
         if batch_metrics:
             metrics = _batch_metrics(host, outputs, batch, is_last) or metrics
-        elif not loss_only:
+        # predict() returns its predictions whatever the metrics do (as transformers); evaluate()
+        # with batch_eval_metrics keeps nothing, which is what the option is for.
+        if not loss_only and (not batch_metrics or description == "Prediction"):
             for acc, value in zip(accumulators, outputs):
                 acc.add(value)
         host._fire("on_prediction_step")
@@ -236,10 +272,13 @@ def _mean_loss(sums: torch.Tensor, num_samples: int, filter_nan_inf: bool) -> fl
 
 
 def _gathered(
-    strategy: Strategy, values: tuple[Any, ...], rows_left: int | None
+    strategy: Strategy, values: tuple[Any, ...], rows_left: int | None, objects: bool = False
 ) -> tuple[tuple[Any, ...], int | None]:
-    """Gather a batch's outputs from every rank; cut the rows that only pad the last batches."""
-    values = tuple(_gather(strategy, v) for v in values)
+    """Gather a batch's outputs from every rank; cut the rows that only pad the last batches.
+
+    With `objects` (`eval_use_gather_object`), outputs that are not tensors (strings, lists of
+    Python values a custom prediction_step returns) are gathered as objects, in rank order."""
+    values = tuple(_gather(strategy, v, objects) for v in values)
     rows = _rows(*values)
     if rows_left is not None and rows >= 0:
         keep = min(rows, rows_left)
@@ -271,13 +310,32 @@ def _with_last(iterable: Iterable[Any]) -> Iterable[tuple[bool, Any]]:
     yield True, current
 
 
-def _gather(strategy: Strategy, value: Any) -> Any:
-    return None if value is None else _map(strategy.gather, value)
+def _gather(strategy: Strategy, value: Any, objects: bool = False) -> Any:
+    if value is None:
+        return None
+    if objects and not _all_tensors(value):
+        parts = strategy.gather_object(value)
+        if isinstance(value, (list, tuple)):
+            return GatheredObjects(item for part in parts for item in part)
+        return GatheredObjects(parts)
+    return _map(strategy.gather, value)
+
+
+def _all_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return all(_all_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_tensors(v) for v in value)
+    return False
 
 
 def _rows(*values: Any) -> int:
     """Length of dim 0 of the first tensor found in `values` (nested tuples/dicts allowed)."""
     for value in values:
+        if isinstance(value, GatheredObjects):
+            return len(value)
         if isinstance(value, torch.Tensor):
             return int(value.shape[0]) if value.dim() else 1
         if isinstance(value, Mapping):
@@ -290,7 +348,12 @@ def _rows(*values: Any) -> int:
 
 
 def _first_rows(value: Any, n: int) -> Any:
-    return None if value is None else _map(lambda t: t[:n] if t.dim() else t, value)
+    def first(t: Any) -> Any:
+        if isinstance(t, GatheredObjects):
+            return GatheredObjects(t[:n])
+        return t[:n] if t.dim() else t
+
+    return None if value is None else _map(first, value)
 
 
 def _batch_size(batch: Any) -> int:

@@ -28,14 +28,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ember")
 
-_CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory", "out of memory")
+# The CPU allocator's words, and what older torch and some kernels raise as a plain RuntimeError
+# on an accelerator ("CUDA out of memory.", "CUDA error: out of memory", cuDNN's refusal to run).
+_OOM_MESSAGES = ("can't allocate memory", "not enough memory", "out of memory", "CUDNN_STATUS_NOT_SUPPORTED")
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     """torch.OutOfMemoryError (CUDA, MPS), and the RuntimeErrors the CPU allocator raises."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in _CPU_OOM_MESSAGES)
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _OOM_MESSAGES)
 
 
 def split_batch(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
@@ -102,6 +104,15 @@ class MicroBatchSplit:
             # Out of the except block, so the failed attempt's frames (and their activations) are freed.
             self._shrink(host)
             restore_rng_state(rng)
+
+    def shrink_after_step(self, host: StepHost, error: BaseException) -> bool:
+        """An out-of-memory error raised after the step's update (a callback's memory check, as
+        transformers' tests raise it in on_step_end): the update stands, and the following steps
+        use micro-batches half as large. False when this is not an error to shrink for."""
+        if not self.enabled or not is_out_of_memory(error) or self.micro_batch_size <= 1:
+            return False
+        self._shrink(host)
+        return True
 
     def _shrink(self, host: StepHost) -> None:
         assert host.optimizer is not None

@@ -40,6 +40,9 @@ class StepHost(Protocol):
     step_guard: StepGuard
     model_wrapped: nn.Module
     _progress: RunProgress
+    #: False while a micro-batch's gradients stay local (all but the last of a step): what
+    #: `accelerator.sync_gradients` reports to a custom training_step.
+    _sync_gradients: bool
 
     @property
     def scheduler_waits_for_metrics(self) -> bool: ...
@@ -98,11 +101,13 @@ def run_optimizer_step(host: StepHost, model: nn.Module, micro_batches: list[dic
         if i < last and int(counts[i]) == 0:
             host._fire("on_substep_end")
             continue
+        host._sync_gradients = i == last
         with strategy.no_sync(model, sync=i == last):
             step_loss += host.training_step(model, batch, total)
         if i < last:
             host._fire("on_substep_end")
 
+    host._sync_gradients = True
     optimizer = host.optimizer
     assert optimizer is not None, "train() builds the optimizer before the first step"
     grad_norm = None

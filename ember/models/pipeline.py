@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -70,10 +71,12 @@ def label_smoothing_for(model: nn.Module, factor: float) -> float:
     are independent 0/1 targets of a BCE loss, which smoothing over classes does not fit)."""
     config = getattr(base_model(model), "config", None)
     if factor > 0 and getattr(config, "problem_type", None) == "multi_label_classification":
-        logger.warning(
-            "label_smoothing_factor=%s is ignored: the model is a multi-label classifier "
+        # A UserWarning, as transformers gives it (its tests and users filter it as one).
+        warnings.warn(
+            f"label_smoothing_factor={factor} is ignored: the model is a multi-label classifier "
             "(config.problem_type='multi_label_classification'), whose loss smoothing does not apply to.",
-            factor,
+            UserWarning,
+            stacklevel=3,
         )
         return 0.0
     return factor

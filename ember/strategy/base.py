@@ -95,6 +95,9 @@ class Strategy(Protocol):
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rows of every data-parallel rank, rank 0's first, concatenated on dim 0."""
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, in rank order (a list of one on one process)."""
+
     def any_rank(self, flag: bool) -> bool: ...
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:

@@ -76,6 +76,12 @@ class MultiProcess(SingleDevice):
         rows = shapes[:, 0].tolist()
         return torch.cat([gathered[r, : rows[r]] for r in range(self.world_size)], dim=0)
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        with collective("all_gather_object", self.rank):
+            dist.all_gather_object(out, obj)
+        return out
+
     def any_rank(self, flag: bool) -> bool:
         value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._flag_device)
         with collective("agreeing on a flag (all_reduce max)", self.rank):
@@ -140,10 +146,11 @@ class MultiProcess(SingleDevice):
             except Exception as exc:
                 error = exc
         failed = torch.zeros(self.world_size, dtype=torch.int32)
-        failed[self.rank] = int(error is not None)
+        # A peer's failure reported through this rank (DCP tells every rank) is counted where it happened.
+        failed[self.rank] = int(error is not None and not getattr(error, "peer_failure", False))
         with collective(f"agreeing on checkpoint {final_dir.name}", self.rank):
             dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self._checkpoint_group)
-        if not bool(failed.any()):
+        if not bool(failed.any()) and error is None:
             return
         ranks = [r for r, bad in enumerate(failed.tolist()) if bad]
         cause = error or RuntimeError(f"on rank(s) {ranks}, see their log")

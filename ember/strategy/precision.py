@@ -96,6 +96,11 @@ class Fp16Precision(Precision):
         return self.scaler.scale(loss)
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        # A subclass's training_step may clip (accelerator.clip_grad_norm_) before the step clips;
+        # GradScaler refuses a second unscale_ in one step, and the gradients are unscaled already.
+        state = self.scaler._per_optimizer_states.get(id(optimizer))
+        if state is not None and state["stage"] is torch.amp.grad_scaler.OptState.UNSCALED:
+            return
         self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:

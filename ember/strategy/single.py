@@ -161,6 +161,9 @@ class SingleDevice:
         """Rows of every rank, rank 0's first, on dim 0: on one process, `tensor` itself."""
         return tensor
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
     def any_rank(self, flag: bool) -> bool:
         """True if any rank says True: used to agree on stopping or saving."""
         return flag

@@ -21,6 +21,7 @@ from ..engine.evaluation_loop import ignore_keys_at_inference, labels_of, logits
 from ..engine.optimizers import optimizer_eval_mode
 from ..outputs import EvalLoopOutput, PredictionOutput
 from ..telemetry.memory import MemoryTracker
+from .full_eval import full_eval_model
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
@@ -94,7 +95,8 @@ class TrainerEvaluation:
 
     # -- evaluate and predict ------------------------------------------------------------------------
     def model_for_eval(self) -> nn.Module:
-        return self.model_wrapped if self.model_wrapped is not None else self.model
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        return full_eval_model(model, self.args, getattr(self, "is_in_train", False))
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"

@@ -48,7 +48,7 @@ from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_step
 from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import TrainOutput
-from ..strategy import build_strategy
+from ..strategy import build_strategy, fsdp_enabled
 from ..strategy.env import PeerFailure
 from ..strategy.peers import (
     AFTER_STEP,
@@ -66,8 +66,10 @@ from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
 from ..telemetry.throughput import Throughput, device_peak_flops, model_flops_per_token
 from ..utils import enable_full_determinism, set_seed, to_device
+from .accelerator import EmberAccelerator
 from .evaluation import TrainerEvaluation
 from .logs import TrainerLogging
+from .run_log import log_training_start
 from .surface import TrainerSurface
 
 if TYPE_CHECKING:
@@ -100,6 +102,9 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         self.args = args if args is not None else TrainingArguments()
+        # As transformers: what building the trainer (model placement included) cost, reported once
+        # with the first train()'s metrics.
+        init_memory = MemoryTracker(not self.args.skip_memory_metrics).start("init")
         checks.check_trainer_inputs(model, model_init, optimizers, optimizer_cls_and_kwargs)
         check_eval_dataset(self.args, eval_dataset is not None)
         self.strategy = build_strategy(self.args)
@@ -134,10 +139,13 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         self._train_batch_sampler: Any = None
         self._current_flos = 0.0
         self._step_lr = 0.0
+        self._sync_gradients = True
+        self.is_in_train = False
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
         self.model = self.model_wrapped = self.strategy.place_model(self.model)
+        self._init_memory_metrics = init_memory.stop("init")
         self._fire("on_init_end")
 
     @property
@@ -149,10 +157,35 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     def precision(self, value: Precision) -> None:
         self.strategy.precision = value
 
+    @property
+    def accelerator(self) -> EmberAccelerator:
+        """accelerate's `Accelerator` members that subclasses call, over this run's strategy."""
+        return EmberAccelerator(self)
+
+    @property
+    def is_deepspeed_enabled(self) -> bool:
+        return bool(self.args.deepspeed)
+
+    @property
+    def is_fsdp_enabled(self) -> bool:
+        return fsdp_enabled(self.args.fsdp)
+
     def _fire(self, event: str, **kwargs: Any) -> None:
         """Fire a callback event; a callback may hand back a new control object, which is kept."""
         handler = getattr(self.callback_handler, event)
         self.control = handler(self.args, self.state, self.control, **kwargs)
+
+    def _fire_step_end(self) -> None:
+        try:
+            self._fire("on_step_end")
+        except Exception as error:
+            if not self._batch_split.shrink_after_step(self, error):
+                raise
+
+    @property
+    def _train_batch_size(self) -> int:
+        """transformers' name for the per-device micro-batch size (what auto_find_batch_size found)."""
+        return self._batch_split.micro_batch_size
 
     def _new_step_parts(self) -> None:
         """Fresh run-state parts (position and loss, micro-batch split, step guard) for a new run."""
@@ -251,6 +284,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         from ..checkpoint.run_folder import hold_output_dir
 
         checks.check_output_dir_writable(self.args.output_dir)
+        self.is_in_train = True
         # One writer per output_dir: a second run there is refused before it touches anything.
         with hold_output_dir(self.args.output_dir, self.strategy):
             self._peers = build_watch(self.strategy, self.args.peer_stall_timeout).start()
@@ -263,6 +297,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
                 raise
             finally:
                 self._peers.stop()
+                self.is_in_train = False
 
     def _raise_by_name(self, error: BaseException) -> None:
         """Across ranks, a failure names its rank, step and cause on every rank (strategy/peers.py):
@@ -299,6 +334,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         self.model_wrapped = model
         self.callback_handler.optimizer = self.optimizer
         self._begin_state(plan)
+        log_training_start(self, plan, loader)
         resume_from_checkpoint = self._resume_target(resume_from_checkpoint)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
@@ -328,7 +364,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
                     self._step_lr = step.learning_rate
                     self._advance(epoch, micro_batches, plan)
                     mark(now, STEP_END)
-                    self._fire("on_step_end")
+                    self._fire_step_end()
                     mark(now, BOUNDARY)
                     if self.strategy.any_rank(preemption.requested):
                         self.control.should_save = self.control.should_training_stop = True
@@ -532,6 +568,12 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             self._save_checkpoint(metrics)
             self._fire("on_save")
 
+    def _load_callback_state(self) -> None:
+        """transformers' name: restore the callbacks' and control's state from
+        `self.state.stateful_callbacks` (resume does this), if restore_callback_states_from_checkpoint."""
+        if self.args.restore_callback_states_from_checkpoint:
+            self._stateful_parts().callbacks.load_state_dict(self.state.stateful_callbacks)
+
     def _stateful_parts(self) -> Parts:
         """The run's state as named parts, for checkpoint code (which never sees the trainer)."""
         from ..checkpoint.rng import RngState
@@ -641,6 +683,8 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         metrics["train_loss"] = train_loss
         metrics["epoch"] = float(self.state.epoch or 0.0)
         metrics.update(self._memory.stop("train"))
+        metrics.update(self._init_memory_metrics)
+        self._init_memory_metrics = {}
         self.log(dict(metrics))
         self._fire("on_train_end")
         return TrainOutput(self.state.global_step, train_loss, metrics)

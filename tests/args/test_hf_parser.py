@@ -252,7 +252,6 @@ def _entry_paths(tmp_path: Path, name: str, value: Any, flags: list[str]) -> dic
 @pytest.mark.parametrize(
     ("name", "value", "flags"),
     [
-        ("eval_do_concat_batches", False, ["--no_eval_do_concat_batches"]),
         ("hub_always_push", True, ["--hub_always_push"]),
         ("push_to_hub", True, ["--push_to_hub"]),
         ("hub_revision", "v1", ["--hub_revision", "v1"]),

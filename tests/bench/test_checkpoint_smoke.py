@@ -70,13 +70,23 @@ def test_checkpoint_bench_smoke(tmp_path: Path) -> None:
     assert saves["async_ok"] is True, saves["checks"]
     assert saves["checks"][0]["tensor_files_compared"] > 0 and not saves["checks"][0]["problems"]
 
-    assert {"take_snapshot_copy", "write_manifest_fsync_and_sha256"} <= set(profile["save"])
-    assert {"verify_deep_sha256", "resume_to_first_step"} <= set(profile["load"])
+    assert {"take_snapshot_copy", "write_manifest_fsync_and_hash"} <= set(profile["save"])
+    assert {"verify_deep_hash", "resume_to_first_step"} <= set(profile["load"])
+    disk = result["disk"]
+    assert disk["bytes"] > 0 and disk["files"] >= 8
+    for key in ("save_fraction_of_disk", "load_fraction_of_disk", "disk_write_MBps", "sync_save_MBps"):
+        assert disk[key] > 0, key
+    assert disk["hash_seconds_per_GB"]["xxh3_128"] < disk["hash_seconds_per_GB"]["sha256"]
 
     bad = [(path, value) for path, value in _numbers(result) if not math.isfinite(value)]
     assert not bad, bad
 
     text = (tmp_path / "checkpoint-smoke.md").read_text()
-    for heading in ("## 1. Resume time", "## 2. What a save blocks", "## 3. Where the time goes"):
+    for heading in (
+        "## 1. Resume time",
+        "## 2. What a save blocks",
+        "## 3. Where the time goes",
+        "## 4. Against the disk",
+    ):
         assert heading in text
     assert "nan" not in text.lower() and "inf " not in text.lower()

@@ -34,10 +34,10 @@ def test_writes_manifest_last_and_renames(tmp_path: Path) -> None:
     final = write_ckpt(tmp_path, 5)
     assert final.is_dir() and not (tmp_path / "checkpoint-5.tmp").exists()
     manifest = json.loads((final / "manifest.json").read_text())
-    assert manifest["format"] == "ember-checkpoint" and manifest["version"] == 1
+    assert manifest["format"] == "ember-checkpoint" and manifest["version"] == 2
     assert set(manifest["files"]) == {"model.safetensors", "sub/state.json"}
     assert manifest["files"]["model.safetensors"]["size"] == 700
-    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
+    assert len(manifest["files"]["model.safetensors"]["xxh3_128"]) == 32
     assert verify_checkpoint(final) is None and is_complete_checkpoint(final)
     assert get_last_checkpoint(tmp_path) == str(final)
 

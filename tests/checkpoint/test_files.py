@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ember.checkpoint.files import known_sha256, save_safetensors
+from ember.checkpoint.files import known_digest, save_safetensors
 
 
 def test_hashing_writer_round_trips_every_dtype(tmp_path: Path) -> None:
@@ -37,8 +37,8 @@ def test_hashing_writer_round_trips_every_dtype(tmp_path: Path) -> None:
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
     with safe_open(str(path), framework="pt") as fh:
         assert fh.metadata() == {"format": "pt"}
-    assert known_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert known_sha256(path) is None  # consumed
+    assert known_digest(path) == xxhash.xxh3_128(path.read_bytes()).hexdigest()
+    assert known_digest(path) is None  # consumed
 
 
 def test_a_file_changed_after_writing_is_not_trusted(tmp_path: Path) -> None:
@@ -47,4 +47,4 @@ def test_a_file_changed_after_writing_is_not_trusted(tmp_path: Path) -> None:
     before = os.stat(path)
     path.write_bytes(path.read_bytes()[:-1] + b"\x01")  # same size, same inode
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1000))  # coarse clocks: make it differ
-    assert known_sha256(path) is None  # so write_manifest hashes the file itself
+    assert known_digest(path) is None  # so write_manifest hashes the file itself

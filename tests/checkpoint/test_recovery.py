@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from ember import Trainer, TrainerCallback, TrainingArguments
@@ -59,7 +60,7 @@ def _rewrite(folder: Path, name: str, data: bytes) -> None:
     """Change a file and its manifest entry consistently, as a crafted checkpoint would."""
     (folder / name).write_bytes(data)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"][name] = {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -224,41 +225,79 @@ def test_json_reader_bounds(tmp_path: Path) -> None:
 def test_same_size_corruption(tmp_path: Path, reference, caplog) -> None:
     out = _crashed_run(tmp_path / "run")
     folder = out / "checkpoint-6"
-    # Bad JSON of the same length passes the size check; the error names the file.
+    # Bad JSON of the same length passes the size check; the hash, or without it the JSON reader,
+    # finds it, and the error names the file.
     text = (folder / "trainer.json").read_text()
     (folder / "trainer.json").write_text("#" + text[1:])
     assert verify_checkpoint(folder, deep=False) is None
-    with pytest.raises(CheckpointError, match=r"checkpoint-6/trainer\.json is not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"trainer\.json: xxh3_128 hash mismatch"):
         _trainer(out).train(resume_from_checkpoint=str(folder))
+    with pytest.raises(CheckpointError, match=r"checkpoint-6/trainer\.json is not valid JSON"):
+        _trainer(out, verify_checkpoints=False).train(resume_from_checkpoint=str(folder))
     (folder / "trainer.json").write_text(text)
-    # A flipped byte in the weights: only the hash check sees it (verify_checkpoints=True).
+    # A flipped byte in the weights: only the hash check sees it, and resume checks it by default.
     weights = bytearray((folder / "model.safetensors").read_bytes())
     weights[-1] ^= 0xFF
     (folder / "model.safetensors").write_bytes(bytes(weights))
-    with pytest.raises(CheckpointError, match="model.safetensors: sha256 hash mismatch"):
-        _trainer(out, verify_checkpoints=True).train(resume_from_checkpoint=str(folder))
-    resumed = _trainer(out, verify_checkpoints=True)
+    with pytest.raises(CheckpointError, match="model.safetensors: xxh3_128 hash mismatch"):
+        _trainer(out).train(resume_from_checkpoint=str(folder))
+    resumed = _trainer(out)
     with caplog.at_level("WARNING"):
         resumed.train(resume_from_checkpoint=True)
-    assert "Skipping checkpoint" in caplog.text and "sha256 hash mismatch" in caplog.text
+    assert "Skipping checkpoint" in caplog.text and "xxh3_128 hash mismatch" in caplog.text
     assert _same(final_state(resumed), reference)
+    # verify_checkpoints=False skips the hashes (sizes only): the changed file is loaded as it is.
+    unchecked = _trainer(out, verify_checkpoints=False)
+    unchecked.train(resume_from_checkpoint=str(folder))
+    assert unchecked.state.global_step == resumed.state.global_step
+
+
+def test_a_manifest_of_an_older_ember_is_checked_with_its_sha256(tmp_path: Path, reference) -> None:
+    out = _crashed_run(tmp_path / "run")
+    folder = out / "checkpoint-6"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    old = {
+        name: {"size": info["size"], "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+        for name, info in manifest["files"].items()
+    }
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "version": 1, "files": old}))
+    assert verify_checkpoint(folder) is None
+    resumed = _trainer(out)
+    resumed.train(resume_from_checkpoint=str(folder))
+    assert _same(final_state(resumed), reference)
+    weights = bytearray((folder / "model.safetensors").read_bytes())
+    weights[0] ^= 0x01
+    (folder / "model.safetensors").write_bytes(bytes(weights))
+    assert verify_checkpoint(folder, deep=False) is None
+    with pytest.raises(CheckpointError, match="model.safetensors: sha256 hash mismatch"):
+        _trainer(out).train(resume_from_checkpoint=str(folder))
+
+
+def test_a_manifest_of_a_newer_ember_is_refused(tmp_path: Path) -> None:
+    out = _crashed_run(tmp_path / "run")
+    folder = out / "checkpoint-6"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(CheckpointError, match="manifest.json has version 99; this ember reads up to 2"):
+        _trainer(out).train(resume_from_checkpoint=str(folder))
 
 
 def test_manifest_hashes_are_taken_while_writing(tmp_path: Path, monkeypatch) -> None:
     from ember.checkpoint import atomic
 
     reread: list[str] = []
-    original = atomic.sha256_file
+    original = atomic.hash_file
 
-    def spy(path: Path) -> str:
+    def spy(path: Path, name: str = "xxh3_128") -> str:
         reread.append(path.name)
-        return original(path)
+        return original(path, name)
 
-    monkeypatch.setattr(atomic, "sha256_file", spy)
+    monkeypatch.setattr(atomic, "hash_file", spy)
     _trainer(tmp_path, max_steps=2).train()
     assert reread == []  # a plain module: every file of the checkpoint went through the hashing writer
     folder = tmp_path / "checkpoint-2"
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
     assert len(manifest) >= 8
     for name, info in manifest.items():
-        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == info["sha256"], name
+        assert xxhash.xxh3_128((folder / name).read_bytes()).hexdigest() == info["xxh3_128"], name

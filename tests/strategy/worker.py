@@ -236,6 +236,89 @@ def failing_checkpoint(out: Path) -> None:
         (out / "failing-rank1.json").write_text(json.dumps({"message": message}))
 
 
+class FileSizeLimit:
+    """A real write failure on this process only: RLIMIT_FSIZE makes the kernel refuse to grow any
+    file past `limit` bytes (write() fails with EFBIG, the way a quota or a full disk fails it),
+    while the other rank writes into the same folder unhindered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def __enter__(self) -> None:
+        import resource
+
+        self.saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.saved[1]))
+
+    def __exit__(self, *exc: Any) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.saved)
+
+
+def sharded_storage_fault(out: Path, extra: list[str]) -> None:
+    """FSDP: rank 1 cannot write its shard of checkpoint-4 (the kernel refuses the write): every
+    rank stops with the reason, no checkpoint-4 or temporary folder is left, checkpoint-2 stays
+    complete, and a fresh run resumes from it to the same weights as an uninterrupted run."""
+    from ember.checkpoint import CheckpointWriteError, sharded
+
+    save_async = "--async" in extra
+    name = "fault-async" if save_async else "fault"
+    original = sharded.save_sharded
+
+    def save_sharded(tensors: Any, groups: Any, folder: Path, is_main: bool, group: Any) -> None:
+        if RANK == 1 and folder.name.startswith("checkpoint-4"):
+            with FileSizeLimit(4096):  # the shard file is ~40 kB; the JSON beside it is rank 0's
+                return original(tensors, groups, folder, is_main, group)
+        return original(tensors, groups, folder, is_main, group)
+
+    # Past the limit the kernel sends SIGXFSZ before failing the write; ignored, the write is an
+    # error, not a killed process. Set here: an async save's thread cannot set signal handlers.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    sharded.save_sharded = save_sharded  # type: ignore[assignment]
+    run_dir = out / name
+    kw: dict[str, Any] = dict(
+        fsdp=True, save_strategy="steps", save_steps=2, max_steps=6, save_async=save_async
+    )
+    trainer = lm_trainer(str(run_dir), **kw)
+    message, step = "", -1
+    try:
+        trainer.train()
+    except CheckpointWriteError as exc:
+        message, step = str(exc), trainer.state.global_step
+    finally:
+        sharded.save_sharded = original  # type: ignore[assignment]
+    trainer.strategy.barrier()
+    names = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint"))
+    resumed = lm_trainer(str(run_dir), **kw)
+    resumed.train(resume_from_checkpoint=True)
+    (out / f"{name}-rank{RANK}.json").write_text(
+        json.dumps({"message": message, "step": step, "folders": names, "resumed_losses": losses(resumed)})
+    )
+    write(out, name, lm_state(resumed))
+    reference = lm_trainer(str(out / f"{name}-ref"), **{**kw, "save_strategy": "no"})
+    reference.train()
+    write(out, f"{name}-ref", lm_state(reference))
+
+
+def corrupt_shard(out: Path, extra: list[str]) -> None:
+    """Resume (both ranks) from --run's checkpoint-4, one of whose shard files had a byte flipped."""
+    from ember.checkpoint import CheckpointError
+
+    run = extra[0]
+    trainer = lm_trainer(run, fsdp=True, save_strategy="steps", save_steps=2, max_steps=6)
+    message = ""
+    try:
+        trainer.train(resume_from_checkpoint=str(Path(run) / "checkpoint-4"))
+    except CheckpointError as exc:
+        message = str(exc)
+    trainer.strategy.barrier()
+    fallback = lm_trainer(run, fsdp=True, save_strategy="steps", save_steps=2, max_steps=6)
+    fallback.train(resume_from_checkpoint=True)
+    (out / f"corrupt-rank{RANK}.json").write_text(json.dumps({"message": message}))
+    write(out, "corrupt-fallback", lm_state(fallback))
+
+
 def die(out: Path) -> None:
     """Rank 1 is killed mid-training; rank 0 must fail fast, not hang."""
     callbacks = [SignalAt(3, signal.SIGKILL)] if RANK == 1 else []
@@ -465,6 +548,8 @@ SUITES = {
     "locked": lambda out, o: locked(out),
     "nonfinite": lambda out, o: (nonfinite(out), spike(out, "spike-ddp")),
     "spike-fsdp": lambda out, o: spike(out, "spike-fsdp", fsdp=True),
+    "sharded-fault": sharded_storage_fault,
+    "corrupt-shard": corrupt_shard,
 }
 
 
