@@ -253,6 +253,16 @@ def peer_failure_message(what: str, rank: int, exc: BaseException) -> str:
     )
 
 
+_PEER_GONE = ("Connection closed by peer", "Connection reset", "Timed out", "timed out")
+
+
+def is_communication_error(exc: BaseException) -> bool:
+    """A collective failed (a peer died, raised or hung), as opposed to an error of this rank."""
+    if isinstance(exc, (PeerFailure, *_dist_errors())):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_GONE)
+
+
 @contextlib.contextmanager
 def collective(what: str, rank: int) -> Iterator[None]:
     """Turn a low-level communication error into `PeerFailure` that says what probably happened."""
@@ -263,9 +273,7 @@ def collective(what: str, rank: int) -> Iterator[None]:
         raise PeerFailure(peer_failure_message(what, rank, exc)) from exc
     except RuntimeError as exc:
         text = str(exc)
-        if any(
-            s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out")
-        ):
+        if any(s in text for s in _PEER_GONE):
             mark_failed()
             raise PeerFailure(peer_failure_message(what, rank, exc)) from exc
         raise

@@ -49,7 +49,7 @@ from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import TrainOutput
 from ..strategy import build_strategy, fsdp_enabled
-from ..strategy.env import PeerFailure
+from ..strategy.env import PeerFailure, is_communication_error
 from ..strategy.peers import (
     AFTER_STEP,
     BOUNDARY,
@@ -304,7 +304,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
         a rank stopped by a failed peer raises `PeerFailure` saying so; the failed rank tells them."""
         if isinstance(error, TrainingPreempted):
             return  # every rank stops together, by design
-        if not isinstance(error, PeerFailure | torch.distributed.DistError):
+        if not is_communication_error(error):
             # This rank's own error (also when every rank raises one, as a search's pruned trial
             # does): it stays what it is, and the other ranks are told.
             self._peers.report_failure(error)
