@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +28,16 @@ SHARDED_DIR = "sharded"
 GROUPS_NAME = "optimizer-groups"
 
 
-def split_tensors(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+class ShardedState(NamedTuple):
+    """One rank's share of model and optimizer state: `tensors` (a DCP state dict of DTensors,
+    {"model": ..., "optim": ...}, keyed by parameter names) and `groups` (the optimizer's
+    param_groups, plain values equal on every rank)."""
+
+    tensors: dict[str, Any]
+    groups: dict[str, Any]
+
+
+def split_tensors(state: Any) -> ShardedState:
     """(model + optimizer tensors for DCP, optimizer param_groups for JSON) from get_state_dict."""
     model_sd, optim_sd = state
     tensors: dict[str, Any] = {"model": model_sd}
@@ -36,12 +45,10 @@ def split_tensors(state: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if optim_sd:
         tensors["optim"] = optim_sd.get("state", {})
         groups["param_groups"] = optim_sd.get("param_groups", [])
-    return tensors, groups
+    return ShardedState(tensors, groups)
 
 
-def sharded_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> ShardedState:
     """This rank's share of model and optimizer state, keyed by parameter names (FQNs)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 

@@ -1,23 +1,11 @@
 """What a training checkpoint holds, and how a run's stateful parts go in and come back out.
 
-Layout of `checkpoint-N/` (everything but the model is safetensors + JSON, never pickle)::
-
-    config.json, model.safetensors[.index.json], tokenizer files   # as save_pretrained writes them
-    (a PEFT model: adapter_model.safetensors + adapter_config.json instead, see model.py)
-    trainer_state.json                                              # transformers' format
-    training_args.json
-    optimizer.{safetensors,json}                                    # optimizer.state_dict()
-    trainer.{safetensors,json}     # scheduler, precision (grad scaler), data position, loss totals
-    rank-<r>.{safetensors,json}    # per process: RNG states, its share of the running loss
-    manifest.json                  # written last: sizes and hashes (xxh3_128) of every file above
-
-Every part is a `state_dict()`; this module only moves those dicts. It receives the parts by name
-(`Parts`: model, optimizer, scheduler, precision, progress, sampler, callbacks, rng, and the
-batch split and step guard) with the
-strategy, which saves and loads model and optimizer however they are placed; it knows nothing of
-the object that runs the loop. A snapshot is taken on the training thread (copied to CPU when the
-write runs in the background), and the write touches only the snapshot, so training may go on
-while it runs.
+Every part is a `state_dict()`; this module only gathers those dicts and hands them to the
+`CheckpointIO` (io.py), which owns the file layout. It receives the parts by name (`Parts`, in
+parts.py) with the strategy, which saves and loads model and optimizer however they are placed,
+and knows nothing of the object that runs the loop. A snapshot is taken on the training thread
+(copied to CPU when the write runs in the background), and the write touches only the snapshot,
+so training may go on while it runs.
 """
 
 from __future__ import annotations
@@ -27,56 +15,35 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..callbacks.state import TrainerState
 from .atomic import find_resumable_checkpoint, load_checkpoint_dir
-from .files import CheckpointError, read_json, relocate_in_run, write_text
-from .model import load_model_files, save_model_files
+from .files import CheckpointError, read_json, relocate_in_run
+from .io import ARGS_NAME, OPTIMIZER, TRAINER, TRAINER_STATE_NAME, CheckpointIO, rank_name
+from .model import load_model_files
+from .parts import Parts, Stateful
 from .rotation import rotate_checkpoints
-from .state_io import load_state, save_state
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
-    from ..engine.run_position import RunProgress
     from ..strategy.base import Strategy
-    from .writer import CheckpointWriter
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE_NAME = "trainer_state.json"
-ARGS_NAME = "training_args.json"
-OPTIMIZER = "optimizer"
-TRAINER = "trainer"
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class Parts:
-    """The stateful parts of a run, by name. `model` and `optimizer` go through the strategy (they
-    may be wrapped or sharded); `scheduler` and `sampler` may be None; `callbacks` is stored in
-    trainer_state.json (`stateful_callbacks`), `rng` and the unlogged loss per rank."""
-
-    model: torch.nn.Module
-    optimizer: Any
-    scheduler: Stateful | None
-    precision: Stateful
-    progress: RunProgress
-    sampler: Stateful | None
-    callbacks: Stateful
-    rng: Stateful
-    batch_split: Stateful | None = None  # auto_find_batch_size's micro-batch split
-    guard: Stateful | None = None  # the step guard (engine/guards.py)
-
-
-def rank_name(rank: int) -> str:
-    return f"rank-{rank}"
+# Names scripts imported from here before the layout moved to io.py.
+__all__ = [
+    "ARGS_NAME",
+    "OPTIMIZER",
+    "TRAINER",
+    "TRAINER_STATE_NAME",
+    "Parts",
+    "Snapshot",
+    "Stateful",
+    "rank_name",
+]
 
 
 @dataclass
@@ -93,6 +60,7 @@ class Snapshot:
     rank_state: dict[str, Any] | None
     trainer_state_json: str
     args_json: str
+    io: CheckpointIO
 
 
 def take_snapshot(
@@ -102,9 +70,10 @@ def take_snapshot(
     state: TrainerState,
     processing_class: Any = None,
     staging: Any = None,
+    io: CheckpointIO | None = None,
 ) -> Snapshot:
     """Gather the state dicts of every part; with `staging` (a `StagingBuffers`), on CPU and
-    independent of training."""
+    independent of training. `io` writes it (a foreground one when None)."""
     only_model = args.save_only_model
     # Every rank asks (gathering a sharded model is a collective); only the main process keeps it.
     full_model = strategy.model_state_dict(parts.model)
@@ -145,21 +114,22 @@ def take_snapshot(
         rank_state=rank_state,
         trainer_state_json=state.to_json_string(),
         args_json=json.dumps(args.to_dict(), indent=2, sort_keys=True, default=str) + "\n",
+        io=io if io is not None else CheckpointIO(),
     )
 
 
 def write_snapshot(snap: Snapshot, folder: Path) -> None:
     """Write `snap` into `folder` (the temporary folder of an atomic checkpoint)."""
+    io = snap.io
     if snap.is_main:
-        save_model_files(snap.model, folder, snap.processing_class, state_dict=snap.model_state)
-        write_text(folder / TRAINER_STATE_NAME, snap.trainer_state_json)
-        write_text(folder / ARGS_NAME, snap.args_json)
+        io.write_model(folder, snap.model, snap.processing_class, snap.model_state)
+        io.write_run_files(folder, snap.trainer_state_json, snap.args_json)
         if snap.optimizer is not None:
-            save_state(snap.optimizer, folder, OPTIMIZER)
+            io.write_optimizer(folder, snap.optimizer)
         if snap.trainer is not None:
-            save_state(snap.trainer, folder, TRAINER)
+            io.write_trainer(folder, snap.trainer)
     if snap.rank_state is not None:
-        save_state(snap.rank_state, folder, rank_name(snap.rank))
+        io.write_rank(folder, snap.rank, snap.rank_state)
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
@@ -167,17 +137,20 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     load_model_files(model, folder)
 
 
-def restore_training_state(parts: Parts, strategy: Strategy, args: TrainingArguments, folder: Path) -> None:
+def restore_training_state(
+    parts: Parts, strategy: Strategy, args: TrainingArguments, folder: Path, io: CheckpointIO | None = None
+) -> None:
     """Put every part back as it was when `folder` was written."""
-    if not (folder / f"{TRAINER}.json").exists():
+    io = io if io is not None else CheckpointIO()
+    if not io.has_trainer(folder):
         raise ValueError(
             f"{folder} was written with save_only_model=True: it holds the model but no optimizer, "
             "scheduler or data position, so training cannot resume from it exactly. Load the model with "
             "from_pretrained and start a new run, or resume from a full checkpoint."
         )
-    strategy.load_model_and_optimizer(parts.model, parts.optimizer, folder)
-    shared = load_state(folder, TRAINER)
-    _warn_on_changed_shape(args, strategy.world_size, folder, shared)
+    strategy.load_checkpoint(parts, io, folder)
+    shared = io.read_trainer(folder)
+    _warn_on_changed_shape(args, strategy.world_size, io.args_path(folder), folder, shared)
     _warn_on_changed_sampler(parts.sampler, shared.get("sampler") or {})
     if parts.scheduler is not None and shared["scheduler"]:
         parts.scheduler.load_state_dict(shared["scheduler"])
@@ -189,9 +162,8 @@ def restore_training_state(parts: Parts, strategy: Strategy, args: TrainingArgum
         parts.batch_split.load_state_dict(shared["batch_split"])  # what auto_find_batch_size found
     if parts.guard is not None:
         parts.guard.load_state_dict(shared.get("guard") or {})  # step-guard counters, spike window
-    rank_file = folder / f"{rank_name(strategy.rank)}.json"
-    if rank_file.exists():
-        mine = load_state(folder, rank_name(strategy.rank))
+    mine = io.read_rank(folder, strategy.rank)
+    if mine is not None:
         parts.rng.load_state_dict(mine["rng"])
         parts.progress.load_local_state_dict(mine)
     else:
@@ -218,10 +190,10 @@ def _warn_on_changed_sampler(sampler: Stateful | None, saved: dict[str, Any]) ->
 
 
 def _warn_on_changed_shape(
-    args: TrainingArguments, world_size: int, folder: Path, shared: Mapping[str, Any]
+    args: TrainingArguments, world_size: int, args_file: Path, folder: Path, shared: Mapping[str, Any]
 ) -> None:
     try:
-        saved_args = read_json(folder / ARGS_NAME)
+        saved_args = read_json(args_file)
     except CheckpointError:
         return
     if not isinstance(saved_args, dict):
@@ -269,7 +241,7 @@ def _keep_saved_intervals(
 def save_checkpoint(
     parts: Parts,
     strategy: Strategy,
-    writer: CheckpointWriter,
+    io: CheckpointIO,
     args: TrainingArguments,
     state: TrainerState,
     processing_class: Any = None,
@@ -280,9 +252,9 @@ def save_checkpoint(
         state.best_model_checkpoint = str(final)
     state.stateful_callbacks = parts.callbacks.state_dict()
     if args.save_async:
-        writer.wait()
-    staging = writer.staging if args.save_async else None
-    snapshot = take_snapshot(parts, strategy, args, state, processing_class, staging)
+        io.wait()
+    staging = io.staging if args.save_async else None
+    snapshot = take_snapshot(parts, strategy, args, state, processing_class, staging, io)
     limit, best = args.save_total_limit, state.best_model_checkpoint
     output_dir = Path(args.output_dir)
 
@@ -290,7 +262,8 @@ def save_checkpoint(
         if strategy.is_main:
             rotate_checkpoints(output_dir, limit, keep={Path(best)} if best else set())
 
-    strategy.write_checkpoint(writer, final, lambda tmp: write_snapshot(snapshot, tmp), rotate)
+    # Looked up at call time, so a test that replaces write_snapshot sees its replacement called.
+    strategy.write_checkpoint(parts, io, final, lambda tmp: write_snapshot(snapshot, tmp), rotate)
 
 
 # What a checkpoint's trainer_state.json gives back to the live TrainerState on resume.
@@ -308,22 +281,27 @@ _RESUMED_STATE_FIELDS = (
 
 
 def resume(
-    parts: Parts, strategy: Strategy, args: TrainingArguments, state: TrainerState, checkpoint: str | bool
+    parts: Parts,
+    strategy: Strategy,
+    args: TrainingArguments,
+    state: TrainerState,
+    checkpoint: str | bool,
+    io: CheckpointIO | None = None,
 ) -> Path:
     """Load `checkpoint` (or, with True, the newest complete one in output_dir) into the parts and
     `state`; returns the folder it came from."""
+    io = io if io is not None else CheckpointIO()
     folder = _agreed_checkpoint_folder(strategy, args, checkpoint)
-    saved = TrainerState.load_from_json(str(folder / TRAINER_STATE_NAME))  # checked by the line above
+    state_file = io.trainer_state_path(folder)
+    saved = TrainerState.load_from_json(str(state_file))  # checked by the line above
     # A moved run folder still names its best checkpoint by the old path: find it in this one.
-    saved.best_model_checkpoint = relocate_in_run(
-        saved.best_model_checkpoint, args.output_dir, folder / TRAINER_STATE_NAME
-    )
+    saved.best_model_checkpoint = relocate_in_run(saved.best_model_checkpoint, args.output_dir, state_file)
     # With auto_find_batch_size the saved batch is the one found, not a changed argument.
     batch = None if args.auto_find_batch_size else args.per_device_train_batch_size
     _keep_saved_intervals(state, saved, folder, batch)
     for name in _RESUMED_STATE_FIELDS:
         setattr(state, name, getattr(saved, name))
-    restore_training_state(parts, strategy, args, folder)
+    restore_training_state(parts, strategy, args, folder, io)
     if args.restore_callback_states_from_checkpoint:
         parts.callbacks.load_state_dict(saved.stateful_callbacks)
     elif set(saved.stateful_callbacks) - {"TrainerControl"}:

@@ -22,7 +22,9 @@ counts nothing, so no step is counted twice.
 Loss spikes (`loss_spike_zscore`, opt-in): once `loss_spike_window` steps have been seen, a step
 whose loss (global across ranks) is more than z standard deviations above the mean of the last
 `loss_spike_window` step losses is not applied, and the model, optimizer, scheduler and RNG are
-rolled back to the in-memory copy taken every `loss_spike_window` good steps. The data position
+rolled back to the in-memory copy taken every `loss_spike_window` good steps. The strategy takes
+and restores that copy (`snapshot_for_rollback` / `restore_rollback`), each rank its own shards or
+partition; a strategy that cannot says so when the Trainer is built (`rollback_refusal`). The data position
 keeps moving forward, so the spiking batches are never seen again (nor after a resume); the steps
 since the copy count as done but leave no trace in the weights. Each rollback is logged and
 recorded (epoch, step in epoch) in the guard's state, which checkpoints carry.
@@ -30,7 +32,6 @@ recorded (epoch, step in epoch) in the guard's state, which checkpoints carry.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections import deque
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
     from ..callbacks.state import TrainerState
     from ..strategy.base import Strategy
+    from ..strategy.rollback import RollbackParts, RollbackSnapshot
     from .run_position import RunProgress
 
 logger = logging.getLogger("ember")
@@ -223,7 +225,7 @@ class SpikeGuard:
         self.losses: deque[float] = deque(maxlen=window)
         self.rollbacks: list[list[int]] = []
         self._good_steps = 0
-        self._copy: dict[str, Any] | None = None
+        self._copy: RollbackSnapshot | None = None
         self._copy_step = 0
 
     def is_spike(self, loss: float) -> bool:
@@ -245,7 +247,7 @@ class SpikeGuard:
     def maybe_keep_copy(self, host: GuardHost) -> None:
         self._good_steps += 1
         if self._copy is None or self._good_steps % self.window == 0:
-            self._copy = _copy_training_state(host)
+            self._copy = host.strategy.snapshot_for_rollback(_rollback_parts(host))
             self._copy_step = host.state.global_step + 1  # the update just applied
 
     def roll_back(self, host: GuardHost, loss: float) -> None:
@@ -253,7 +255,7 @@ class SpikeGuard:
         where = describe_step(host)
         self.rollbacks.append([host._progress.epoch, host._progress.step_in_epoch])
         if self._copy is not None:
-            _restore_training_state(host, self._copy)
+            host.strategy.restore_rollback(_rollback_parts(host), self._copy)
         logger.warning(
             "ember: loss spike at %s: %.6g is more than %g standard deviations above the mean %.6g "
             "(std %.3g) of the last %d steps; its update is dropped and the model, optimizer, scheduler "
@@ -276,37 +278,14 @@ class SpikeGuard:
         self.rollbacks = [[int(a), int(b)] for a, b in state.get("rollbacks", [])]
 
 
-def _clone(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_clone(v) for v in obj)
-    return copy.deepcopy(obj)
+def _rollback_parts(host: GuardHost) -> RollbackParts:
+    from ..checkpoint.rng import RngState
+    from ..strategy.rollback import RollbackParts
 
-
-def _copy_training_state(host: GuardHost) -> dict[str, Any]:
-    from ..checkpoint.rng import capture_rng_state
-
-    assert host.optimizer is not None
-    return {
-        # The wrapped module's own state dict: local shards under FSDP, no gathering.
-        "model": _clone(host.model_wrapped.state_dict()),
-        "optimizer": _clone(host.optimizer.state_dict()),
-        "scheduler": _clone(host.lr_scheduler.state_dict()) if host.lr_scheduler is not None else None,
-        "precision": _clone(host.strategy.precision.state_dict()),
-        "rng": capture_rng_state(),
-    }
-
-
-def _restore_training_state(host: GuardHost, saved: dict[str, Any]) -> None:
-    from ..checkpoint.rng import restore_rng_state
-
-    assert host.optimizer is not None
-    host.model_wrapped.load_state_dict(_clone(saved["model"]))
-    host.optimizer.load_state_dict(_clone(saved["optimizer"]))
-    if saved["scheduler"] is not None:
-        host.lr_scheduler.load_state_dict(_clone(saved["scheduler"]))
-    host.strategy.precision.load_state_dict(_clone(saved["precision"]))
-    restore_rng_state(saved["rng"])
+    return RollbackParts(
+        model=host.model_wrapped,
+        optimizer=host.optimizer,
+        scheduler=host.lr_scheduler,
+        precision=host.strategy.precision,
+        rng=RngState(),
+    )

@@ -38,7 +38,20 @@ def __getattr__(name: str) -> Any:
 
 def build_strategy(args: TrainingArguments) -> Strategy:
     """The strategy for this process (one device unless launched as several processes), holding
-    the one precision object of the run."""
+    the one precision object of the run. With loss_spike_zscore, a strategy that cannot roll a
+    step back is refused here, before any step."""
+    strategy = _build(args)
+    if args.loss_spike_zscore is not None:
+        reason = strategy.rollback_refusal()
+        if reason is not None:
+            raise ValueError(
+                f"loss_spike_zscore={args.loss_spike_zscore} rolls spiking steps back in memory, "
+                f"but {reason}."
+            )
+    return strategy
+
+
+def _build(args: TrainingArguments) -> Strategy:
     from .env import launch_env, pick_device
     from .precision import build_precision
     from .single import SingleDevice

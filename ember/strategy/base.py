@@ -8,6 +8,13 @@ Ranks: `rank`/`world_size` count processes; `dp_rank`/`dp_world_size` count data
 replicas (who gets which batches, how large the global batch is). They are equal for DDP, FSDP
 and DeepSpeed; tensor parallelism will make them differ, so code that shards data asks for the
 data-parallel pair, and code that names files or elects a writer asks for the process pair.
+
+Checkpoints: the strategy receives the run's `Parts` and the `CheckpointIO` and writes model and
+optimizer state through it in whatever form it holds them (full on the main process, DTensor
+shards on every rank, an engine's partition); the IO owns the file names and the atomic folder.
+No strategy keeps a model or optimizer for a later save. Rollback snapshots (the loss-spike guard)
+go through the strategy too: `snapshot_for_rollback` / `restore_rollback`, or
+`rollback_refusal` says why it cannot, which the Trainer raises before any step.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from ..checkpoint.io import CheckpointIO
+    from ..checkpoint.parts import Parts
     from .precision import Precision
+    from .rollback import RollbackParts, RollbackSnapshot
 
 
 @runtime_checkable
@@ -81,13 +91,30 @@ class Strategy(Protocol):
     ) -> dict[str, Any] | None:
         """What the main process saves; None when each rank writes its own share."""
 
-    def load_model_and_optimizer(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path
-    ) -> None: ...
+    def load_checkpoint(self, parts: Parts, io: CheckpointIO, folder: Path) -> None:
+        """Restore `parts.model` and `parts.optimizer` from `folder`, reading through `io`."""
 
     def write_checkpoint(
-        self, writer: Any, final_dir: Path, write_fn: Callable[[Path], None], after: Callable[[], None] | None
-    ) -> None: ...
+        self,
+        parts: Parts,
+        io: CheckpointIO,
+        final_dir: Path,
+        write_fn: Callable[[Path], None],
+        after: Callable[[], None] | None,
+    ) -> None:
+        """Write `final_dir` atomically through `io`: `write_fn` fills in the run's files, the
+        strategy adds the model/optimizer state it holds per rank, then `after` runs."""
+
+    # -- rollback (loss spikes) ----------------------------------------------------------------------
+    def rollback_refusal(self) -> str | None:
+        """Why this strategy cannot roll a step back in memory (None: it can)."""
+
+    def snapshot_for_rollback(self, parts: RollbackParts) -> RollbackSnapshot:
+        """An in-memory copy of model, optimizer, scheduler, precision and RNG, as this rank holds
+        them (its own shards or partition: no gathering)."""
+
+    def restore_rollback(self, parts: RollbackParts, snapshot: RollbackSnapshot) -> None:
+        """Put the parts back to `snapshot` (every rank at once: some engines communicate)."""
 
     # -- collectives (the identity on one process) -------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...

@@ -14,9 +14,20 @@ average divides out again. The accumulation boundary is set explicitly per micro
 micro-batches skipped for having no targets do not shift DeepSpeed's counter.
 
 Checkpoints stay pickle-free: the model is written full by rank 0 (gathered under ZeRO-3); with
-ZeRO 1-3 each rank writes its partition (fp32 master weights and optimizer moments) as safetensors
-+ JSON into `deepspeed-rank-<r>.*`. Such a checkpoint resumes with the same stage and number of
-ranks (DeepSpeed's partitions do not reshard; FSDP's do).
+ZeRO 1-3 each rank writes its partition (fp32 master weights and optimizer moments) through the
+run's `CheckpointIO` (safetensors + JSON). Such a checkpoint resumes with the same stage and number
+of ranks (DeepSpeed's partitions do not reshard; FSDP's do).
+
+Rollback (loss spikes) goes through the engine's own state API, as DeepSpeed's `load_checkpoint`
+does, but in memory: ZeRO 1/2 copy the module's state dict (every rank holds the full bit16
+weights) and the ZeRO optimizer's `state_dict()` (this rank's fp32 master partition, moments,
+loss scaler), and restore with `module.load_state_dict` + `optimizer.load_state_dict(...,
+load_from_fp32_weights=True)`; ZeRO-3 copies only the optimizer's state dict (fp32 partitions and
+moments, from which `load_state_dict` rebuilds the partitioned bit16 weights) between the
+engine's checkpoint prologue and epilogue. The gradients of the dropped step, already reduced
+into ZeRO's buffers, are cleared as DeepSpeed clears those of an overflowing step. Optimizer
+state swapped to NVMe cannot be copied in memory: such a config is refused when the Trainer is
+built with loss_spike_zscore.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,11 +43,14 @@ import torch
 from torch import nn
 
 from .env import LaunchEnv, collective
-from .multi import MultiProcess
+from .multi import MultiProcess, WriteStep
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
+    from ..checkpoint.io import CheckpointIO
+    from ..checkpoint.parts import Parts
     from .precision import Precision
+    from .rollback import RollbackParts, RollbackSnapshot
 
 logger = logging.getLogger("ember")
 
@@ -77,6 +91,37 @@ def resolve_config(
 
     `dtype` is the run's compute dtype, `Precision.dtype` (None: fp32).
     """
+    return fill_model_sizes(resolve_args(args, world_size, dtype), hidden_size)
+
+
+_SIZED_BY_MODEL = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def fill_model_sizes(config: dict[str, Any], hidden_size: int | None) -> dict[str, Any]:
+    """A copy of `config` whose "auto" bucket sizes come from the model's hidden size (DeepSpeed's
+    defaults without one): the part of the config only known once the model is."""
+    config = json.loads(json.dumps(config))
+    zero = config.get("zero_optimization", {})
+    for key, value in zip(
+        _SIZED_BY_MODEL,
+        (
+            hidden_size * hidden_size if hidden_size else None,
+            int(0.9 * hidden_size * hidden_size) if hidden_size else None,
+            10 * hidden_size if hidden_size else None,
+        ),
+        strict=True,
+    ):
+        if zero.get(key) == _AUTO:
+            if value is None:
+                del zero[key]  # DeepSpeed's default
+            else:
+                zero[key] = value
+    return config
+
+
+def resolve_args(args: TrainingArguments, world_size: int, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The config with every "auto" that TrainingArguments decide filled in, and checked against
+    them; the bucket sizes stay "auto" (see `fill_model_sizes`)."""
     config = load_deepspeed_config(args.deepspeed)
     f = _Filler(config)
     ga = args.gradient_accumulation_steps
@@ -86,17 +131,6 @@ def resolve_config(
     f.fill("gradient_clipping", float(args.max_grad_norm or 0.0), "max_grad_norm")
     f.fill("bf16.enabled", dtype == torch.bfloat16, "bf16")
     f.fill("fp16.enabled", dtype == torch.float16, "fp16")
-    zero = config.get("zero_optimization", {})
-    for key, value in (
-        ("reduce_bucket_size", hidden_size * hidden_size if hidden_size else None),
-        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size) if hidden_size else None),
-        ("stage3_param_persistence_threshold", 10 * hidden_size if hidden_size else None),
-    ):
-        if zero.get(key) == _AUTO:
-            if value is None:
-                del zero[key]  # DeepSpeed's default
-            else:
-                zero[key] = value
     for section in ("optimizer", "scheduler"):
         _drop_auto_section(config, section)
     if f.mismatches:
@@ -155,20 +189,29 @@ class _EngineOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         pass  # the engine's step clears gradients (or its partitions of them)
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError(
+            "The optimizer of a DeepSpeed engine is restored through the strategy "
+            "(`load_checkpoint`, `restore_rollback`), which restores the engine's partitions with it."
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 
 
 class DeepSpeedStrategy(MultiProcess):
-    """DeepSpeed's engine around the model and ember's optimizer."""
+    """DeepSpeed's engine around the model and ember's optimizer. The engine is the model the
+    Trainer holds (`parts.model`), so the strategy keeps no reference to it; it keeps the config
+    (resolved from the arguments when built, sized to the model when the engine starts)."""
 
     def __init__(
         self,
         env: LaunchEnv,
         device: torch.device,
         backend: str,
-        args: TrainingArguments,
+        config: dict[str, Any],
         precision: Precision | None = None,
+        save_only_model: bool = False,
     ) -> None:
         super().__init__(env, device, backend, precision)
         try:
@@ -178,17 +221,16 @@ class DeepSpeedStrategy(MultiProcess):
                 "`deepspeed` is set but the deepspeed package is not installed; install it with "
                 "`pip install 'ember[distributed]'` (or `pip install deepspeed`)."
             ) from exc
-        self.args = args
-        self.config: dict[str, Any] = {}
-        self.engine: Any = None
+        self.config = config
+        self.save_only_model = save_only_model
         self._grad_norm = torch.full((), float("nan"))
 
     @classmethod
     def build(
         cls, args: TrainingArguments, env: LaunchEnv, device: torch.device, backend: str, precision: Precision
     ) -> DeepSpeedStrategy:
-        resolve_config(args, env.world_size, None, precision.dtype)  # fail early on a bad config
-        return cls(env, device, backend, args, precision)
+        config = resolve_args(args, env.world_size, precision.dtype)  # fails early on a bad config
+        return cls(env, device, backend, config, precision, save_only_model=bool(args.save_only_model))
 
     @property
     def stage(self) -> int:
@@ -212,25 +254,22 @@ class DeepSpeedStrategy(MultiProcess):
             raise ValueError("DeepSpeed needs an optimizer; the trainer builds one from TrainingArguments.")
         module = self.unwrap(model)
         hidden = getattr(getattr(module, "config", None), "hidden_size", None)
-        self.config = resolve_config(self.args, self.world_size, hidden, self.precision.dtype)
+        self.config = fill_model_sizes(self.config, hidden)
         with collective("starting DeepSpeed", self.rank):
-            engine, ds_optimizer, _, _ = deepspeed.initialize(
-                model=module, optimizer=optimizer, config=self.config
-            )
-        self.engine = engine
+            engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.config)
         logger.info("ember: DeepSpeed ZeRO stage %d over %d ranks", self.stage, self.world_size)
         wrapped = _EngineOptimizer(engine, optimizer, self._grad_norm)
         return engine, cast(torch.optim.Optimizer, wrapped)
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
-        if self.engine is not None:
-            self.engine.set_gradient_accumulation_boundary(sync)
+        if _is_engine(model):
+            model.set_gradient_accumulation_boundary(sync)  # type: ignore[operator]
         yield
 
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         with collective("the gradient reduction in backward", self.rank):
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            _engine(model).backward(loss * self.world_size, scale_wrt_gas=False)
 
     @property
     def grad_norm_before_step(self) -> bool:
@@ -247,9 +286,9 @@ class DeepSpeedStrategy(MultiProcess):
 
     # -- state ------------------------------------------------------------------------------------
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        if self.engine is not None and self.stage == 3:
+        if self.stage == 3 and _is_engine(model):
             with collective("gathering the ZeRO-3 model", self.rank):
-                full = self.engine._zero3_consolidated_16bit_state_dict()
+                full = _engine(model)._zero3_consolidated_16bit_state_dict()
             return cast(dict[str, torch.Tensor], full or {})  # None on ranks other than 0
         return self.unwrap(model).state_dict()
 
@@ -258,19 +297,18 @@ class DeepSpeedStrategy(MultiProcess):
             return cast(dict[str, Any], optimizer.state_dict())
         return None  # partitioned: every rank writes its own (see _extra_checkpoint_steps)
 
-    def _extra_checkpoint_steps(self, final_dir: Path) -> list[tuple[str, Callable[[Path], None]]]:
-        if self.stage == 0 or self.args.save_only_model:
+    def _extra_checkpoint_steps(self, parts: Parts, io: CheckpointIO) -> list[WriteStep]:
+        if self.stage == 0 or self.save_only_model:
             return []
-        from ..checkpoint.state_io import save_state
         from ..checkpoint.writer import snapshot_to_cpu
 
-        state = snapshot_to_cpu(self._partition_state())
-        name = f"deepspeed-rank-{self.rank}"
-        return [("writing its ZeRO partition", lambda tmp: save_state(state, tmp, name))]
+        state = snapshot_to_cpu(self._partition_state(_engine(parts.model)))
+        rank = self.rank
+        return [("writing its ZeRO partition", lambda tmp: io.write_partition(tmp, rank, state))]
 
-    def _partition_state(self) -> dict[str, Any]:
+    def _partition_state(self, engine: Any) -> dict[str, Any]:
         """This rank's fp32 master partition and optimizer moments (tensors + JSON-able values)."""
-        zero = self.engine.optimizer
+        zero = engine.optimizer
         if self.stage == 3:
             from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 
@@ -295,29 +333,23 @@ class DeepSpeedStrategy(MultiProcess):
             )
         super().load_model_weights(model, folder)
 
-    def load_model_and_optimizer(self, model: nn.Module, optimizer: Any, folder: Path) -> None:
-        from ..checkpoint.state_io import load_state
-
+    def load_checkpoint(self, parts: Parts, io: CheckpointIO, folder: Path) -> None:
+        engine = _engine(parts.model)
         if self.stage != 3:  # ZeRO-3's weights come back from the fp32 partitions below
-            self.load_model_weights(model, folder)
+            self.load_model_weights(engine, folder)
         if self.stage == 0:
-            if optimizer is not None and (folder / "optimizer.json").exists():
-                self.engine.optimizer.load_state_dict(load_state(folder, "optimizer"))
+            saved_optimizer = io.read_optimizer(folder) if parts.optimizer is not None else None
+            if saved_optimizer is not None:
+                engine.optimizer.load_state_dict(saved_optimizer)
             return
-        name = f"deepspeed-rank-{self.rank}"
-        if not (folder / f"{name}.json").exists():
-            raise ValueError(
-                f"{folder} has no ZeRO partition for rank {self.rank} ({name}.json): it was written with "
-                "another strategy or number of ranks; DeepSpeed checkpoints resume with the same world size."
-            )
-        saved = load_state(folder, name, map_location=str(self.device))
+        saved = io.read_partition(folder, self.rank, map_location=str(self.device))
         if int(saved["world_size"]) != self.world_size or int(saved["stage"]) != self.stage:
             raise ValueError(
                 f"{folder} was written by ZeRO-{saved['stage']} on {saved['world_size']} ranks; resume it "
                 "with "
                 "the same stage and number of ranks."
             )
-        zero = self.engine.optimizer
+        zero = engine.optimizer
         if self.stage == 3:
             from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
 
@@ -334,3 +366,83 @@ class DeepSpeedStrategy(MultiProcess):
         zero.optimizer.load_state_dict(saved["base_optimizer"])
         for current, theirs in zip(zero.single_partition_of_fp32_groups, saved["fp32_partitions"]):
             current.data.copy_(theirs)
+
+    # -- rollback ---------------------------------------------------------------------------------
+    def rollback_refusal(self) -> str | None:
+        zero = self.config.get("zero_optimization", {})
+        swapped = [
+            key
+            for key in ("offload_optimizer", "offload_param")
+            if isinstance(zero.get(key), dict) and zero[key].get("device") == "nvme"
+        ]
+        if swapped:
+            return (
+                f"the DeepSpeed config swaps {' and '.join(swapped)} to NVMe (zero_optimization.{swapped[0]}"
+                ".device='nvme'), whose state DeepSpeed cannot copy in memory; use device 'cpu' or 'none', "
+                "or unset loss_spike_zscore"
+            )
+        return None
+
+    def snapshot_for_rollback(self, parts: RollbackParts) -> RollbackSnapshot:
+        """This rank's share, through the engine's state API (see the module docstring)."""
+        from .rollback import clone_state, snapshot_rest
+
+        engine = _engine(parts.model)
+        held: dict[str, Any] = {"optimizer": clone_state(engine.optimizer.state_dict())}
+        if self.stage != 3:  # ZeRO-3's bit16 weights are rebuilt from the fp32 partitions
+            held["module"] = clone_state(engine.module.state_dict())
+        return snapshot_rest(parts, held)
+
+    def restore_rollback(self, parts: RollbackParts, snapshot: RollbackSnapshot) -> None:
+        from .rollback import clone_state, restore_rest
+
+        engine = _engine(parts.model)
+        zero = engine.optimizer
+        saved = clone_state(snapshot.held["optimizer"])
+        with collective("rolling the DeepSpeed engine back", self.rank):
+            if self.stage == 0:
+                engine.module.load_state_dict(clone_state(snapshot.held["module"]))
+                zero.load_state_dict(saved)
+            elif self.stage == 3:
+                _clear_zero_gradients(zero, self.stage)
+                zero.checkpoint_event_prologue()  # every parameter partitioned, as load_state_dict wants
+                zero.load_state_dict([saved] * self.world_size, load_optimizer_states=True)
+                zero.checkpoint_event_epilogue()  # the persistent (small) parameters gathered again
+            else:
+                _clear_zero_gradients(zero, self.stage)
+                engine.module.load_state_dict(clone_state(snapshot.held["module"]))
+                zero.load_state_dict(
+                    [saved] * self.world_size, load_optimizer_states=True, load_from_fp32_weights=True
+                )
+        restore_rest(parts, snapshot)
+
+
+def _is_engine(model: nn.Module) -> bool:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    return isinstance(model, DeepSpeedEngine)
+
+
+def _engine(model: nn.Module) -> Any:
+    if not _is_engine(model):
+        raise TypeError(
+            f"expected the DeepSpeed engine that setup_optimizer returned, got {type(model).__name__}: "
+            "pass the Trainer's model_wrapped"
+        )
+    return model
+
+
+def _clear_zero_gradients(zero: Any, stage: int) -> None:
+    """Forget the gradients a dropped step reduced into ZeRO's buffers, as DeepSpeed does for a
+    step that overflowed (it never applies them either)."""
+    if stage == 3:
+        zero._overflow_clean_up(None)
+        return
+    zero.zero_grad(set_to_none=True)
+    zero._release_preflattened_grad_buffers()
+    if zero.cpu_offload:
+        zero.reset_cpu_buffers()
+        return
+    for key in list(zero.averaged_gradients.keys()):
+        zero.averaged_gradients[key] = None
+        zero.all_grad_tensors[key] = None

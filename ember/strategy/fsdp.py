@@ -6,15 +6,17 @@ Exact losses: FSDP2 divides reduced gradients by the world size; its divide fact
 ddp.py for why a sum is right).
 
 Checkpoints keep the sharding: every rank writes its shards through torch.distributed.checkpoint
-(pickle-free, see sharded.py), and the model is also written consolidated on rank 0 as
-`save_pretrained` does, so `from_pretrained(checkpoint)` works for inference.
+(pickle-free, see checkpoint/sharded.py) by way of the run's `CheckpointIO`, and the model is also
+written consolidated on rank 0 as `save_pretrained` does, so `from_pretrained(checkpoint)` works
+for inference. Rollback snapshots are the base strategy's: the module's and optimizer's own state
+dicts, which hold this rank's DTensor shards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,10 +24,12 @@ import torch
 from torch import nn
 
 from .env import LaunchEnv, collective
-from .multi import MultiProcess
+from .multi import MultiProcess, WriteStep
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
+    from ..checkpoint.io import CheckpointIO
+    from ..checkpoint.parts import Parts
     from .precision import Precision
 
 logger = logging.getLogger("ember")
@@ -41,9 +45,12 @@ class FSDPStrategy(MultiProcess):
         backend: str,
         config: dict[str, Any],
         precision: Precision | None = None,
+        save_only_model: bool = False,
     ) -> None:
         super().__init__(env, device, backend, precision)
         self.config = dict(config)
+        # The consolidated model.safetensors is then the whole checkpoint: no sharded state.
+        self.save_only_model = save_only_model
         from torch.distributed.device_mesh import init_device_mesh
 
         self.mesh = init_device_mesh(device.type, (self.world_size,))
@@ -59,9 +66,7 @@ class FSDPStrategy(MultiProcess):
                 "`fsdp_config['cpu_offload']` moves parameters off a GPU, but this run is on the CPU; "
                 "remove it (or train on GPUs)."
             )
-        strategy = cls(env, device, backend, config, precision)
-        strategy.save_only_model = bool(args.save_only_model)
-        return strategy
+        return cls(env, device, backend, config, precision, save_only_model=bool(args.save_only_model))
 
     # -- model ------------------------------------------------------------------------------------
     def place_model(self, model: nn.Module) -> nn.Module:
@@ -138,13 +143,6 @@ class FSDPStrategy(MultiProcess):
         largest = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
         return list(largest) if largest is not None else []
 
-    def setup_optimizer(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
-    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
-        # Checkpoints read the live shards of both (see _extra_checkpoint_steps).
-        self._model, self._optimizer = model, optimizer
-        return model, optimizer
-
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model  # fully_shard changes the module in place
 
@@ -191,48 +189,28 @@ class FSDPStrategy(MultiProcess):
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         return None  # written sharded by `_extra_checkpoint_steps`
 
-    def load_model_and_optimizer(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path
-    ) -> None:
-        from ..checkpoint.sharded import has_sharded_state, load_sharded
-
-        if not has_sharded_state(folder):
+    def load_checkpoint(self, parts: Parts, io: CheckpointIO, folder: Path) -> None:
+        if not io.has_sharded(folder):
             raise ValueError(
                 f"{folder} holds no sharded state (it was not written under fsdp), so FSDP cannot resume "
                 "its optimizer from it. Resume it without fsdp, or start from its weights with "
                 "from_pretrained."
             )
         with collective("loading the sharded checkpoint", self.rank):
-            load_sharded(model, optimizer, folder, process_group=self._checkpoint_group)
+            io.read_sharded(folder, parts.model, parts.optimizer, process_group=self._checkpoint_group)
 
-    def _extra_checkpoint_steps(self, final_dir: Path) -> list[tuple[str, Callable[[Path], None]]]:
-        from ..checkpoint.sharded import copy_to_cpu, save_sharded, sharded_state
+    def _extra_checkpoint_steps(self, parts: Parts, io: CheckpointIO) -> list[WriteStep]:
+        from ..checkpoint.sharded import sharded_state
 
-        if self.save_only_model:  # the consolidated model.safetensors is the whole checkpoint
+        if self.save_only_model:
             return []
-        trainer_optimizer = self._optimizer
-        # Taken now, on the training thread: the shards must be those of this step.
         with collective("collecting the sharded state", self.rank):
-            tensors, groups = sharded_state(self._model, trainer_optimizer)
-        if self._async:
-            tensors = copy_to_cpu(tensors)
+            state = io.detach_sharded(sharded_state(parts.model, parts.optimizer))
 
         def write(tmp: Path) -> None:
-            save_sharded(tensors, groups, tmp, self.is_main, self._checkpoint_group)
+            io.write_sharded(tmp, state, self.is_main, self._checkpoint_group)
 
         return [("writing the sharded state", write)]
-
-    def write_checkpoint(
-        self, writer: Any, final_dir: Path, write_fn: Callable[[Path], None], after: Callable[[], None] | None
-    ) -> None:
-        self._async = bool(getattr(writer, "async_", False))
-        super().write_checkpoint(writer, final_dir, write_fn, after)
-
-    # The checkpoint steps need the live model and optimizer (set by setup_optimizer).
-    _model: nn.Module
-    _optimizer: torch.optim.Optimizer | None = None
-    _async = False
-    save_only_model = False
 
 
 def _materialise(model: nn.Module, device: torch.device) -> None:

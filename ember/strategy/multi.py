@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,12 @@ from ..engine.loss import IGNORE_INDEX
 from .env import LaunchEnv, collective, side_group
 from .precision import Precision
 from .single import SingleDevice
+
+if TYPE_CHECKING:
+    from ..checkpoint.io import CheckpointIO
+    from ..checkpoint.parts import Parts
+
+WriteStep = tuple[str, Callable[[Path], None]]
 
 logger = logging.getLogger("ember")
 
@@ -104,40 +110,45 @@ class MultiProcess(SingleDevice):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def write_checkpoint(
-        self, writer: Any, final_dir: Path, write_fn: Callable[[Path], None], after: Callable[[], None] | None
+        self,
+        parts: Parts,
+        io: CheckpointIO,
+        final_dir: Path,
+        write_fn: Callable[[Path], None],
+        after: Callable[[], None] | None,
     ) -> None:
         """Rank 0 makes `<final>.tmp/`; every rank writes its files there; rank 0 adds the manifest
         and renames. After each phase the ranks agree (an all-reduce on a side group), so a failure
         on any rank stops every rank with `CheckpointWriteError` and leaves no partial folder."""
-        steps = [("writing its files", write_fn), *self._extra_checkpoint_steps(final_dir)]
-        writer.run(lambda: self._checkpoint_protocol(Path(final_dir), steps, after))
+        # The strategy's own state is taken now, on the training thread: it must be this step's.
+        steps = [("writing its files", write_fn), *self._extra_checkpoint_steps(parts, io)]
+        io.run(lambda: self._checkpoint_protocol(io, Path(final_dir), steps, after))
 
-    def _extra_checkpoint_steps(self, final_dir: Path) -> list[tuple[str, Callable[[Path], None]]]:
+    def _extra_checkpoint_steps(self, parts: Parts, io: CheckpointIO) -> list[WriteStep]:
         """Collective write phases after the per-rank files (sharded strategies add theirs)."""
         return []
 
     def _checkpoint_protocol(
-        self,
-        final_dir: Path,
-        steps: list[tuple[str, Callable[[Path], None]]],
-        after: Callable[[], None] | None,
+        self, io: CheckpointIO, final_dir: Path, steps: list[WriteStep], after: Callable[[], None] | None
     ) -> None:
-        from ..checkpoint.atomic import TMP_SUFFIX, begin_checkpoint, commit_checkpoint
-
-        tmp = final_dir.with_name(final_dir.name + TMP_SUFFIX)
-        self._agree(
-            final_dir, tmp, "creating the folder", lambda: begin_checkpoint(final_dir), main_only=True
-        )
+        tmp = io.temp_folder(final_dir)
+        self._agree(io, final_dir, tmp, "creating the folder", lambda: io.begin(final_dir), main_only=True)
         for what, step in steps:
-            self._agree(final_dir, tmp, what, lambda step=step: step(tmp))  # type: ignore[misc]
-        self._agree(final_dir, tmp, "publishing", lambda: commit_checkpoint(tmp, final_dir), main_only=True)
+            self._agree(io, final_dir, tmp, what, lambda step=step: step(tmp))  # type: ignore[misc]
+        self._agree(io, final_dir, tmp, "publishing", lambda: io.commit(tmp, final_dir), main_only=True)
         if after is not None:
             after()
 
     def _agree(
-        self, final_dir: Path, tmp: Path, what: str, action: Callable[[], Any], main_only: bool = False
+        self,
+        io: CheckpointIO,
+        final_dir: Path,
+        tmp: Path,
+        what: str,
+        action: Callable[[], Any],
+        main_only: bool = False,
     ) -> None:
-        from ..checkpoint.atomic import CheckpointWriteError, abort_checkpoint
+        from ..checkpoint.atomic import CheckpointWriteError
 
         error: BaseException | None = None
         if self.is_main or not main_only:
@@ -156,9 +167,9 @@ class MultiProcess(SingleDevice):
         cause = error or RuntimeError(f"on rank(s) {ranks}, see their log")
         if isinstance(error, CheckpointWriteError):
             if self.is_main:
-                abort_checkpoint(tmp, final_dir, cause)
+                io.abort(tmp, final_dir, cause)
             raise error
-        failure = abort_checkpoint(tmp if self.is_main else None, final_dir, cause, action=what)
+        failure = io.abort(tmp if self.is_main else None, final_dir, cause, action=what)
         suffix = f" (rank {self.rank}; failed on rank(s) {ranks})" if error is not None else ""
         raise CheckpointWriteError(f"{failure}{suffix}") from error
 

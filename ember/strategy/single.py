@@ -16,6 +16,9 @@ from .precision import Precision
 
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
+    from ..checkpoint.io import CheckpointIO
+    from ..checkpoint.parts import Parts
+    from .rollback import RollbackParts, RollbackSnapshot
 
 logger = logging.getLogger("ember")
 
@@ -118,9 +121,9 @@ class SingleDevice:
 
     def load_model_weights(self, model: nn.Module, folder: Path) -> None:
         """Load the consolidated weights of a checkpoint (`model.safetensors`), e.g. the best one."""
-        from ..checkpoint.training import load_model_weights
+        from ..checkpoint.io import CheckpointIO
 
-        load_model_weights(self.unwrap(model), folder)
+        CheckpointIO.read_model(self.unwrap(model), folder)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def optimizer_state_dict(
@@ -129,29 +132,55 @@ class SingleDevice:
         """The optimizer state rank 0 saves; None when the strategy writes it itself (sharded)."""
         return optimizer.state_dict() if optimizer is not None else {}
 
-    def load_model_and_optimizer(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path
-    ) -> None:
+    def load_checkpoint(self, parts: Parts, io: CheckpointIO, folder: Path) -> None:
         """Restore model and optimizer from a checkpoint folder, whichever strategy wrote it: the
-        full `model.safetensors` + `optimizer.*` of one process or DDP, or the sharded state of
-        FSDP (read back into full tensors here, for any number of saving ranks)."""
-        from ..checkpoint.sharded import SHARDED_DIR, load_sharded
-        from ..checkpoint.state_io import load_state
-        from ..checkpoint.training import OPTIMIZER, load_model_weights
-
-        if (folder / SHARDED_DIR).is_dir():
-            load_sharded(model, optimizer, folder, process_group=None)
+        full model + optimizer of one process or DDP, or the sharded state of FSDP (read back
+        into full tensors here, for any number of saving ranks)."""
+        model, optimizer = parts.model, parts.optimizer
+        if io.has_sharded(folder):
+            io.read_sharded(folder, model, optimizer, process_group=None)
             return
-        load_model_weights(self.unwrap(model), folder)
-        if optimizer is not None and (folder / f"{OPTIMIZER}.json").exists():
-            optimizer.load_state_dict(load_state(folder, OPTIMIZER, map_location=str(self.device)))
+        io.read_model(self.unwrap(model), folder)
+        if optimizer is not None:
+            saved = io.read_optimizer(folder, map_location=str(self.device))
+            if saved is not None:
+                optimizer.load_state_dict(saved)
 
     def write_checkpoint(
-        self, writer: Any, final_dir: Path, write_fn: Callable[[Path], None], after: Callable[[], None] | None
+        self,
+        parts: Parts,
+        io: CheckpointIO,
+        final_dir: Path,
+        write_fn: Callable[[Path], None],
+        after: Callable[[], None] | None,
     ) -> None:
         """Write one checkpoint atomically. Multi-process strategies make every rank write into the
         same temporary folder and let rank 0 publish it once all are done."""
-        writer.save(final_dir, write_fn, after)
+        io.save(final_dir, write_fn, after)
+
+    # -- rollback ---------------------------------------------------------------------------------
+    def rollback_refusal(self) -> str | None:
+        return None
+
+    def snapshot_for_rollback(self, parts: RollbackParts) -> RollbackSnapshot:
+        """The module's and the optimizer's own state dicts, cloned where they live. Under DDP the
+        wrapper's keys (`module.`) come back through the same wrapper; under FSDP and tensor
+        parallelism they are this rank's DTensor shards, so nothing is gathered."""
+        from .rollback import clone_state, snapshot_rest
+
+        assert parts.optimizer is not None, "a rollback copy is taken after an optimizer step"
+        held = {
+            "model": clone_state(parts.model.state_dict()),
+            "optimizer": clone_state(parts.optimizer.state_dict()),
+        }
+        return snapshot_rest(parts, held)
+
+    def restore_rollback(self, parts: RollbackParts, snapshot: RollbackSnapshot) -> None:
+        from .rollback import clone_state, restore_rest
+
+        parts.model.load_state_dict(clone_state(snapshot.held["model"]))
+        parts.optimizer.load_state_dict(clone_state(snapshot.held["optimizer"]))
+        restore_rest(parts, snapshot)
 
     # -- collectives -----------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

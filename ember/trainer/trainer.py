@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, IterableDataset
 from ..args.training_args import TrainingArguments, check_eval_dataset
 from ..callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from ..callbacks.state import CallbackStates, TrainerControl, TrainerState
-from ..checkpoint.writer import CheckpointWriter
+from ..checkpoint.io import CheckpointIO
 from ..data import (
     build_train_dataloader,
     is_iterable_dataset,
@@ -134,7 +134,8 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             self.lr_scheduler,
         )
         self._new_step_parts()
-        self._checkpoint_writer = CheckpointWriter(async_=self.args.save_async)
+        self._checkpoint_io = CheckpointIO(async_=self.args.save_async)
+        self._checkpoint_writer = self._checkpoint_io.writer  # scripts wait on it
         self._peers: PeerWatch | NoWatch = NoWatch()
         self._train_batch_sampler: Any = None
         self._current_flos = 0.0
@@ -601,7 +602,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
             save_checkpoint(
                 self._stateful_parts(),
                 self.strategy,
-                self._checkpoint_writer,
+                self._checkpoint_io,
                 self.args,
                 self.state,
                 self.processing_class,
@@ -627,7 +628,7 @@ class Trainer(TrainerEvaluation, TrainerLogging, TrainerSurface):
     def _resume(self, checkpoint: str | bool) -> None:
         from ..checkpoint.training import resume
 
-        resume(self._stateful_parts(), self.strategy, self.args, self.state, checkpoint)
+        resume(self._stateful_parts(), self.strategy, self.args, self.state, checkpoint, self._checkpoint_io)
         # The micro-batch size auto_find_batch_size found (the split came back with the checkpoint).
         self.state.train_batch_size = self._batch_split.micro_batch_size
 

@@ -4,6 +4,7 @@ resume exactly."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,34 @@ def test_zero3_equals_ddp_and_resumes_exactly(zero3):
     assert max_diff(_state(zero3, "zero3"), _state(zero3, "ds-ddp-ref")) < 1e-6
     assert max_diff(_state(zero3, "zero3"), _state(zero3, "zero3-resume")) == 0.0
     assert_no_pickle(zero3 / "zero3-resume")
+
+
+@pytest.fixture(scope="module")
+def spikes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_suite(tmp_path_factory.mktemp("ds-spikes"), "spike-deepspeed", "2", "3", timeout=300)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_loss_spike_is_rolled_back_under_zero(spikes, stage):
+    # Step 5's loss is 100 times too large: its update is dropped and the weights go back to the
+    # copy kept after step 3 (through the engine's own state: ZeRO-3's partitions too); step 6
+    # then runs from there exactly as under DDP, so the optimizer moments were rolled back as well.
+    name = f"ds-spike-zero{stage}"
+    meta = json.loads((spikes / f"{name}.json").read_text())
+    assert meta["rollbacks"] == [[1, 1]]  # step 5: epoch 1, its second step
+    assert meta["global_step"] == 6
+    got = _state(spikes, name)
+    step3 = {k.replace("step3.", "param."): v for k, v in got.items() if k.startswith("step3.")}
+    step5 = {k.replace("step5.", "param."): v for k, v in got.items() if k.startswith("step5.")}
+    assert max_diff(step5, step3) == 0.0
+    assert max_diff(got, _state(spikes, "ds-spike-ddp")) < 1e-6
+    ddp = json.loads((spikes / "ds-spike-ddp.json").read_text())
+    assert ddp["rollbacks"] == [[1, 1]]
+    assert meta["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
+
+
+def test_a_rollback_deepspeed_cannot_do_is_refused_before_any_step(spikes):
+    for rank in (0, 1):
+        message = (spikes / f"nvme-refused-rank{rank}.txt").read_text()
+        assert "loss_spike_zscore" in message and "NVMe" in message and "offload_optimizer" in message
+        assert not (spikes / "nvme").exists()  # refused before the run took its output folder

@@ -209,16 +209,16 @@ def preempted_resume(out: Path, **kw: Any) -> None:
 
 def failing_checkpoint(out: Path) -> None:
     """Rank 1 cannot write its part of checkpoint-4: every rank stops; checkpoint-2 stays intact."""
-    from ember.checkpoint import CheckpointWriteError, training
+    from ember.checkpoint import CheckpointWriteError, state_io
 
-    original = training.save_state
+    original = state_io.save_state
 
     def full_disk(state: Any, folder: Path, name: str) -> Any:
         if RANK == 1 and Path(folder).name.startswith("checkpoint-4"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(state, folder, name)
 
-    training.save_state = full_disk  # type: ignore[assignment]
+    state_io.save_state = full_disk  # type: ignore[assignment]
     run_dir = out / "failing"
     trainer = lm_trainer(str(run_dir), save_strategy="steps", save_steps=2)
     try:
@@ -227,7 +227,7 @@ def failing_checkpoint(out: Path) -> None:
     except CheckpointWriteError as exc:
         message = str(exc)
     finally:
-        training.save_state = original  # type: ignore[assignment]
+        state_io.save_state = original  # type: ignore[assignment]
     trainer.strategy.barrier()
     names = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint"))
     if RANK == 0:
@@ -516,6 +516,57 @@ def spike(out: Path, name: str, **kw: Any) -> None:
     (out / f"{name}-rank{RANK}.json").write_text(json.dumps(summary))
 
 
+class WeightsAt(TrainerCallback):
+    """Full weights at the end of the given steps, after the guard acted (every rank gathers)."""
+
+    def __init__(self, steps: tuple[int, ...]) -> None:
+        self.steps = steps
+        self.trainer: Trainer | None = None
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step in self.steps and self.trainer is not None:
+            self.at[state.global_step] = lm_state(self.trainer)
+
+
+def spike_deepspeed(out: Path, extra: list[str]) -> None:
+    """The spike of `SpikeAt` under DDP and under each ZeRO stage given: the copy is kept after
+    step 3 and step 5 spikes, so the weights after step 5 must be those after step 3, and step 6
+    must continue from there as under DDP (model and optimizer moments both rolled back)."""
+    runs: dict[str, dict[str, Any]] = {"ds-spike-ddp": {}}
+    runs.update({f"ds-spike-zero{s}": {"deepspeed": zero_config(int(s))} for s in extra or ["2"]})
+    for name, kw in runs.items():
+        base = lm_trainer(str(out / name), max_steps=6, loss_spike_zscore=50.0, loss_spike_window=3, **kw)
+        weights = WeightsAt((3, 5))
+        trainer = SpikeAt(
+            model=tiny_gpt2(seed=0),
+            args=base.args,
+            train_dataset=base.train_dataset,
+            data_collator=pad_lm_batch,
+            callbacks=[weights],
+        )
+        weights.trainer = trainer
+        trainer.train()
+        assert trainer.step_guard.spikes is not None
+        final = lm_state(trainer)
+        step3 = {k.replace("param.", "step3."): v for k, v in weights.at[3].items()}
+        step5 = {k.replace("param.", "step5."): v for k, v in weights.at[5].items()}
+        meta = {
+            "rollbacks": trainer.step_guard.spikes.rollbacks,
+            "global_step": trainer.state.global_step,
+            "losses": losses(trainer),
+        }
+        write(out, name, {**final, **step3, **step5}, meta)
+    # Optimizer state swapped to NVMe cannot be copied in memory: refused before any step.
+    nvme = zero_config(3)
+    nvme["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(out)}
+    try:
+        lm_trainer(str(out / "nvme"), loss_spike_zscore=3.0, deepspeed=nvme)
+        raise AssertionError("a rollback the strategy cannot do should be refused")
+    except ValueError as exc:
+        (out / f"nvme-refused-rank{RANK}.txt").write_text(str(exc))
+
+
 SUITES = {
     "contract": lambda out, o: (strategy_contract(out, o), meta_fsdp(out)),
     "ddp": lambda out, o: (
@@ -548,6 +599,7 @@ SUITES = {
     "locked": lambda out, o: locked(out),
     "nonfinite": lambda out, o: (nonfinite(out), spike(out, "spike-ddp")),
     "spike-fsdp": lambda out, o: spike(out, "spike-fsdp", fsdp=True),
+    "spike-deepspeed": spike_deepspeed,
     "sharded-fault": sharded_storage_fault,
     "corrupt-shard": corrupt_shard,
 }
