@@ -256,6 +256,21 @@ class TrainingFields:
         "On resume, re-hash every checkpoint file against its manifest (xxh3_128, well under a second per "
         "GB), so a file changed after writing is found, naming it. False checks sizes only.",
     )
+    auto_resume: bool | None = _f(
+        None,
+        "When train() is given no resume_from_checkpoint: resume from the newest complete checkpoint of "
+        "output_dir if there is one, else start fresh. Default (unset): only in a relaunched job "
+        "(TORCHELASTIC_RESTART_COUNT or SLURM_RESTART_COUNT > 0, or EMBER_AUTO_RESUME=1); True: "
+        "always; False: never (transformers' behaviour).",
+        nargs="?",
+        const=True,
+    )
+    peer_stall_timeout: float = _f(
+        300.0,
+        "Several processes: a rank that has not moved for this many seconds while the others wait for "
+        "it at a step (a hang in a callback, dataset or collator) is reported by name on every rank and "
+        "the job stops; 0 turns the check off (ddp_timeout still applies). See strategy/peers.py.",
+    )
     flops_per_token: float | None = _f(None, "Model FLOPs per token, to report FLOPs utilisation (MFU).")
     device_peak_flops: float | None = _f(None, "Peak FLOP/s of one device, to report MFU.")
     chunked_loss: bool | None = _f(

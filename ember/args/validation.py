@@ -431,6 +431,12 @@ def _check_reliability(args: TrainingFields) -> None:
     _choose("nonfinite_step_policy", args.nonfinite_step_policy, NONFINITE_POLICIES, "a policy")
     _at_least(args, "max_consecutive_nonfinite_steps", 1, "use 1 to stop at the first run of them")
     _at_least(args, "loss_spike_window", 2, "use at least 2 steps so a standard deviation exists")
+    stall = args.peer_stall_timeout
+    if not (isinstance(stall, int | float) and math.isfinite(stall) and stall >= 0):
+        raise ValueError(
+            f"`peer_stall_timeout` must be a number of seconds >= 0, got {stall!r}; use 0 to turn the "
+            "stuck-rank check off."
+        )
     z = args.loss_spike_zscore
     if z is not None and not (math.isfinite(z) and z > 0):
         raise ValueError(

@@ -6,15 +6,20 @@ rotation asks the lock whether a folder is held: lock.py importing rotation woul
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .atomic import checkpoint_step, find_resumable_checkpoint
 from .lock import OutputDirLockedError, RunLock
 from .rotation import recover_output_dir
 
 if TYPE_CHECKING:
     from ..strategy.base import Strategy
+
+logger = logging.getLogger("ember")
 
 
 @contextlib.contextmanager
@@ -43,3 +48,30 @@ def hold_output_dir(output_dir: str | os.PathLike[str], strategy: Strategy) -> I
     finally:
         if lock is not None:
             lock.release()
+
+
+def auto_resume_checkpoint(output_dir: str | os.PathLike[str], strategy: Strategy, why: str) -> str | None:
+    """The newest complete checkpoint of `output_dir` for a job that resumes by itself, or None to
+    start fresh. The main process looks (after `hold_output_dir` cleaned the leftovers of the
+    interrupted run) and tells every rank, so all ranks resume from the same folder even where
+    their views of a shared file system lag. Logged either way, with `why` (what turned it on).
+    """
+    found: str | None = None
+    if strategy.is_main:
+        path = find_resumable_checkpoint(output_dir)
+        found = str(path) if path is not None else None
+    if strategy.world_size > 1:
+        found = strategy.broadcast_object(found)
+    if strategy.is_main:
+        if found is None:
+            logger.warning(
+                "ember: auto_resume (%s): no complete checkpoint in %s; starting fresh.", why, output_dir
+            )
+        else:
+            logger.warning(
+                "ember: auto_resume (%s): resuming from %s (step %s).",
+                why,
+                found,
+                checkpoint_step(Path(found)),
+            )
+    return found

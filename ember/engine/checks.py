@@ -94,6 +94,30 @@ def check_eval_dataset_not_empty(dataset: Any, name: str = "eval_dataset") -> No
         )
 
 
+def check_eval_sets_before_training(args: Any, eval_dataset: Any) -> None:
+    """At train() start: the eval sets training will evaluate on must hold examples.
+
+    Found at the first evaluation instead, the error would come after steps (and hours) were spent.
+    """
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    evaluates = strategy not in ("no", None) or args.eval_on_start
+    if not evaluates or eval_dataset is None:
+        return
+    named = eval_dataset if isinstance(eval_dataset, Mapping) else {"": eval_dataset}
+    for key, dataset in named.items():
+        name = f"eval_dataset[{key!r}]" if key else "eval_dataset"
+        try:
+            size = len(dataset)
+        except TypeError:
+            continue  # an iterable of unknown length
+        if size == 0:
+            raise ValueError(
+                f"`{name}` is empty, and this run evaluates during training "
+                f"(eval_strategy={strategy!r}, eval_on_start={args.eval_on_start}); "
+                "pass a non-empty eval dataset, or set eval_strategy='no'. Checked before any step."
+            )
+
+
 def checked_metrics(metrics: Any) -> dict[str, Any]:
     """What `compute_metrics` returned, refused if it cannot be logged as name -> number."""
     if not isinstance(metrics, Mapping):

@@ -86,6 +86,8 @@ class StepGuard:
         self.nonfinite_steps = 0
         self.consecutive = 0
         self.empty_steps = 0
+        # Why the last step's update was not applied ('nonfinite', 'empty', 'spike'), or None.
+        self.last_skip: str | None = None
         self.spikes: SpikeGuard | None = None
         if args.loss_spike_zscore is not None:
             self.spikes = SpikeGuard(args.loss_spike_zscore, args.loss_spike_window)
@@ -98,14 +100,17 @@ class StepGuard:
         """One process: True when no micro-batch of this step has a target (all labels -100).
 
         Such a step has no loss to learn from, but an update would still move the weights
-        (momentum, weight decay), so it is skipped whole, counted, and logs a loss of 0. The count
+        (momentum, weight decay), so it is skipped whole and counted; it has no loss, so none is
+        logged or averaged for it (its log entry counts it in `skipped_steps`). The count
         is on the host, so this costs no sync. With several processes the step runs (each
         micro-batch without targets adds 0) and `skip_update` tests the all-reduced count together
         with the gradient norm, in the step's one sync.
         """
+        self.last_skip = None
         if host.strategy.world_size > 1 or int(local_targets) > 0:
             return False
         self._on_empty(host)
+        self.last_skip = "empty"
         return True
 
     def skip_update(
@@ -119,6 +124,7 @@ class StepGuard:
 
         `total_targets`: the step's target count on all ranks (before clamping).
         """
+        self.last_skip = None
         tests: list[torch.Tensor] = []
         if self.checks_nonfinite and grad_norm is not None:
             tests.append(torch.isfinite(grad_norm))
@@ -129,14 +135,17 @@ class StepGuard:
         if tests and not bool(tests[0] if len(tests) == 1 else tests[0] & tests[1]):  # the one sync
             if has_targets is not None and not bool(has_targets):
                 self._on_empty(host)
+                self.last_skip = "empty"
                 return True
             self._on_nonfinite(host, float(grad_norm) if grad_norm is not None else math.nan)
+            self.last_skip = "nonfinite"
             return True
         self.consecutive = 0
         if self.spikes is not None:
             loss = float(host.strategy.all_reduce_sum(step_loss.detach().clone()))
             if self.spikes.is_spike(loss):
                 self.spikes.roll_back(host, loss)
+                self.last_skip = "spike"
                 return True
         return False
 

@@ -28,7 +28,15 @@ class LossTracker:
     filter on, a non-finite step adds the running sum of its window divided by (steps before
     it + 1). `total` is what `train_loss` reports and what a checkpoint stores, so a resumed run
     logs the same train_loss as an uninterrupted one.
+
+    A step the guard skipped (non-finite gradients, or no target token on any rank) has no loss: it
+    is not a loss of 0. It is left out of the window and of `train_loss`, and only counted
+    (`skipped`), so its log entry can say what happened. Every rank skips the same steps (the
+    decision is global), so every rank's window holds the same number of steps.
     """
+
+    #: Why a step is left out of the loss; a rolled-back spike keeps its (real, measured) loss.
+    NOT_A_LOSS = ("nonfinite", "empty")
 
     def __init__(self, device: torch.device, filter_nan_inf: bool) -> None:
         self.device = device
@@ -36,13 +44,27 @@ class LossTracker:
         self.pending: list[torch.Tensor] = []
         self.total = 0.0
         self.total_steps = 0
+        self.skipped: dict[str, int] = {}  # skipped steps since the last log, by reason
 
     @property
     def steps_since_log(self) -> int:
         return len(self.pending)
 
-    def add(self, step_loss: torch.Tensor) -> None:
+    @property
+    def skipped_since_log(self) -> int:
+        return sum(self.skipped.values())
+
+    def add(self, step_loss: torch.Tensor, skipped: str | None = None) -> None:
+        if skipped in self.NOT_A_LOSS:
+            assert skipped is not None
+            self.skipped[skipped] = self.skipped.get(skipped, 0) + 1
+            return
         self.pending.append(step_loss.detach())
+
+    def pop_skipped(self) -> dict[str, int]:
+        """The steps skipped since the last call, by reason ('nonfinite', 'empty')."""
+        skipped, self.skipped = self.skipped, {}
+        return skipped
 
     def pop_mean(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> float:
         """Mean step loss since the last call (global across ranks); folds it into `total`."""
@@ -65,8 +87,8 @@ class LossTracker:
         return mean
 
     def mean(self) -> float:
-        """The mean step loss of the whole run so far (what `train_loss` reports)."""
-        return self.total / max(self.total_steps, 1)
+        """The mean loss of the run's counted steps so far (what `train_loss` reports); nan if none."""
+        return self.total / self.total_steps if self.total_steps else math.nan
 
 
 @dataclass
@@ -100,7 +122,11 @@ class RunProgress:
     def state_dict(self) -> dict[str, Any]:
         return {
             "position": {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch},
-            "loss": {"total": self.loss.total, "total_steps": self.loss.total_steps},
+            "loss": {
+                "total": self.loss.total,
+                "total_steps": self.loss.total_steps,
+                "skipped_since_log": dict(self.loss.skipped),
+            },
             "last_logged_step": self.last_logged_step,
         }
 
@@ -109,6 +135,8 @@ class RunProgress:
         self.step_in_epoch = int(state["position"]["step_in_epoch"])
         self.loss.total = float(state["loss"]["total"])
         self.loss.total_steps = int(state["loss"]["total_steps"])
+        skipped = state["loss"].get("skipped_since_log", {})
+        self.loss.skipped = {str(k): int(v) for k, v in skipped.items()}
         self.last_logged_step = int(state["last_logged_step"])
 
     def local_state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..data.checks import check_first_batch
+from ..data.checks import check_step_batches
 from .loss import count_targets
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class StepResult:
     loss: torch.Tensor
     grad_norm: torch.Tensor | None
     learning_rate: float
+    #: Why the update was not applied ('nonfinite', 'empty', 'spike'), None when it was.
+    skipped: str | None = None
 
 
 def grouped(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -101,13 +103,11 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
     strategy, model, optimizer = run.strategy, run.model_wrapped, run.optimizer
     precision = strategy.precision
     args = run.args
-    if not run.first_batch_checked:
-        check_first_batch(strategy.unwrap(model), micro_batches[0], run.label_shift)
-        run.first_batch_checked = True
+    check_step_batches(run, model, micro_batches)
     counts, local, total = target_counts(micro_batches, run.label_shift, strategy)
     if run.guard.is_empty_step(run, local):
         learning_rate = float(optimizer.param_groups[0]["lr"])
-        return StepResult(torch.zeros((), device=strategy.device), None, learning_rate)
+        return StepResult(torch.zeros((), device=strategy.device), None, learning_rate, skipped="empty")
     targets, total = total, total.clamp(min=1)
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1
@@ -144,4 +144,4 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
     optimizer.zero_grad(set_to_none=True)
     if not skip:
         run.guard.after_update(run)
-    return StepResult(step_loss, grad_norm, learning_rate)
+    return StepResult(step_loss, grad_norm, learning_rate, run.guard.last_skip if skip else None)

@@ -66,6 +66,22 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(rank, local_rank, world, local_world)
 
 
+#: The variables a relaunched job is recognised by: torchrun's elastic agent counts its restarts of
+#: the worker group, Slurm counts requeues of the job; EMBER_AUTO_RESUME=1 says so by hand.
+RESTART_VARIABLES = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+
+
+def relaunch_reason() -> str | None:
+    """Why this process counts as a relaunch of an earlier one ('TORCHELASTIC_RESTART_COUNT=1'),
+    or None for a first launch."""
+    for name in RESTART_VARIABLES:
+        if _env_int(name, 0) > 0:
+            return f"{name}={os.environ[name]}"
+    if os.environ.get("EMBER_AUTO_RESUME", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "EMBER_AUTO_RESUME=" + os.environ["EMBER_AUTO_RESUME"]
+    return None
+
+
 def pick_device(use_cpu: bool, local_rank: int | None = None) -> torch.device:
     """This process's device, unless use_cpu: with a `local_rank` (one of several processes) GPU
     `local_rank`; alone, the current GPU, else MPS. The CPU when there is none of those."""
@@ -116,11 +132,32 @@ def init_process_group(env: LaunchEnv, backend: str, timeout_s: float) -> bool:
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # One process (FSDP on a single device, tests): an in-memory store, no port to find.
         kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        kwargs.update(store=_attempt_store(timeout_s), rank=env.rank, world_size=env.world_size)
     dist.init_process_group(**kwargs)
     _state.update(owned=True, timeout=timeout_s)
     _install_exit_hooks()
     logger.info("ember: process group started (%s, rank %d of %d)", backend, env.rank, env.world_size)
     return True
+
+
+def _attempt_store(timeout_s: float) -> Any:
+    """The elastic agent's store, seen under a prefix of this restart attempt.
+
+    torchrun keeps its store across `--max-restarts` restarts, so the process group of a restarted
+    worker group would read the addresses its predecessors published (gloo then connects to a dead
+    port, "Connection refused", and the restart fails whenever rank 0 is slower to start than the
+    others). A prefix per attempt keeps each attempt's keys apart.
+    """
+    import torch.distributed as dist
+
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"ember/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def _nccl_fail_fast() -> None:
@@ -202,12 +239,28 @@ def _dist_errors() -> tuple[type[BaseException], ...]:
 
 
 def peer_failure_message(what: str, rank: int, exc: BaseException) -> str:
+    from .peers import known_failure
+
     first_line = str(exc).splitlines()[0] if str(exc) else ""
+    known = known_failure()
+    if known is not None:
+        # The low-level error ("Connection closed by peer") stays chained below; the cause is this.
+        return f"ember: rank {rank}: stopping because {known}."
     return (
         f"ember: rank {rank}: {what} failed ({type(exc).__name__}: {first_line}). "
         "Another rank most likely died or raised an error (look at its log above), or did not reach "
         f"this point within ddp_timeout={timeout_s():g}s. Stopping this rank too."
     )
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset", "Timed out", "timed out")
+
+
+def is_communication_error(exc: BaseException) -> bool:
+    """A collective failed (a peer died, raised or hung), as opposed to an error of this rank."""
+    if isinstance(exc, (PeerFailure, *_dist_errors())):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_GONE)
 
 
 @contextlib.contextmanager
@@ -220,9 +273,7 @@ def collective(what: str, rank: int) -> Iterator[None]:
         raise PeerFailure(peer_failure_message(what, rank, exc)) from exc
     except RuntimeError as exc:
         text = str(exc)
-        if any(
-            s in text for s in ("Connection closed by peer", "Connection reset", "Timed out", "timed out")
-        ):
+        if any(s in text for s in _PEER_GONE):
             mark_failed()
             raise PeerFailure(peer_failure_message(what, rank, exc)) from exc
         raise

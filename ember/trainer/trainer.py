@@ -55,6 +55,18 @@ from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import EvalLoopOutput, PredictionOutput, TrainOutput
 from ..strategy import build_strategy, fsdp_enabled
+from ..strategy.env import PeerFailure, is_communication_error
+from ..strategy.peers import (
+    AFTER_STEP,
+    BOUNDARY,
+    COMPUTE,
+    LOADING,
+    STEP_BEGIN,
+    STEP_END,
+    NoWatch,
+    PeerWatch,
+    build_watch,
+)
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
@@ -137,6 +149,7 @@ class Trainer:
         self.recorder = MetricsRecorder()
         self.checkpointer = Checkpointer(self.strategy, self.args.save_async)
         self.run: Run | None = None  # what the current (or last) train() call owns
+        self._peers: PeerWatch | NoWatch = NoWatch()
         self._train_batch_sampler: Any = None
         self.is_in_train = False
         self._overrides_old_compute_loss = (
@@ -280,14 +293,31 @@ class Trainer:
         self.is_in_train = True
         # One writer per output_dir: a second run there is refused before it touches anything.
         with hold_output_dir(self.args.output_dir, self.strategy):
+            self._peers = build_watch(self.strategy, self.args.peer_stall_timeout).start()
             try:
                 return self._train(resume_from_checkpoint, trial, ignore_keys_for_eval)
-            except BaseException:
+            except BaseException as error:
                 # A save in flight finishes before the lock goes; its error must not hide this one.
                 self.checkpointer.settle()
+                self._raise_by_name(error)
                 raise
             finally:
+                self._peers.stop()
                 self.is_in_train = False
+
+    def _raise_by_name(self, error: BaseException) -> None:
+        """Across ranks, a failure names its rank, step and cause on every rank (strategy/peers.py):
+        a rank stopped by a failed peer raises `PeerFailure` saying so; the failed rank tells them."""
+        if isinstance(error, TrainingPreempted):
+            return  # every rank stops together, by design
+        if not is_communication_error(error):
+            # This rank's own error (also when every rank raises one, as a search's pruned trial
+            # does): it stays what it is, and the other ranks are told.
+            self._peers.report_failure(error)
+            return
+        peer = self._peers.peer_failure()
+        if peer is not None and peer not in str(error):
+            raise PeerFailure(f"ember: rank {self.strategy.rank}: stopping because {peer}.") from error
 
     def _train(
         self,
@@ -311,6 +341,7 @@ class Trainer:
         self.callback_handler.optimizer = self.optimizer
         run = self.run = self._start_run(plan, model, start_time, memory)
         log_training_start(self, plan, loader)
+        resume_from_checkpoint = self._resume_target(resume_from_checkpoint)
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
             checks.check_resume_position(self.state.global_step, plan.max_steps, str(resume_from_checkpoint))
@@ -329,22 +360,32 @@ class Trainer:
                 self._fire("on_epoch_begin")
                 steps = grouped(self._epoch_batches(loader, epoch), args.gradient_accumulation_steps)
                 for micro_batches in steps:
+                    # Where this rank is, for its peers to tell a hang from a long step (an attribute write).
+                    mark, now = self._peers.mark, self.state.global_step + 1
+                    mark(now, STEP_BEGIN)
                     self._fire("on_step_begin")
+                    mark(now, COMPUTE)
                     step = run.optimizer_step(micro_batches)
-                    run.progress.loss.add(step.loss)
+                    run.progress.loss.add(step.loss, step.skipped)
                     run.learning_rate = step.learning_rate
                     self._advance(epoch, micro_batches)
+                    mark(now, STEP_END)
                     self._fire_step_end(run)
+                    mark(now, BOUNDARY)
                     if self.strategy.any_rank(preemption.requested):
                         self.control.should_save = self.control.should_training_stop = True
+                    mark(now, AFTER_STEP)
                     self._maybe_log_save_evaluate(step.grad_norm, ignore_keys_for_eval)
+                    mark(now, LOADING)
                     if self.control.should_epoch_stop or self.control.should_training_stop:
                         break
                 if self.control.should_training_stop and self.strategy.any_rank(preemption.requested):
                     self._exit_preempted()
                 run.progress.end_epoch()
+                self._peers.mark(self.state.global_step, AFTER_STEP)
                 self._fire("on_epoch_end")
                 self._maybe_log_save_evaluate(None, ignore_keys_for_eval)
+                self._peers.mark(self.state.global_step, LOADING)
                 if self.control.should_training_stop:
                     break
         return self._finish_training()
@@ -353,6 +394,7 @@ class Trainer:
         """The training loader and the run's length, refused before any work if either is unusable."""
         if self.train_dataset is not None:
             check_dataset_items(self.train_dataset, "train_dataset")
+        checks.check_eval_sets_before_training(self.args, self.eval_dataset)
         loader = self.get_train_dataloader()
         plan = plan_steps(self.args, self._train_batch_sampler, self.strategy.dp_world_size)
         checks.check_plan(self.args, plan.max_steps)
@@ -523,7 +565,14 @@ class Trainer:
         run = self._current_run()
         progress = run.progress
         if self.control.should_log and self.state.global_step > progress.last_logged_step:
-            logs: dict[str, float] = {"loss": progress.loss.pop_mean(self.strategy.all_reduce_sum)}
+            logs: dict[str, float] = {}
+            # A window of only skipped steps has no loss to report (not a loss of 0): it says how
+            # many steps it skipped instead, next to the guard's running counts.
+            if progress.loss.steps_since_log:
+                logs["loss"] = progress.loss.pop_mean(self.strategy.all_reduce_sum)
+            skipped = progress.loss.pop_skipped()
+            if skipped:
+                logs["skipped_steps"] = float(sum(skipped.values()))
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             # As transformers: the rate this step's update used, read before the scheduler stepped.
@@ -582,6 +631,23 @@ class Trainer:
         with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
             self.checkpointer.save(self._stateful_parts(), self.args, self.state, self.processing_class)
 
+    def _resume_target(self, requested: str | bool | None) -> str | bool | None:
+        """What train() resumes from. A value given to train() keeps transformers' meaning (a folder;
+        True: the newest complete checkpoint, an error if none; False: start fresh). None lets
+        `auto_resume` decide: on, a relaunched job continues from the newest complete checkpoint of
+        output_dir when there is one and starts fresh when there is none, with no change to the
+        script. Unset, it is on only where the launcher says the job was relaunched."""
+        if requested is not None:
+            return requested
+        from ..checkpoint.run_folder import auto_resume_checkpoint
+        from ..strategy.env import relaunch_reason
+
+        auto = self.args.auto_resume
+        why = "auto_resume=True" if auto else (relaunch_reason() if auto is None else None)
+        if why is None:
+            return None
+        return auto_resume_checkpoint(self.args.output_dir, self.strategy, why)
+
     def _resume(self, checkpoint: str | bool) -> None:
         self.checkpointer.resume(self._stateful_parts(), self.args, self.state, checkpoint)
         # The micro-batch size auto_find_batch_size found (the split came back with the checkpoint).
@@ -618,6 +684,7 @@ class Trainer:
         loss = run.progress.loss
         if loss.steps_since_log:
             loss.pop_mean(self.strategy.all_reduce_sum)
+        loss.pop_skipped()
         train_loss = loss.mean()
         metrics = speed_metrics(
             "train",

@@ -56,6 +56,8 @@ def test_every_transformers_field_exists_and_unsupported_ones_are_transformers_f
     assert ours - hf_names == {
         "save_async",
         "verify_checkpoints",
+        "auto_resume",
+        "peer_stall_timeout",
         "flops_per_token",
         "device_peak_flops",
         "chunked_loss",

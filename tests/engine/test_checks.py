@@ -286,3 +286,55 @@ def test_trainer_needs_a_model_and_one_way_to_choose_the_optimizer(tmp_path):
             optimizers=(optimizer, None),
             optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}),
         )
+
+
+# -- every batch, and everything knowable at train() start (issue 22) ---------------------------------
+
+
+def test_a_token_id_past_the_embedding_in_a_later_batch_names_the_batch_the_id_and_the_vocab(tmp_path):
+    # Batches 0-4 are fine; micro-batch 1 of step 3 (the epoch's 6th) holds id 150 in a 97-row table.
+    calls = [0]
+
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = pad_lm_batch(features)
+        if calls[0] == 5:
+            batch["input_ids"][1, 0] = 150
+        calls[0] += 1
+        return batch
+
+    trainer = _lm_trainer(tmp_path, lm_examples(12, vocab=97, seed=3), gradient_accumulation_steps=2)
+    trainer.data_collator = collate
+    trainer.args.max_steps = 3
+    with pytest.raises(ValueError) as err:
+        trainer.train()
+    text = str(err.value)
+    assert "micro-batch 1 of step 3 (epoch 0, micro-batch 5 of the epoch)" in text
+    assert "token id 150" in text and "97 rows" in text
+    assert trainer.state.global_step == 2  # stopped before the step, not deep inside the embedding
+
+
+def test_a_negative_token_id_in_a_later_batch_is_refused(tmp_path):
+    calls = [0]
+
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = pad_lm_batch(features)
+        if calls[0] == 2:
+            batch["input_ids"][0, 0] = -7
+        calls[0] += 1
+        return batch
+
+    trainer = _lm_trainer(tmp_path, lm_examples(6, vocab=97, seed=3))
+    trainer.data_collator = collate
+    trainer.args.max_steps = 3
+    with pytest.raises(ValueError, match="micro-batch 0 of step 3 .*token id -7"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("eval_dataset", [[], {"good": RegressionDataset(4), "empty": []}])
+def test_an_empty_eval_set_is_refused_at_train_start_before_any_step(tmp_path, eval_dataset):
+    trainer = _regression(tmp_path, eval_dataset=eval_dataset, eval_strategy="steps", eval_steps=2)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"eval_dataset.* is empty.*eval_strategy='steps'.*before any step"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())

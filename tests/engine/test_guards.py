@@ -75,10 +75,34 @@ def test_a_nan_batch_is_skipped_and_equals_a_run_without_it(tmp_path, caplog, ma
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert poisoned.step_guard.nonfinite_steps == 1
     # The count is in the logs from the skipped step on, and the warning names the step and batch.
-    counted = [h.get("nonfinite_steps") for h in poisoned.state.log_history if "loss" in h]
+    step_logs = [h for h in poisoned.state.log_history if "learning_rate" in h]
+    counted = [h.get("nonfinite_steps") for h in step_logs]
     assert counted == [None, None, 1.0, 1.0, 1.0, 1.0]
     assert "step 3 (epoch 0, micro-batches 2-2 of the epoch)" in caplog.text
     assert poisoned.state.global_step == 6
+    # The skipped step has no loss (not a loss of 0): its entry says it skipped, and train_loss is
+    # the mean of the five real steps, the same as the run that never saw the batch.
+    assert "loss" not in step_logs[2] and step_logs[2]["skipped_steps"] == 1.0
+    assert all("skipped_steps" not in h for i, h in enumerate(step_logs) if i != 2)
+    real = [h["loss"] for h in without.state.log_history if "loss" in h]
+    assert [h["loss"] for h in step_logs if "loss" in h] == real
+    train_loss = poisoned.state.log_history[-1]["train_loss"]
+    assert train_loss == without.state.log_history[-1]["train_loss"]
+    assert train_loss == pytest.approx(sum(real) / 5)
+
+
+def test_a_skipped_step_is_left_out_of_a_longer_log_window(tmp_path):
+    # logging_steps=3: the window holding the skipped step averages its two real steps only.
+    poisoned = _trainer(tmp_path / "a", Batches(6, poisoned=(1,)), 6, logging_steps=3)
+    poisoned.train()
+    without = _trainer(tmp_path / "b", Batches(6, drop=(1,)), 5, logging_steps=1)
+    without.train()
+    real = [h["loss"] for h in without.state.log_history if "loss" in h]
+    windows = [h for h in poisoned.state.log_history if "learning_rate" in h]
+    assert windows[0]["loss"] == pytest.approx((real[0] + real[1]) / 2)
+    assert windows[0]["skipped_steps"] == 1.0 and "skipped_steps" not in windows[1]
+    assert windows[1]["loss"] == pytest.approx(sum(real[2:]) / 3)
+    assert poisoned.state.log_history[-1]["train_loss"] == pytest.approx(sum(real) / 5)
 
 
 def test_with_accumulation_one_nan_micro_batch_skips_the_whole_step(tmp_path):
@@ -230,9 +254,13 @@ def test_a_step_without_targets_is_skipped_and_counted(tmp_path):
     got, want = params_of(trainer.model), params_of(one_step.model)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert trainer.step_guard.empty_steps == 1
-    step_logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert step_logs[1]["loss"] == 0.0 and step_logs[1]["empty_steps"] == 1.0
-    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    step_logs = [h for h in trainer.state.log_history if "learning_rate" in h]
+    # No target is no loss, not a loss of 0: the entry says the step was skipped, and train_loss is
+    # the loss of the one real step.
+    assert "loss" not in step_logs[1] and step_logs[1]["empty_steps"] == 1.0
+    assert step_logs[1]["skipped_steps"] == 1.0
+    assert trainer.state.log_history[-1]["train_loss"] == step_logs[0]["loss"]
+    assert trainer.state.log_history[-1]["train_loss"] == one_step.state.log_history[-1]["train_loss"]
 
 
 def test_fp16_leaves_nonfinite_steps_to_its_scaler_and_a_dropped_step_closes_the_scaler_step():

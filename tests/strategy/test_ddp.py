@@ -124,10 +124,11 @@ def test_a_nan_on_one_rank_or_no_targets_anywhere_makes_every_rank_skip_the_step
         assert summary["nonfinite_steps"] == 1
         assert summary["empty_steps"] == 1
         assert summary["global_step"] == 5
-        # The empty step logs 0; so does the NaN step (logging_nan_inf_filter's rule for a window
-        # of only non-finite steps); the others are real losses.
-        assert summary["losses"][2:4] == [0.0, 0.0]
-        assert all(x > 0 for x in summary["losses"][:2] + summary["losses"][4:])
+        # Neither skipped step has a loss (not a loss of 0): their entries say they skipped, and
+        # train_loss is the mean of the three real steps.
+        assert summary["skipped"] == [None, None, 1.0, 1.0, None]
+        assert len(summary["losses"]) == 3 and all(x > 0 for x in summary["losses"])
+        assert summary["train_loss"] == pytest.approx(sum(summary["losses"]) / 3)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     spikes = [json.loads((tmp_path / f"spike-ddp-rank{r}.json").read_text()) for r in (0, 1)]
     for summary in spikes:

@@ -475,9 +475,12 @@ def nonfinite(out: Path) -> None:
         train_dataset=base.train_dataset,
         data_collator=collate,
     )
-    trainer.train()
+    result = trainer.train()
     params = lm_state(trainer)
+    step_logs = [h for h in trainer.state.log_history if "learning_rate" in h]
     summary = {
+        "skipped": [h.get("skipped_steps") for h in step_logs],
+        "train_loss": result.training_loss,
         "nonfinite_steps": trainer.step_guard.nonfinite_steps,
         "empty_steps": trainer.step_guard.empty_steps,
         "finite": all(bool(torch.isfinite(v).all()) for v in params.values()),
