@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _NAMES = {
     "Trainer": "trainer",
     "TrainingArguments": "args",
+    "Seq2SeqTrainer": "seq2seq",
+    "Seq2SeqTrainingArguments": "args_seq2seq",
     "IntervalStrategy": "args",
     "SaveStrategy": "args",
     "SchedulerType": "args",
@@ -55,6 +57,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .args import IntervalStrategy, OptimizerNames, SaveStrategy, SchedulerType, TrainingArguments
+    from .args_seq2seq import Seq2SeqTrainingArguments
     from .callbacks import (
         CallbackHandler,
         DefaultFlowCallback,
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
     from .data import default_data_collator
     from .outputs import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutput
     from .search import BestRun
+    from .seq2seq import Seq2SeqTrainer
     from .state import TrainerControl, TrainerState
     from .trainer import Trainer
     from .utils import enable_full_determinism, get_last_checkpoint, set_seed

@@ -194,6 +194,11 @@ class DeepSpeedStrategy(MultiProcess):
     def stage(self) -> int:
         return int(self.config.get("zero_optimization", {}).get("stage", 0))
 
+    @property
+    def shards_parameters(self) -> bool:  # type: ignore[override]
+        # Parameters are partitioned once the engine exists (train() builds it) under ZeRO-3.
+        return self.engine is not None and self.stage == 3
+
     def setup_model(self, model: nn.Module) -> nn.Module:
         return self.place_model(self.unwrap(model))
 
