@@ -135,3 +135,65 @@ def generation_metrics(pred: Any) -> dict[str, float]:
         "rows": float(len(preds)),
         "width": float(preds.shape[1]),
     }
+
+
+# -- the job the multi-process tests run, and its single-process reference ------------------------------
+
+JOB_TRAIN, JOB_EVAL, JOB_TEST = 240, 13, 7
+
+
+def job_trainer(out: str, kind: str = "bart", **kw: Any) -> Any:
+    """Seq2SeqTrainer on the copy task (targets of several lengths), GA=2, generating with 4 beams."""
+    from ember import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    fields: dict[str, Any] = dict(
+        output_dir=out,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=30,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=1,
+        use_cpu=True,
+        seed=0,
+        optim="adamw_torch",
+        # rounding noise on a zero gradient must not become an Adam step (see worker.lm_args)
+        adam_epsilon=1e-6,
+        predict_with_generate=True,
+        generation_num_beams=4,
+        generation_max_length=12,
+    )
+    fields.update(kw)
+    model = MODELS[kind]()
+    eos = model.config.eos_token_id
+    return Seq2SeqTrainer(
+        model=model,
+        args=Seq2SeqTrainingArguments(**fields),
+        train_dataset=copy_examples(JOB_TRAIN, 0, eos, fixed_target=False),
+        eval_dataset=copy_examples(JOB_EVAL, 1, eos, fixed_target=False),
+        data_collator=collator_for(model),
+        compute_metrics=generation_metrics,
+    )
+
+
+def run_job(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train, evaluate (4 beams) and predict (greedy); the full weights, predictions and numbers."""
+    result = trainer.train()
+    metrics = trainer.evaluate()
+    eos = trainer.model.config.eos_token_id
+    pred = trainer.predict(copy_examples(JOB_TEST, 2, eos, fixed_target=False), num_beams=1)
+    full = trainer.strategy.model_state_dict(trainer.model_wrapped)
+    tensors = {f"param.{k}": v.detach().float().cpu().clone() for k, v in full.items()}
+    tensors["predictions"] = torch.from_numpy(pred.predictions)
+    tensors["label_ids"] = torch.from_numpy(pred.label_ids)
+    meta = {
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "train_loss": result.training_loss,
+        "eval": {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))},
+        "test": {k: v for k, v in pred.metrics.items() if not k.endswith(("_runtime", "_per_second"))},
+        "shards_parameters": bool(trainer.strategy.shards_parameters),
+    }
+    return tensors, meta
