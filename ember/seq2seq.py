@@ -203,18 +203,25 @@ class Seq2SeqTrainer(Trainer):
                 del kwargs[key]
         kwargs.setdefault("synced_gpus", self.strategy.shards_parameters)
         generator: Any = self.strategy.unwrap(model)  # a transformers model (GenerationMixin)
+        generation_inputs = _generation_inputs(inputs)
+        loss = None
+        if has_labels:
+            with torch.no_grad(), self.precision.autocast():
+                loss, outputs = self.compute_loss(model, dict(inputs), return_outputs=True)
+            loss = loss.mean().detach()
+            # The loss's forward already ran the encoder on this batch: generate reuses its output
+            # instead of running it again (same module, inputs and precision: the same numbers).
+            encoded = _reusable_encoder_outputs(generator, outputs, generation_inputs, kwargs)
+            if encoded is not None:
+                generation_inputs["encoder_outputs"] = encoded
+            del outputs  # the logits: not needed, and batch x length x vocab large
         sharded = self.strategy.shards_parameters
         with torch.no_grad(), self.precision.autocast(), _full_parameters(generator, sharded):
-            generated = generator.generate(**_generation_inputs(inputs), **kwargs)
+            generated = generator.generate(**generation_inputs, **kwargs)
         config = generator.generation_config
         # As transformers: a config derived from the model's config is not derived again each batch.
         if getattr(config, "_from_model_config", False):
             config._from_model_config = False
-        loss = None
-        if has_labels:
-            with torch.no_grad(), self.precision.autocast():
-                loss, _ = self.compute_loss(model, dict(inputs), return_outputs=True)
-            loss = loss.mean().detach()
         if self.args.prediction_loss_only:
             return loss, None, None
         labels = inputs["labels"] if has_labels else None
@@ -277,6 +284,32 @@ def _generation_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     ):
         return {k: v for k, v in inputs.items() if k not in ("decoder_input_ids", "decoder_attention_mask")}
     return dict(inputs)
+
+
+def _reusable_encoder_outputs(
+    generator: Any, outputs: Any, generation_inputs: dict[str, Any], gen_kwargs: dict[str, Any]
+) -> Any:
+    """The encoder output of the loss's forward, in the form `generate(encoder_outputs=...)` takes,
+    where generate would compute exactly that itself: an encoder-decoder model with transformers'
+    own `generate`, asked for no attentions or hidden states. None otherwise (generate encodes)."""
+    from transformers import GenerationMixin
+    from transformers.modeling_outputs import BaseModelOutput
+
+    config = getattr(generator, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    if getattr(type(generator), "generate", None) is not GenerationMixin.generate:
+        return None  # a model or wrapper (Whisper, PEFT) with its own generate
+    hidden = getattr(outputs, "encoder_last_hidden_state", None) if not isinstance(outputs, tuple) else None
+    if not isinstance(hidden, torch.Tensor) or "input_ids" not in generation_inputs:
+        return None
+    if any(k in generation_inputs for k in ("encoder_outputs", "inputs_embeds")):
+        return None
+    generation_config = getattr(generator, "generation_config", None)
+    for flag in ("output_attentions", "output_hidden_states", "return_dict_in_generate"):
+        if gen_kwargs.get(flag, getattr(generation_config, flag, False)):
+            return None
+    return BaseModelOutput(last_hidden_state=hidden)
 
 
 @contextlib.contextmanager

@@ -157,6 +157,24 @@ def test_generation_settings_precedence(trained):
         em.model.generation_config.max_length = None
 
 
+def test_generation_reuses_the_loss_forward_s_encoder_output(trained):
+    # transformers encodes each batch twice (the loss's forward, then generate); ember hands the
+    # first encoder output to generate: same ids, one encoder pass per batch.
+    em = trained["ember"]
+    calls = []
+    hook = em.model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    test_set = copy_examples(10, 2, em.model.config.eos_token_id)
+    try:
+        reused = em.predict(test_set)
+        assert len(calls) == 2  # 10 samples, batches of 5
+        # asked for attentions, generate encodes again itself (they are not in the loss's output)
+        again = em.predict(test_set, output_attentions=True)
+        assert len(calls) == 6
+    finally:
+        hook.remove()
+    assert np.array_equal(reused.predictions, again.predictions)
+
+
 def test_each_named_eval_set_gets_the_call_s_generation_keywords(trained):
     em = trained["ember"]
     eos = em.model.config.eos_token_id
