@@ -183,6 +183,16 @@ def test_each_named_eval_set_gets_the_call_s_generation_keywords(trained):
     full = em.evaluate(sets)
     for name in ("a", "b"):
         assert metrics[f"eval_{name}_gen_len"] <= 1 < full[f"eval_{name}_gen_len"]
+    # transformers' Trainer.evaluate calls evaluate() again per named set, without the keywords
+    hf = trained["hf"].evaluate(sets, max_new_tokens=1)
+    assert hf["eval_a_gen_len"] == full["eval_a_gen_len"]
+
+
+def test_has_every_member_transformers_seq2seq_trainer_adds():
+    added = set(vars(transformers.Seq2SeqTrainer)) - set(vars(transformers.Trainer))
+    added -= {"__doc__", "__module__"}
+    assert added <= set(dir(Seq2SeqTrainer)), sorted(added - set(dir(Seq2SeqTrainer)))
+    assert callable(Seq2SeqTrainer.load_generation_config)
 
 
 def test_eval_loss_is_sample_weighted_as_transformers_trainer_not_its_seq2seq_trainer(tmp_path):
