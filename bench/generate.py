@@ -1,18 +1,19 @@
 """`evaluate()` with `predict_with_generate=True`: ember's Seq2SeqTrainer against transformers', on CPU.
 
-    python -m bench.generate                  # tiny BART, beams 1 and 4, 5 interleaved rounds
+    python -m bench.generate                  # tiny BART, beams 1 and 4, 5 rounds of 6 alternating calls
     python -m bench.generate --smoke          # tiny sizes, 1 round: checks that it runs
 
-Each measurement is a fresh process (`python -m bench.generate --child ...`), interleaved ember, hf
-per round and beam setting. A child builds the model (BART from a config under a fixed seed), the
-eval set and the trainer, runs one untimed evaluate() (first-touch allocations, lazy imports), then
-times `--reps` evaluate() calls: wall time and this process's CPU time (one thread; CPU time is what
-the code costs, robust to other load on a shared machine). Tables show the medians over rounds of
-each child's median, and the paired ratio ember/transformers per round (below 1: ember is faster).
+Each round is a fresh process (`python -m bench.generate --child ...`) per beam setting holding both
+trainers, each with its own copy of the model (BART from a config under a fixed seed) and the same
+eval set. After one untimed evaluate() each (first-touch allocations, lazy imports), it times `--reps`
+evaluate() calls of each, alternating ember and transformers (and who goes first), so both meet the
+same load on a shared machine: wall time and this process's CPU time (one thread; CPU time is what
+the code costs, robust to other processes). Tables show the medians over rounds of each process's
+median, and the median of the ember/transformers ratios of consecutive calls (below 1: ember faster).
 
 Generation runs to a fixed length (`min_new_tokens = max_new_tokens` in the GenerationConfig both
 trainers get as `generation_config`): an untrained model would otherwise stop at once, and the
-timing would not be of generation. Both children also report the predictions' checksum and the
+timing would not be of generation. Both trainers also report the predictions' checksum and the
 metrics, so the table shows they computed the same thing. Results: bench/results/generate.{md,json}.
 """
 
@@ -95,92 +96,99 @@ def _metrics(pred: Any) -> dict[str, float]:
     return {"gen_tokens": float(np.count_nonzero((preds != -100) & (preds != 1))), "rows": float(len(preds))}
 
 
-def child(spec: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    torch.set_num_threads(1)
+def _trainer(impl: str, spec: dict[str, Any], out: str) -> Any:
     from transformers import GenerationConfig
 
-    if spec["impl"] == "hf":
+    if impl == "hf":
         from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
     else:
         from ember import Seq2SeqTrainer, Seq2SeqTrainingArguments
     model = _bart(spec)
     generation = GenerationConfig.from_model_config(model.config)
     generation.update(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"])
+    args = Seq2SeqTrainingArguments(
+        output_dir=out,
+        per_device_eval_batch_size=spec["batch"],
+        predict_with_generate=True,
+        generation_num_beams=spec["beams"],
+        generation_config=generation,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return Seq2SeqTrainer(
+        model=model, args=args, eval_dataset=_examples(spec), data_collator=_collate, compute_metrics=_metrics
+    )
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Both trainers in this process, each on its own copy of the model, timed alternately (who goes
+    first alternates too), so each pair of evaluate() calls meets the same machine load."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    times: dict[str, dict[str, list[float]]] = {impl: {"wall": [], "cpu": []} for impl in IMPLS}
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as out:
-        args = Seq2SeqTrainingArguments(
-            output_dir=out,
-            per_device_eval_batch_size=spec["batch"],
-            predict_with_generate=True,
-            generation_num_beams=spec["beams"],
-            generation_config=generation,
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            seed=0,
+        trainers = {impl: _trainer(impl, spec, f"{out}/{impl}") for impl in IMPLS}
+        for trainer in trainers.values():
+            trainer.evaluate()  # warm-up, untimed
+        for rep in range(spec["reps"]):
+            for impl in IMPLS if rep % 2 == 0 else IMPLS[::-1]:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                metrics = trainers[impl].evaluate()
+                times[impl]["wall"].append(time.perf_counter() - start)
+                times[impl]["cpu"].append(time.process_time() - start_cpu)
+                results[impl] = {"eval_loss": metrics["eval_loss"], "gen_tokens": metrics["eval_gen_tokens"]}
+        for impl, trainer in trainers.items():
+            pred = trainer.predict(_examples(spec)[: spec["batch"]]).predictions
+            results[impl]["predictions_sha1"] = hashlib.sha1(
+                np.ascontiguousarray(pred).tobytes()
+            ).hexdigest()[:12]
+            results[impl]["predictions_shape"] = list(pred.shape)
+    for impl in IMPLS:
+        results[impl].update(
+            eval_s=statistics.median(times[impl]["wall"]),
+            eval_cpu_s=statistics.median(times[impl]["cpu"]),
+            eval_s_all=times[impl]["wall"],
+            eval_cpu_s_all=times[impl]["cpu"],
         )
-        trainer = Seq2SeqTrainer(
-            model=model,
-            args=args,
-            eval_dataset=_examples(spec),
-            data_collator=_collate,
-            compute_metrics=_metrics,
-        )
-        trainer.evaluate()  # warm-up, untimed
-        walls, cpus = [], []
-        for _ in range(spec["reps"]):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            metrics = trainer.evaluate()
-            walls.append(time.perf_counter() - start)
-            cpus.append(time.process_time() - start_cpu)
-        pred = trainer.predict(_examples(spec)[: spec["batch"]])
-    return {
-        **spec,
-        "ok": True,
-        "eval_s": statistics.median(walls),
-        "eval_cpu_s": statistics.median(cpus),
-        "eval_s_all": walls,
-        "eval_cpu_s_all": cpus,
-        "eval_loss": metrics["eval_loss"],
-        "gen_tokens": metrics["eval_gen_tokens"],
-        "predictions_sha1": hashlib.sha1(np.ascontiguousarray(pred.predictions).tobytes()).hexdigest()[:12],
-        "predictions_shape": list(pred.predictions.shape),
+    ratios = {
+        kind: [e / h for e, h in zip(times["ember"][kind], times["hf"][kind])] for kind in ("wall", "cpu")
     }
+    return {**spec, "ok": True, "impls": results, "ratios": ratios}
 
 
 def summarise(runs: list[dict[str, Any]], beams_list: list[int]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for beams in beams_list:
-        mine = {
-            impl: [r for r in runs if r.get("ok") and r["beams"] == beams and r["impl"] == impl]
-            for impl in IMPLS
-        }
+        mine = [r for r in runs if r.get("ok") and r["beams"] == beams]
         rows = {}
-        for impl, rs in mine.items():
-            if rs:
+        for impl in IMPLS:
+            if mine:
+                first = mine[0]["impls"][impl]
                 rows[impl] = {
-                    "eval_s": med([r["eval_s"] for r in rs]),
-                    "eval_cpu_s": med([r["eval_cpu_s"] for r in rs]),
-                    "eval_loss": rs[0]["eval_loss"],
-                    "gen_tokens": rs[0]["gen_tokens"],
-                    "predictions_sha1": rs[0]["predictions_sha1"],
-                    "runs": len(rs),
+                    "eval_s": med([r["impls"][impl]["eval_s"] for r in mine]),
+                    "eval_cpu_s": med([r["impls"][impl]["eval_cpu_s"] for r in mine]),
+                    "eval_loss": first["eval_loss"],
+                    "gen_tokens": first["gen_tokens"],
+                    "predictions_sha1": first["predictions_sha1"],
+                    "runs": len(mine),
                 }
-        paired = {"wall": [], "cpu": []}
-        for e in mine["ember"]:
-            h = next((r for r in mine["hf"] if r["round"] == e["round"]), None)
-            if h is not None:
-                paired["wall"].append(e["eval_s"] / h["eval_s"])
-                paired["cpu"].append(e["eval_cpu_s"] / h["eval_cpu_s"])
-        ratios = {
-            kind: {"median": statistics.median(v), "min": min(v), "max": max(v)}
-            for kind, v in paired.items()
-            if v
-        }
-        same = len({r["predictions_sha1"] for r in rows.values()}) == 1 and len(rows) == 2
+        ratios = {}
+        for kind in ("wall", "cpu"):
+            paired = [x for r in mine for x in r["ratios"][kind]]
+            if paired:
+                ratios[kind] = {
+                    "median": statistics.median(paired),
+                    "min": min(paired),
+                    "max": max(paired),
+                    "pairs": len(paired),
+                }
+        same = len(rows) == 2 and rows["ember"]["predictions_sha1"] == rows["hf"]["predictions_sha1"]
         summary[str(beams)] = {"rows": rows, "ratios": ratios, "same_predictions": same}
     return summary
 
@@ -195,10 +203,11 @@ def render(payload: dict[str, Any]) -> str:
         f"load average {m['load_avg']}",
         f"- BART {cfg['layers']}+{cfg['layers']} layers x {cfg['width']} wide, vocab {cfg['vocab']}, fp32; "
         f"{cfg['samples']} eval samples (sources {cfg['min_src']}-{cfg['max_src']} tokens), "
-        f"batch {cfg['batch']}, "
-        f"{cfg['new_tokens']} new tokens per row",
-        f"- {cfg['rounds']} interleaved round(s), a fresh process per measurement, {cfg['reps']} timed "
-        "evaluate() per process after one warm-up; medians; ratio = ember / transformers, paired by round",
+        f"batch {cfg['batch']}, {cfg['new_tokens']} new tokens per row",
+        f"- {cfg['rounds']} round(s), each a fresh process holding both trainers: one warm-up evaluate() "
+        f"each, then {cfg['reps']} timed evaluate() each, alternating (and alternating who goes first); "
+        "times are medians over rounds of each process's median; ratio = ember / transformers over every "
+        "pair of consecutive calls",
         "- command: `python -m bench.generate " + " ".join(cfg["argv"]) + "`",
         "",
         "| beams | impl | evaluate() wall s | evaluate() CPU s | eval_loss | generated tokens "
@@ -212,12 +221,16 @@ def render(payload: dict[str, Any]) -> str:
                 f"| {beams} | {name} | {fmt(row['eval_s'], 3)} | {fmt(row['eval_cpu_s'], 3)} | "
                 f"{row['eval_loss']:.6f} | {int(row['gen_tokens'])} | {row['predictions_sha1']} |"
             )
-    lines += ["", "| beams | ratio | median | min | max | same predictions |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| beams | ratio | median | min | max | pairs | same predictions |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for beams, block in payload["summary"].items():
         for kind, r in block["ratios"].items():
             lines.append(
                 f"| {beams} | ember/transformers {kind} | {r['median']:.3f} | {r['min']:.3f} | "
-                f"{r['max']:.3f} | {'yes' if block['same_predictions'] else 'NO'} |"
+                f"{r['max']:.3f} | {r['pairs']} | {'yes' if block['same_predictions'] else 'NO'} |"
             )
     lines.append("")
     return "\n".join(lines)
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--vocab", type=int, default=1000)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=6)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round")
     p.add_argument("--tag", default=None)
@@ -255,11 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for round_ in range(ns.rounds):
         for beams in beams_list:
-            for impl in IMPLS if round_ % 2 == 0 else IMPLS[::-1]:  # alternate who goes first
-                result = run_child("bench.generate", {**base, "beams": beams, "impl": impl, "round": round_})
-                runs.append(result)
-                state = "ok" if result.get("ok") else "FAILED: " + str(result.get("error"))[-500:]
-                print(f"round {round_} beams {beams} {impl}: {state}", file=sys.stderr, flush=True)
+            result = run_child("bench.generate", {**base, "beams": beams, "round": round_})
+            runs.append(result)
+            state = "ok" if result.get("ok") else "FAILED: " + str(result.get("error"))[-500:]
+            print(f"round {round_} beams {beams}: {state}", file=sys.stderr, flush=True)
     config = {**base, "rounds": ns.rounds, "argv": sys.argv[1:] if argv is None else argv}
     payload = {"machine": machine(), "config": config, "runs": runs, "summary": summarise(runs, beams_list)}
     write_results(ns.tag or ("generate-smoke" if ns.smoke else "generate"), payload, render(payload))
