@@ -47,7 +47,7 @@ def _bart(spec: dict[str, Any]) -> Any:
         decoder_attention_heads=4,
         encoder_ffn_dim=2 * spec["width"],
         decoder_ffn_dim=2 * spec["width"],
-        max_position_embeddings=128,
+        max_position_embeddings=max(128, spec["max_src"] + 2, spec["new_tokens"] + 2),
         pad_token_id=1,
         bos_token_id=0,
         eos_token_id=2,

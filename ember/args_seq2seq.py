@@ -115,7 +115,8 @@ def _normalise_generation_config(value: Any) -> Any:
                 "`generation_config` is an empty string; leave it unset (None) or name a folder."
             )
         return value
-    if type(value).__name__ == "GenerationConfig" and callable(getattr(value, "to_dict", None)):
+    # By name, so that checking does not import transformers (subclasses count too).
+    if any(c.__name__ == "GenerationConfig" for c in type(value).__mro__):
         return value
     raise ValueError(
         f"`generation_config` must be a GenerationConfig, a dict of its fields, or the folder/name to load "
