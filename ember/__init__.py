@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _NAMES = {
     "Trainer": "trainer",
     "TrainingArguments": "args",
+    "Seq2SeqTrainer": "trainer.seq2seq",
+    "Seq2SeqTrainingArguments": "args.seq2seq",
     "IntervalStrategy": "args",
     "SaveStrategy": "args",
     "SchedulerType": "args",
@@ -55,6 +57,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .args import IntervalStrategy, OptimizerNames, SaveStrategy, SchedulerType, TrainingArguments
+    from .args.seq2seq import Seq2SeqTrainingArguments
     from .callbacks import (
         CallbackHandler,
         DefaultFlowCallback,
@@ -68,4 +71,5 @@ if TYPE_CHECKING:
     from .outputs import EvalLoopOutput, EvalPrediction, PredictionOutput, TrainOutput
     from .search import BestRun
     from .trainer import Trainer
+    from .trainer.seq2seq import Seq2SeqTrainer
     from .utils import enable_full_determinism, get_last_checkpoint, set_seed

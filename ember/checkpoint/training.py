@@ -179,7 +179,7 @@ def _warn_on_changed_sampler(sampler: Stateful | None, saved: dict[str, Any]) ->
     if sampler is None or not saved:
         return
     now = sampler.state_dict()
-    keys = ("seed", "num_samples", "shuffle", "drop_last", "group_by_length")
+    keys = ("seed", "num_samples", "shuffle", "drop_last", "group_by_length", "sortish")
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now.get(k)]
     if changed:
         logger.warning(

@@ -212,16 +212,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
         """Start iterations of the current epoch after `n` batches (until the next `set_epoch`)."""
         self._skip = _check_int("skip_batches(n)", n, 0)
 
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """Every sample index in `epoch`'s order, before the ranks take their share; a pure function
+        of (seed, epoch), which is what makes resuming exact (subclasses order differently)."""
+        n = self.num_samples
+        if not self.shuffle:
+            return torch.arange(n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        if self.lengths is not None:
+            perm = _group_by_length(perm, self.lengths, self.batch_size * MEGABATCH_MULT)
+        return perm
+
     def _rank_indices(self, epoch: int) -> torch.Tensor:
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
         n = self.num_samples
-        if self.shuffle:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            if self.lengths is not None:
-                perm = _group_by_length(perm, self.lengths, self.batch_size * MEGABATCH_MULT)
-        else:
-            perm = torch.arange(n)
+        perm = self._epoch_order(epoch)
         total = self.samples_per_rank * self.world_size
         if total > n:
             perm = torch.cat([perm] * math.ceil(total / n))

@@ -53,6 +53,9 @@ class Strategy(Protocol):
     def is_main(self) -> bool: ...
     @property
     def is_local_main(self) -> bool: ...
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether each rank holds only a shard of the parameters (FSDP, ZeRO-3)."""
 
     # -- model -------------------------------------------------------------------------------------
     def place_model(self, model: nn.Module) -> nn.Module:

@@ -236,6 +236,12 @@ class DeepSpeedStrategy(MultiProcess):
     def stage(self) -> int:
         return int(self.config.get("zero_optimization", {}).get("stage", 0))
 
+    @property
+    def shards_parameters(self) -> bool:  # type: ignore[override]
+        # As transformers' is_deepspeed_zero3_enabled(): from the config (before train() builds the
+        # engine the parameters are whole, and synced generation costs only a flag per step).
+        return self.stage == 3
+
     def setup_model(self, model: nn.Module) -> nn.Module:
         return self.place_model(self.unwrap(model))
 

@@ -38,6 +38,8 @@ logger = logging.getLogger("ember")
 class FSDPStrategy(MultiProcess):
     """One process per device; the model is sharded with `fully_shard` over a 1-D device mesh."""
 
+    shards_parameters = True
+
     def __init__(
         self,
         env: LaunchEnv,

@@ -46,6 +46,9 @@ class SingleDevice:
     rank = 0
     local_rank = 0
     world_size = 1
+    #: Whether each rank holds only a shard of the parameters (FSDP, ZeRO-3), so every rank must run
+    #: every forward together (generation passes `synced_gpus=True`).
+    shards_parameters = False
 
     def __init__(self, device: torch.device, precision: Precision | None = None) -> None:
         self.device = device

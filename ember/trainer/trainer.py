@@ -266,9 +266,7 @@ class Trainer:
         dataset = self._prepare_dataset(self.train_dataset, "training")
         self._train_batch_sampler = None
         if not is_iterable_dataset(dataset):
-            self._train_batch_sampler = make_train_batch_sampler(
-                dataset, self.args, rank=self.strategy.dp_rank, world_size=self.strategy.dp_world_size
-            )
+            self._train_batch_sampler = self._make_train_batch_sampler(dataset)
         loader = build_train_dataloader(
             dataset,
             self.args,
@@ -279,6 +277,12 @@ class Trainer:
         )
         self.callback_handler.train_dataloader = loader
         return loader
+
+    def _make_train_batch_sampler(self, dataset: Any) -> Any:
+        """The resumable batch sampler of map-style training data (Seq2SeqTrainer's sortish one)."""
+        return make_train_batch_sampler(
+            dataset, self.args, rank=self.strategy.dp_rank, world_size=self.strategy.dp_world_size
+        )
 
     # -- training ------------------------------------------------------------------------------------
     def train(
