@@ -13,6 +13,7 @@ collaborators call back through them, so a subclass's override is the one that r
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -168,9 +169,10 @@ class Trainer:
     def precision(self, value: Precision) -> None:
         self.strategy.precision = value
 
-    @property
+    @functools.cached_property
     def accelerator(self) -> EmberAccelerator:
-        """accelerate's `Accelerator` members that subclasses call, over this run's strategy."""
+        """accelerate's `Accelerator` members that subclasses call, over this run's strategy (one
+        object per Trainer: it holds no state of its own, and subclasses reach for it every step)."""
         return EmberAccelerator(self)
 
     @property
