@@ -78,16 +78,16 @@ def _get(module: str, name: str) -> Any:
 
 def surface(package: str) -> dict[str, Any]:
     """The surface of `package` ("transformers" or "ember") under transformers' names."""
-    names = {
-        "TrainingArguments": "TrainingArguments",
-        "Seq2SeqTrainingArguments": "Seq2SeqTrainingArguments",
-        "Trainer": "Trainer",
-        "Seq2SeqTrainer": "Seq2SeqTrainer",
-        "TrainerState": "TrainerState",
-        "TrainerControl": "TrainerControl",
-        "TrainerCallback": "TrainerCallback",
-    }
-    got = {key: _get(package, name) for key, name in names.items()}
+    names = (
+        "TrainingArguments",
+        "Seq2SeqTrainingArguments",
+        "Trainer",
+        "Seq2SeqTrainer",
+        "TrainerState",
+        "TrainerControl",
+        "TrainerCallback",
+    )
+    got = {name: _get(package, name) for name in names}
     return {
         "training_args": fields_of(got["TrainingArguments"]),
         "seq2seq_args": fields_of(got["Seq2SeqTrainingArguments"]),
