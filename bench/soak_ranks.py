@@ -430,6 +430,8 @@ def soak(
         reason = verify_checkpoint(folder, deep=True)
         if reason is not None:
             problems.append(f"{folder.name} does not check out: {reason}")
+    # The scratch folder goes away with the soak: keep what torchrun saw when something went wrong.
+    log_tail = (run / "torchrun.log").read_text(errors="replace")[-4000:] if problems else ""
     landed = Counter(e["landed"] for e in events)
     on_victim = Counter(e["landed_on_victim"] for e in events)
     return {
@@ -458,6 +460,7 @@ def soak(
         "seed": seed,
         "events": events,
         "problems": problems,
+        **({"torchrun_log_tail": log_tail} if log_tail else {}),
     }
 
 
