@@ -167,11 +167,6 @@ def test_sizes_that_do_not_multiply_to_the_world_size_are_refused(tmp_path, monk
         Trainer(model=tiny("llama"), args=args, train_dataset=examples(4))
 
 
-def test_cp_size_on_cpu_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match=r"cp_size'\]`=2: context parallelism .* CPU does not have"):
-        _args(tmp_path, {"cp_size": 2})
-
-
 @pytest.mark.parametrize(
     ("config", "message"),
     [
