@@ -6,7 +6,9 @@ tiny model 12 steps on the same 48 examples with a global batch of 4 and writes 
 consolidated model (`save_model`) to OUT/NAME/model and its logged losses to OUT/NAME/result.json.
 
 Layouts: one (no parallelism_config: the reference), tp2, dp2xtp2 (FSDP2 over dp_shard x TP),
-hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step).
+hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step),
+hsdp2x2xtp2 (3-D, 8 processes), and the context-parallel ones of test_cp.py (cp2, dp2xcp2, ...).
+Options (besides): padded (SEQ - 1 tokens with right padding), packed (two documents per row).
 Options: ckpt (save every 4 steps, keep them), resume (resume from OUT/NAME's last checkpoint:
 the folder is copied there by the test), kill8 (rank 1 kills itself with SIGKILL while writing
 its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under TP), eval (evaluate
@@ -41,6 +43,8 @@ LAYOUTS: dict[str, dict[str, int] | None] = {
     "dp2xcp2": {"dp_shard_size": 2, "cp_size": 2},
     "cp2xtp2": {"cp_size": 2, "tp_size": 2},
     "ddp2xcp2": {"dp_replicate_size": 2, "cp_size": 2},
+    # 3-D: HSDP (replicate 2 x shard 2) x TP 2 on 8 processes.
+    "hsdp2x2xtp2": {"dp_replicate_size": 2, "dp_shard_size": 2, "tp_size": 2},
 }
 
 
