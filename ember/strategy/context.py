@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,8 @@ class SequenceShard:
     #: ids of packed sequences ([batch, length]); None when the batch has none.
     key_mask: torch.Tensor | None
     documents: torch.Tensor | None
+    #: Masks built for this micro-batch, one per sliding window: every layer shares one tensor.
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
 
 _local = threading.local()
@@ -232,14 +234,28 @@ def context_parallel_attention(
             )
     key = gather_sequence(key, shard)
     value = gather_sequence(value, shard)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    mask = _mask(shard, query.device, kwargs.get("sliding_window"))
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-    )
+    gqa = query.shape[1] != key.shape[1]
+    window = kwargs.get("sliding_window")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if shard.key_mask is None and shard.documents is None and window is None:
+        # Plain causal: each local chunk attends to the prefix that ends with it. torch's lower-right
+        # causal bias runs the flash / memory-efficient kernels without building a mask, and skips
+        # the keys after the chunk instead of masking them.
+        from torch.nn.attention.bias import causal_lower_right
+
+        chunk = shard.length // (2 * shard.size)
+        outs = []
+        for part, index in zip(query.split(chunk, dim=2), (shard.rank, 2 * shard.size - 1 - shard.rank)):
+            end = (index + 1) * chunk
+            bias = causal_lower_right(chunk, end)
+            k, v = key[:, :, :end], value[:, :, :end]
+            outs.append(sdpa(part, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+        out = torch.cat(outs, dim=2)
+    else:
+        mask = shard.masks.get(window)
+        if mask is None:
+            mask = shard.masks[window] = _mask(shard, query.device, window)
+        out = sdpa(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
