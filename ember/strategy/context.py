@@ -11,8 +11,10 @@ each cut. Positions are the global ones.
 Attention is the one place where positions meet: ember registers an attention function with
 transformers' `AttentionInterface` ("ember_cp"). Each rank gathers the keys and values of the whole
 sequence from its CP group (autograd-aware: the backward sums each part's gradient back to its
-owner) and attends with its own queries under the global causal mask (and the padding and packed-
-document masks of the whole batch). This is the all-gather form of context parallelism (the one
+owner) and attends with its own queries under the global causal mask: each of its two chunks sees
+the prefix that ends with it, through torch's lower-right causal bias (no mask is built, and the
+flash / memory-efficient kernels run on GPUs); padding, packed documents or a sliding window need
+a mask, built once per micro-batch and shared by every layer. This is the all-gather form of context parallelism (the one
 Llama 3 was trained with): communication is the K/V of one layer at a time, which GQA keeps small;
 it runs with any backend, gloo included, so it is tested here on CPU against one process.
 
