@@ -53,6 +53,7 @@ from ..engine.optimizers import optimizer_eval_mode, set_optimizer_mode
 from ..engine.preemption import PreemptionWatcher, TrainingPreempted
 from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_steps
 from ..engine.step import StepContext, grouped, target_counts
+from ..models.liger import chunked_loss_setting, plan_liger
 from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import EvalLoopOutput, PredictionOutput, TrainOutput
@@ -133,6 +134,11 @@ class Trainer:
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        # None without use_liger_kernel; else whether Liger's kernels will patch the model (if not,
+        # the reason is logged here, once, and the loss is chunked instead).
+        self._liger_applied: bool | None = None
+        if self.args.use_liger_kernel:
+            self._liger_applied = plan_liger(self.model, self.args.liger_kernel_config) is None
         self.label_shift = shifts_labels(self.model)
         self._label_smoothing = label_smoothing_for(self.model, self.args.label_smoothing_factor)
         self.label_names = self.args.label_names or default_label_names(self.model)
@@ -512,7 +518,10 @@ class Trainer:
         With `num_items_in_batch` (the step's target count on all ranks) the result is
         sum-of-target-losses / num_items_in_batch, so micro-batches add up to the exact step mean.
         """
-        if self.args.chunked_loss is not False and not return_outputs:
+        if (
+            chunked_loss_setting(self.args.chunked_loss, self._liger_applied) is not False
+            and not return_outputs
+        ):
             chunked = self._chunked_loss(model, inputs, num_items_in_batch)
             if chunked is not None:
                 return chunked
@@ -548,7 +557,7 @@ class Trainer:
         (None) chunks micro-batches of more than one chunk of labels, outside DeepSpeed, and falls
         back quietly: smaller ones gain nothing, and models it cannot serve exactly are not errors.
         """
-        explicit = self.args.chunked_loss is True
+        explicit = chunked_loss_setting(self.args.chunked_loss, self._liger_applied) is True
         if not explicit:
             labels = inputs.get("labels")
             big = isinstance(labels, torch.Tensor) and labels.numel() > self.args.loss_chunk_size
