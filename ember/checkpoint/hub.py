@@ -1,6 +1,6 @@
 """Pushing a run to the Hugging Face Hub, with transformers' `hub_strategy` meanings.
 
-`HubSync` owns one Trainer's repo and its pushes. The Checkpointer asks it, at each save, whether
+`HubSync` owns one run's repo and its pushes. The Checkpointer asks it, at each save, whether
 this save pushes (`plan_checkpoint_push`: not with hub_strategy="end", not while the previous push
 runs unless hub_always_push), and hands the answer to the checkpoint write as its `on_commit`: so a
 push starts only once the checkpoint folder is complete and renamed into place (a `.tmp` folder
@@ -11,7 +11,7 @@ is never pushed), on the thread that wrote it. What a save pushes:
   and the root is uploaded without `_*`, `checkpoint-*` and ember's lock file;
 - "checkpoint": that, then the whole checkpoint as `last-checkpoint/` (to resume from);
 - "all_checkpoints": that, then the whole checkpoint in its own `checkpoint-N/` folder;
-- "end": nothing during training; `Trainer.push_to_hub()` pushes at the end.
+- "end": nothing during training; `push_to_hub()` pushes at the end.
 
 Uploads run in the background on `HfApi.run_as_future`'s one worker thread, so they keep their
 order and training never waits for the network. A checkpoint upload reads hard links of the
@@ -21,8 +21,8 @@ whole, is kept in `failures`, and never stops training nor touches a checkpoint;
 push raises `HubPushError`. Only the main process pushes (the Checkpointer asks only there).
 
 huggingface_hub is imported only when a push or a repo is asked for. The HfApi comes from the
-factory given (the Trainer's `create_hub_api`), which tests replace with a recording subclass of the
-real `HfApi`: no Hub is reached in ember's tests.
+factory given (`create_hub_api` of the object that runs the loop), which tests replace with a
+recording subclass of the real `HfApi`: no Hub is reached in ember's tests.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def default_hub_api() -> Any:
 
 
 class HubSync:
-    """One Trainer's Hub repo and its pushes (see the module docstring)."""
+    """One run's Hub repo and its pushes (see the module docstring)."""
 
     def __init__(self, args: Any, api_factory: Callable[[], Any] = default_hub_api) -> None:
         self.args = args

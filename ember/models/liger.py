@@ -101,7 +101,7 @@ def liger_reason(model: Any) -> str | None:
     return reason
 
 
-def plan_liger(model: Any, config: dict[str, Any] | None) -> str | None:
+def plan_liger(model: Any, config: Any) -> str | None:
     """At Trainer construction: None when Liger will be applied to `model`, else the reason it is
     not (logged once, with what ember uses instead). Refuses config keys the apply function lacks."""
     from ..utils import base_model
