@@ -377,8 +377,10 @@ def soak(
     start = time.monotonic()
     proc = _torchrun(run, kills, ranks)
     events: list[dict[str, Any]] = []
+    load = [os.getloadavg()[0]]  # the machine is shared: the restart times depend on what else runs
     for attempt, aim in enumerate(plan):
         ready = _ready(run, attempt, ranks, proc)
+        load.append(os.getloadavg()[0])
         if attempt:
             events[-1]["kill_to_training_again_s"] = round(time.monotonic() - events[-1].pop("_at"), 2)
             events[-1]["resumed_step"] = ready[0]["step"]
@@ -408,6 +410,7 @@ def soak(
         events[-1]["resumed_step"] = ready[0]["step"]
     code = proc.wait()
     soak_s = time.monotonic() - start
+    load.append(os.getloadavg()[0])
     attempts = sum(1 for _ in run.glob("ready-*-rank0"))
     for e in events:
         e.update(classify(_logs(run, e["attempt"], ranks), e["rank"], e.pop("_killed_at")))
@@ -455,6 +458,8 @@ def soak(
         "time_lost_per_kill_s": round((soak_s - reference_s) / max(len(events), 1), 1),
         "kill_to_training_again_s_median": _median([e["kill_to_training_again_s"] for e in events]),
         "steps_redone_per_kill_mean": round(sum(e["steps_redone"] for e in events) / max(len(events), 1), 2),
+        "load_avg_1min_during_soak": {"mean": round(sum(load) / len(load), 1), "max": round(max(load), 1)},
+        "cpus": os.cpu_count(),
         "slow_save_s": slow_save,
         "slow_rotate_s": slow_rotate,
         "seed": seed,
@@ -489,6 +494,8 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         f"- wall: uninterrupted {s['reference_s']} s, soak {s['soak_s']} s: **{s['time_lost_per_kill_s']} s "
         f"lost per kill**; kill to training again (median) {s['kill_to_training_again_s_median']} s; "
         f"steps redone per kill (mean) {s['steps_redone_per_kill_mean']}",
+        f"- machine: {s['cpus']} CPUs shared with other jobs; 1-minute load average during the soak: mean "
+        f"{s['load_avg_1min_during_soak']['mean']}, max {s['load_avg_1min_during_soak']['max']}",
         "",
         "Where the kills landed, from the phase records (not from the aim):",
         "",
