@@ -2,6 +2,8 @@
 
     python -m bench.soak                       # 24 kills, seed 0, results to bench/results/soak.json
     python -m bench.soak --kills 3 --out DIR   # a quick look
+    python -m bench.soak --ranks 2 --kills 30  # across ranks under torchrun (bench/soak_ranks.py);
+    python -m bench.soak --ranks 4 --kills 30  # 4 ranks: FSDP2 (--strategy ddp|fsdp2 to choose)
 
 The job is `tests/resume_job.py` (dropout, noisy data drawn in two dataloader workers, GA=2) for
 20 epochs (120 optimizer steps), saving every 2 steps with save_total_limit=2, so every save is
