@@ -115,8 +115,8 @@ def write_manifest(folder: Path) -> dict[str, Any]:
     """
     files: dict[str, dict[str, Any]] = {}
     payload = _payload_files(folder)
+    _fsync_all(payload)
     for path in payload:
-        _fsync_path(path)
         files[path.relative_to(folder).as_posix()] = {
             "size": path.stat().st_size,
             HASH_NAME: known_digest(path) or hash_file(path, HASH_NAME),
@@ -131,6 +131,21 @@ def write_manifest(folder: Path) -> dict[str, Any]:
         os.fsync(fh.fileno())
     _fsync_path(folder, directory=True)
     return manifest
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    """fsync every file in `paths`, all at once from a few threads: a file system with a journal
+    (ext4, xfs) then commits the new files' metadata in one or two journal commits instead of one
+    per file, ~3 ms each on the test machine's disk (a checkpoint has ~10 files, a sharded one more)."""
+    if len(paths) < 2:
+        for path in paths:
+            _fsync_path(path)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(paths), 16), thread_name_prefix="ember-fsync") as pool:
+        for future in [pool.submit(_fsync_path, path) for path in paths]:
+            future.result()  # the first error raises, once every fsync is over
 
 
 def _rmtree(path: Path) -> None:
