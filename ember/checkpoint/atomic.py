@@ -351,15 +351,25 @@ def usable_checkpoint(path: str | os.PathLike[str], deep: bool = False) -> str |
     return reason
 
 
-def find_resumable_checkpoint(output_dir: str | os.PathLike[str], deep: bool = False) -> Path | None:
+def find_resumable_checkpoint(
+    output_dir: str | os.PathLike[str], deep: bool = False, skipped: list[tuple[Path, str]] | None = None
+) -> Path | None:
     """The newest `checkpoint-N` in `output_dir` that can be resumed from (`usable_checkpoint`);
-    each one skipped on the way is logged with its reason."""
+    each one skipped on the way is logged with its reason (and appended to `skipped`). Nothing is
+    deleted: a folder that fails may be a copy in progress, or evidence."""
     for path in reversed(sorted_checkpoints(output_dir)):
         reason = usable_checkpoint(path, deep=deep)
         if reason is None:
             return path
         logger.warning("Skipping checkpoint %s: %s.", path, reason)
+        if skipped is not None:
+            skipped.append((path, reason))
     return None
+
+
+class HashedCheckpoint(str):
+    """A checkpoint folder whose every file this process has just hashed against its manifest
+    (auto_resume's pick): `load_checkpoint_dir` checks its sizes but does not hash it again."""
 
 
 def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Path:
@@ -372,6 +382,7 @@ def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Pat
     A run folder (one holding `checkpoint-N` folders, not a checkpoint itself) stands for its newest
     usable checkpoint, as `resume_from_checkpoint=True` does.
     """
+    hashed = isinstance(path, HashedCheckpoint)
     path = Path(path)
     if checkpoint_step(path) is None and not (path / MANIFEST_NAME).exists() and sorted_checkpoints(path):
         found = find_resumable_checkpoint(path, deep=deep)
@@ -382,7 +393,7 @@ def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Pat
             )
         logger.info("%s is a run folder; resuming from its newest complete checkpoint, %s.", path, found.name)
         return found
-    reason = usable_checkpoint(path, deep=deep)
+    reason = usable_checkpoint(path, deep=deep and not hashed)
     if reason is None:
         return path
     fallback = _newest_complete(path.parent, exclude=path)

@@ -347,7 +347,8 @@ def _agreed_checkpoint_folder(strategy: Strategy, args: TrainingArguments, check
 
 def _checkpoint_folder(output_dir: str, checkpoint: str | bool, deep: bool) -> Path:
     if checkpoint is not True:
-        return load_checkpoint_dir(str(checkpoint), deep=deep)
+        # Kept as given: a HashedCheckpoint (auto_resume's pick) is not hashed a second time.
+        return load_checkpoint_dir(checkpoint if isinstance(checkpoint, str) else str(checkpoint), deep=deep)
     found = find_resumable_checkpoint(output_dir, deep=deep)
     if found is None:
         raise ValueError(

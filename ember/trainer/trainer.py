@@ -652,7 +652,7 @@ class Trainer:
         why = "auto_resume=True" if auto else (relaunch_reason() if auto is None else None)
         if why is None:
             return None
-        return auto_resume_checkpoint(self.args.output_dir, self.strategy, why)
+        return auto_resume_checkpoint(self.args.output_dir, self.strategy, why, self.args.verify_checkpoints)
 
     def _resume(self, checkpoint: str | bool) -> None:
         self.checkpointer.resume(self._stateful_parts(), self.args, self.state, checkpoint)
