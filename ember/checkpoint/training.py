@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -245,14 +245,18 @@ def save_checkpoint(
     args: TrainingArguments,
     state: TrainerState,
     processing_class: Any = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
-    """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
+    """Write `output_dir/checkpoint-N/` atomically (in the background with save_async). `ready`
+    runs once this rank's own state is gathered, before the save's first collective."""
     final = Path(args.output_dir) / f"checkpoint-{state.global_step}"
     if state.best_global_step == state.global_step:
         state.best_model_checkpoint = str(final)
     state.stateful_callbacks = parts.callbacks.state_dict()
     if args.save_async:
         io.wait()
+    if ready is not None:
+        ready()
     staging = io.staging if args.save_async else None
     snapshot = take_snapshot(parts, strategy, args, state, processing_class, staging, io)
     limit, best = args.save_total_limit, state.best_model_checkpoint

@@ -129,6 +129,18 @@ class MultiProcess(SingleDevice):
         steps = [("writing its files", write_fn), *self._extra_checkpoint_steps(parts, io)]
         io.run(lambda: self._checkpoint_protocol(io, Path(final_dir), steps, after))
 
+    def enter_checkpoint(self, step: int, peers: Any) -> None:
+        """The save's first meeting, before any collective that gathers state (FSDP's full model,
+        DCP's plans, the folder agreement). Asynchronous and polled: a peer that raised while
+        gathering its own state never arrives, and waiting in a plain collective here would last
+        until its process exits or ddp_timeout passes; `peers.wait` stops this rank with the peer's
+        own report instead, before the temporary folder exists. Runs on the checkpoint side group
+        (an async save's protocol is over by now: `save_checkpoint` waited for it)."""
+        flag = torch.zeros(1, dtype=torch.int32)
+        with collective(f"entering the save of checkpoint-{step}", self.rank):
+            work = dist.all_reduce(flag, group=self._checkpoint_group, async_op=True)
+            peers.wait(work)
+
     def _extra_checkpoint_steps(self, parts: Parts, io: CheckpointIO) -> list[WriteStep]:
         """Collective write phases after the per-rank files (sharded strategies add theirs)."""
         return []

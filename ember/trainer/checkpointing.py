@@ -5,6 +5,7 @@ files and the strategy writes the parts through it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +30,19 @@ class Checkpointer:
     def writer(self) -> CheckpointWriter:
         return self.io.writer
 
-    def save(self, parts: Parts, args: TrainingArguments, state: TrainerState, processing_class: Any) -> None:
-        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
+    def save(
+        self,
+        parts: Parts,
+        args: TrainingArguments,
+        state: TrainerState,
+        processing_class: Any,
+        ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async); `ready`
+        runs once this rank's own state is gathered, before the save's first collective."""
         from ..checkpoint.training import save_checkpoint
 
-        save_checkpoint(parts, self.strategy, self.io, args, state, processing_class)
+        save_checkpoint(parts, self.strategy, self.io, args, state, processing_class, ready)
 
     def resume(
         self, parts: Parts, args: TrainingArguments, state: TrainerState, checkpoint: str | bool

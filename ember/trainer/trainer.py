@@ -62,6 +62,8 @@ from ..strategy.peers import (
     BOUNDARY,
     COMPUTE,
     LOADING,
+    SAVE_GATHER,
+    SAVING,
     STEP_BEGIN,
     STEP_END,
     NoWatch,
@@ -634,8 +636,17 @@ class Trainer:
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
         self.store_flos()
+        step, peers = self.state.global_step, self._peers
+        peers.mark(step, SAVE_GATHER)  # a hang in a callback's state() is found like one in a step
+
+        def ready() -> None:  # this rank's own state is gathered: meet the others (a failed one is named)
+            peers.mark(step, SAVING)
+            self.strategy.enter_checkpoint(step, peers)
+
         with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
-            self.checkpointer.save(self._stateful_parts(), self.args, self.state, self.processing_class)
+            parts = self._stateful_parts()
+            self.checkpointer.save(parts, self.args, self.state, self.processing_class, ready)
+        peers.mark(step, AFTER_STEP)  # on_save callbacks: rank-0-only work there (an upload) is legitimate
 
     def _resume_target(self, requested: str | bool | None) -> str | bool | None:
         """What train() resumes from. A value given to train() keeps transformers' meaning (a folder;
