@@ -22,20 +22,11 @@ from .fields import TrainingFields
 _GENERIC_FIX = "leave it at its default"
 # fmt: off
 HF_ONLY_FIELDS: dict[str, str] = {
-    "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
-    "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
     "project": "name the project in your tracker's own settings",
     "trackio_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_bucket_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_static_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
-    "push_to_hub": "upload output_dir with huggingface_hub's upload_folder after training",
-    "hub_token": "upload output_dir with huggingface_hub after training",
-    "hub_private_repo": "upload output_dir with huggingface_hub after training",
-    "hub_model_id": "upload output_dir with huggingface_hub after training",
-    "hub_strategy": "upload output_dir with huggingface_hub after training",
-    "hub_always_push": "upload output_dir with huggingface_hub after training",
-    "hub_revision": "upload output_dir with huggingface_hub after training",
     "accelerator_config": "ember does not use accelerate; its loop has no such options",
     "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
 }
@@ -47,7 +38,6 @@ UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
 # and masks tokens. They are accepted and stored as the declared default.
 _DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {
     "debug": ([], None),
-    "hub_token": ("<HUB_TOKEN>",),
     "accelerator_config": (
         {
             "split_batches": False,

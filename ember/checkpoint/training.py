@@ -245,10 +245,14 @@ def save_checkpoint(
     args: TrainingArguments,
     state: TrainerState,
     processing_class: Any = None,
+    on_commit: Callable[[Path], None] | None = None,
     ready: Callable[[], None] | None = None,
 ) -> None:
-    """Write `output_dir/checkpoint-N/` atomically (in the background with save_async). `ready`
-    runs once this rank's own state is gathered, before the save's first collective."""
+    """Write `output_dir/checkpoint-N/` atomically (in the background with save_async).
+
+    `on_commit(folder)` runs once the folder is in place and before older ones are rotated away,
+    on the thread that wrote it (the Hub push starts there); it must not raise. `ready` runs once
+    this rank's own state is gathered, before the save's first collective."""
     final = Path(args.output_dir) / f"checkpoint-{state.global_step}"
     if state.best_global_step == state.global_step:
         state.best_model_checkpoint = str(final)
@@ -263,6 +267,8 @@ def save_checkpoint(
     output_dir = Path(args.output_dir)
 
     def rotate() -> None:
+        if on_commit is not None:
+            on_commit(final)
         if strategy.is_main:
             rotate_checkpoints(output_dir, limit, keep={Path(best)} if best else set())
 

@@ -105,6 +105,12 @@ class SingleDevice:
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         loss.backward()
 
+    def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+    def sum_sequence_parts(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
     @property
     def grad_norm_before_step(self) -> bool:
         return True

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..checkpoint.hub import HubSync
 from ..checkpoint.io import CheckpointIO
 from ..checkpoint.writer import CheckpointWriter
 
@@ -22,9 +23,10 @@ if TYPE_CHECKING:
 class Checkpointer:
     """Saves and resumes a run's parts; one per Trainer (its writer outlives a run's last save)."""
 
-    def __init__(self, strategy: Strategy, save_async: bool) -> None:
+    def __init__(self, strategy: Strategy, save_async: bool, hub: HubSync | None = None) -> None:
         self.strategy = strategy
         self.io = CheckpointIO(async_=save_async)
+        self.hub = hub
 
     @property
     def writer(self) -> CheckpointWriter:
@@ -37,12 +39,26 @@ class Checkpointer:
         state: TrainerState,
         processing_class: Any,
         ready: Callable[[], None] | None = None,
-    ) -> None:
-        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async); `ready`
-        runs once this rank's own state is gathered, before the save's first collective."""
+    ) -> bool:
+        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async); with
+        push_to_hub, push it once it is in place (main process). True when this save pushes.
+        `ready` runs once this rank's own state is gathered, before the save's first collective."""
         from ..checkpoint.training import save_checkpoint
 
-        save_checkpoint(parts, self.strategy, self.io, args, state, processing_class, ready)
+        push = None
+        if self.hub is not None and args.push_to_hub and self.strategy.is_main:
+            if args.save_strategy == "steps":
+                message = f"Training in progress, step {state.global_step}"
+            else:
+                message = f"Training in progress, epoch {int(state.epoch or 0)}"
+            # The previous save's push starts when its write ends: wait for it (the save below
+            # would), so `busy` sees that push.
+            self.wait()
+            push = self.hub.plan_checkpoint_push(message)
+        save_checkpoint(
+            parts, self.strategy, self.io, args, state, processing_class, on_commit=push, ready=ready
+        )
+        return push is not None
 
     def resume(
         self, parts: Parts, args: TrainingArguments, state: TrainerState, checkpoint: str | bool
