@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine.loss import IGNORE_INDEX
-from .env import LaunchEnv, collective, side_group
+from .env import LaunchEnv, PeerFailure, collective, side_group
 from .precision import Precision
 from .single import SingleDevice
 
@@ -139,7 +139,9 @@ class MultiProcess(SingleDevice):
         flag = torch.zeros(1, dtype=torch.int32)
         with collective(f"entering the save of checkpoint-{step}", self.rank):
             work = dist.all_reduce(flag, group=self._checkpoint_group, async_op=True)
-            peers.wait(work)
+            failed = peers.wait(work)
+        if failed is not None:
+            raise PeerFailure(f"ember: rank {self.rank}: stopping because {failed}.")
 
     def _extra_checkpoint_steps(self, parts: Parts, io: CheckpointIO) -> list[WriteStep]:
         """Collective write phases after the per-rank files (sharded strategies add theirs)."""

@@ -113,8 +113,9 @@ class NoWatch:
     def peer_failure(self) -> str | None:
         return None
 
-    def wait(self, work: Any) -> None:
+    def wait(self, work: Any) -> str | None:
         work.wait()
+        return None
 
 
 class PeerWatch:
@@ -172,21 +173,21 @@ class PeerWatch:
                 self._check_failures()
         return known_failure()
 
-    def wait(self, work: Any) -> None:
-        """Wait for the asynchronous collective `work`, raising `PeerFailure` as soon as this watch
-        knows a peer failed (within `POLL_S` of its report) instead of blocking until the
-        collective returns: a peer that failed before it entered the collective, and stayed alive
-        (a script that catches the error, a hung rank not yet exited), never completes it."""
-        from .env import PeerFailure
-
+    def wait(self, work: Any) -> str | None:
+        """Wait for the asynchronous collective `work`; stop waiting as soon as this watch knows a
+        peer failed (within `POLL_S` of its report) and return what it knows, instead of blocking
+        until the collective returns: a peer that failed before it entered the collective, and
+        stayed alive (a script that catches the error, a hung rank not yet exited), never
+        completes it. None once `work` is done (its own error, a closed connection, raises)."""
         delay = 0.0005
         while not work.is_completed():
             text = known_failure()
             if text is not None:
-                raise PeerFailure(f"ember: rank {self.rank}: stopping because {text}.")
+                return text
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
-        work.wait()  # its own error (a peer's process died: the connection closed)
+        work.wait()
+        return None
 
     # -- the watch thread ---------------------------------------------------------------------------
     def _key(self, *parts: object) -> str:
