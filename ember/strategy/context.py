@@ -91,12 +91,8 @@ def _pad_to(tensor: torch.Tensor, length: int, value: float | int) -> torch.Tens
     return torch.cat([tensor, pad], dim=1)
 
 
-def shard_batch(inputs: dict[str, Any], group: Any, rank: int, size: int) -> dict[str, Any]:
-    """This rank's part of a causal-LM micro-batch (on the device), and the shard it sets active.
-
-    The sequence is padded at its end to a multiple of 2 x size: padding after every real token is
-    invisible to them under the causal mask, and its targets are ignored.
-    """
+def _checked(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and causal-LM `labels` of a micro-batch, both [batch, sequence]."""
     ids = inputs.get("input_ids")
     labels = inputs.get("labels")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
@@ -110,6 +106,16 @@ def shard_batch(inputs: dict[str, Any], group: Any, rank: int, size: int) -> dic
             "(the targets are shifted before the sequence is split); this batch has "
             f"{'none' if labels is None else tuple(labels.shape)}."
         )
+    return ids, labels
+
+
+def shard_batch(inputs: dict[str, Any], group: Any, rank: int, size: int) -> dict[str, Any]:
+    """This rank's part of a causal-LM micro-batch (on the device), and the shard it sets active.
+
+    The sequence is padded at its end to a multiple of 2 x size: padding after every real token is
+    invisible to them under the causal mask, and its targets are ignored.
+    """
+    ids, labels = _checked(inputs)
     batch, real = ids.shape
     unit = 2 * size
     length = -(-real // unit) * unit
