@@ -36,28 +36,14 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "hub_strategy": "upload output_dir with huggingface_hub after training",
     "hub_always_push": "upload output_dir with huggingface_hub after training",
     "hub_revision": "upload output_dir with huggingface_hub after training",
-    "accelerator_config": "ember does not use accelerate; its loop has no such options",
-    "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
 }
 # fmt: on
 UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
 
 # Other values that mean "the default", as transformers' own `to_dict()` writes them: it resolves
-# gradient_checkpointing None -> False, debug "" -> [], accelerator_config None -> a dict of its defaults,
-# and masks tokens. They are accepted and stored as the declared default.
+# gradient_checkpointing None -> False and masks tokens. They are accepted and stored as the declared default.
 _DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {
-    "debug": ([], None),
     "hub_token": ("<HUB_TOKEN>",),
-    "accelerator_config": (
-        {
-            "split_batches": False,
-            "dispatch_batches": None,
-            "even_batches": True,
-            "use_seedable_sampler": True,
-            "non_blocking": False,
-            "gradient_accumulation_kwargs": None,
-        },
-    ),
 }
 
 # Names that older transformers releases accepted; difflib alone would point users somewhere odd.
