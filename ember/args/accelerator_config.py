@@ -66,7 +66,10 @@ _DEFAULT_ONLY: dict[str, tuple[Any, str]] = {
         "remove it",
     ),
 }
-KNOWN_KEYS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(AcceleratorConfig)), "use_configured_state")
+KNOWN_KEYS: tuple[str, ...] = (
+    *(f.name for f in dataclasses.fields(AcceleratorConfig)),
+    "use_configured_state",
+)
 GRADIENT_ACCUMULATION_KEYS: tuple[str, ...] = (
     "num_steps",
     "adjust_scheduler",
@@ -97,7 +100,9 @@ def _mapping(raw: Any) -> dict[str, Any]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as err:
-                raise ValueError(f"`{_FIELD}` is not valid JSON ({err}); pass a dict or a JSON object.") from None
+                raise ValueError(
+                    f"`{_FIELD}` is not valid JSON ({err}); pass a dict or a JSON object."
+                ) from None
         elif os.path.isfile(text):
             try:
                 with open(text, encoding="utf-8") as fh:
@@ -124,7 +129,8 @@ def _mapping(raw: Any) -> dict[str, Any]:
     if any(hasattr(raw, key) for key in ("split_batches", "even_batches", "use_seedable_sampler")):
         return {key: getattr(raw, key) for key in KNOWN_KEYS if hasattr(raw, key)}
     raise ValueError(
-        f"`{_FIELD}` must be a dict, a JSON object or file, or an AcceleratorConfig; got {type(raw).__name__}."
+        f"`{_FIELD}` must be a dict, a JSON object or file, or an AcceleratorConfig; "
+        f"got {type(raw).__name__}."
     )
 
 
@@ -139,7 +145,9 @@ def _gradient_accumulation(value: Any, gradient_accumulation_steps: int) -> dict
     out: dict[str, Any] = {}
     for key, item in value.items():
         if key not in GRADIENT_ACCUMULATION_KEYS:
-            raise ValueError(f"`{name}` has an unknown key {key!r}.{_suggest(key, GRADIENT_ACCUMULATION_KEYS)}")
+            raise ValueError(
+                f"`{name}` has an unknown key {key!r}.{_suggest(key, GRADIENT_ACCUMULATION_KEYS)}"
+            )
         item = _from_string(item)
         if key == "num_steps":
             if isinstance(item, bool) or not isinstance(item, int) or item < 1:
@@ -149,8 +157,8 @@ def _gradient_accumulation(value: Any, gradient_accumulation_steps: int) -> dict
             if gradient_accumulation_steps > 1 and item != gradient_accumulation_steps:
                 raise ValueError(
                     f"`{name}['num_steps']`={item} and `gradient_accumulation_steps`="
-                    f"{gradient_accumulation_steps} both set the accumulation; set gradient_accumulation_steps "
-                    "only (remove num_steps)."
+                    f"{gradient_accumulation_steps} both set the accumulation; set "
+                    "gradient_accumulation_steps only (remove num_steps)."
                 )
         elif not isinstance(item, bool):
             raise ValueError(f"`{name}['{key}']` must be True or False, got {item!r}.")

@@ -81,7 +81,7 @@ _VALUE_TYPES: dict[str, Any] = {
     "include_num_input_tokens_seen": str | bool,
     # accelerate's ParallelismConfig object too, read by its attributes (args/distributed.py).
     "parallelism_config": Any,
-    # transformers' or accelerate's AcceleratorConfig too, read by its attributes (args/accelerator_config.py).
+    # transformers' or accelerate's AcceleratorConfig too, read by attribute (args/accelerator_config.py).
     "accelerator_config": Any,
     # HfArgumentParser gives None for an unset list flag; transformers reads it as [].
     "debug": str | list[str] | None,

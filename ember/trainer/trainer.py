@@ -71,6 +71,7 @@ from ..strategy.peers import (
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
+from ..telemetry.overflow import watch_underflow_overflow
 from ..telemetry.throughput import Throughput, device_peak_flops, model_flops_per_token
 from ..utils import count_parameters, enable_full_determinism, set_seed, to_device
 from .accelerator import EmberAccelerator
@@ -359,6 +360,9 @@ class Trainer:
         with (
             PreemptionWatcher(self.preemption_signals) as preemption,
             neftune_noise(model, args.neftune_noise_alpha),
+            watch_underflow_overflow(
+                self.strategy.unwrap(model), args.debug, lambda: self.state.global_step + 1
+            ),
         ):
             for epoch in range(run.progress.epoch, plan.num_epochs):
                 if self.state.global_step >= plan.max_steps:
