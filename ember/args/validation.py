@@ -208,7 +208,8 @@ def _check_accelerator_and_debug(args: TrainingFields) -> None:
     num_steps = (config.gradient_accumulation_kwargs or {}).get("num_steps")
     if num_steps is not None:
         args.gradient_accumulation_steps = num_steps  # transformers: num_steps wins over the default 1
-    args.accelerator_config = config
+    # The annotation stays transformers' (what HfArgumentParser reads); the value is the checked config.
+    args.accelerator_config = config  # type: ignore[assignment]
     args.debug = normalise_debug(args.debug)
 
 

@@ -9,7 +9,7 @@ updated batch by batch and memory stays flat in the dataset size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -186,35 +186,113 @@ def evaluation_loop(
     sampler = getattr(dataloader, "batch_sampler", None)
     padding_from = getattr(sampler, "padding_from", None)
     rows_left = getattr(sampler, "num_samples", None) if padding_from is not None else None
-    for step, (is_last, batch) in enumerate(_with_last(dataloader)):
-        batch_size = batch_rows(batch) or 1
-        padding = padding_from is not None and step >= padding_from
-        loss, logits, batch_labels = host.prediction_step(model, batch, loss_only, ignore_keys)
-        if loss is not None:
-            loss_sums.seen = True
-            if not padding:
-                loss_sums.add(loss, batch_size)
-        num_samples += 0 if padding else batch_size
-        batch_losses = (
-            loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None
-        )
-        outputs, rows_left = _gathered(
-            strategy,
-            (logits, batch_labels, batch.get("input_ids") if want_inputs else None, batch_losses),
-            rows_left,
-            args.eval_use_gather_object,
-        )
+    # even_batches=False: ranks may run out of batches before the others (no padding copies).
+    joined = _Joined(strategy, dataloader) if _uneven(args, strategy) else None
+    steps = joined if joined is not None else _with_last(dataloader)
+    for step, (is_last, batch) in enumerate(steps):
+        local: tuple[Any, ...] | None = None
+        if batch is not None:
+            batch_size = batch_rows(batch) or 1
+            padding = padding_from is not None and step >= padding_from
+            loss, logits, batch_labels = host.prediction_step(model, batch, loss_only, ignore_keys)
+            if loss is not None:
+                loss_sums.seen = True
+                if not padding:
+                    loss_sums.add(loss, batch_size)
+            num_samples += 0 if padding else batch_size
+            batch_losses = (
+                loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None
+            )
+            local = (logits, batch_labels, batch.get("input_ids") if want_inputs else None, batch_losses)
+        if joined is not None:
+            local = joined.rows_or_none(local)
+        assert local is not None
+        outputs, rows_left = _gathered(strategy, local, rows_left, args.eval_use_gather_object)
         if outputs[0] is not None and host.preprocess_logits_for_metrics is not None:
             outputs = (host.preprocess_logits_for_metrics(outputs[0], outputs[1]), *outputs[1:])
         if batch_metrics:
-            metrics = _batch_metrics(host, outputs, batch, is_last) or metrics
+            metrics = _batch_metrics(host, outputs, batch if batch is not None else {}, is_last) or metrics
         # predict() returns its predictions whatever the metrics do (as transformers); evaluate()
         # with batch_eval_metrics keeps nothing, which is what the option is for.
         if not loss_only and (not batch_metrics or description == "Prediction"):
             for acc, value in zip(accumulators, outputs):
                 acc.add(value)
-        host._fire("on_prediction_step")
+        if batch is not None:
+            host._fire("on_prediction_step")
     return _finish(host, accumulators, batch_metrics, metrics, loss_sums, num_samples, metric_key_prefix)
+
+
+def _uneven(args: TrainingArguments, strategy: Strategy) -> bool:
+    config = args.accelerator_config
+    return strategy.dp_world_size > 1 and getattr(config, "even_batches", True) is False
+
+
+class _Joined:
+    """The batches of a rank under even_batches=False, joined step by step with the other ranks'.
+
+    Each step the ranks agree (one all-reduce of three counts) whether any still has a batch, whether
+    any will have one after this step (so `is_last` is the same everywhere, as batch metrics need),
+    and whether a rank without a batch lacks the shape of the outputs. A rank out of batches still
+    takes part in each gather, with zero rows shaped like the outputs (of its own earlier batch, or
+    described by the ranks that have one), so the gathered rows are exactly the dataset's, in order.
+    """
+
+    def __init__(self, strategy: Strategy, dataloader: Iterable[dict[str, Any]]) -> None:
+        self.strategy, self.batches = strategy, _with_last(dataloader)
+        self.template: Any = None
+        self.need_template = False
+
+    def __iter__(self) -> Iterator[tuple[bool, dict[str, Any] | None]]:
+        while True:
+            item = next(iter(self.batches), None)
+            has = item is not None
+            has_next = item is not None and not item[0]
+            need = not has and self.template is None
+            counts = self.strategy.all_reduce_sum(
+                torch.tensor([has, has_next, need], dtype=torch.int64, device=self.strategy.device)
+            ).tolist()
+            if counts[0] == 0:
+                return
+            self.need_template = counts[2] > 0
+            yield counts[1] == 0, (item[1] if item is not None else None)
+
+    def rows_or_none(self, local: tuple[Any, ...] | None) -> tuple[Any, ...]:
+        """This rank's outputs of the step, or zero rows shaped like them when it has no batch."""
+        if self.need_template:
+            shapes = self.strategy.gather_object(_describe(local) if local is not None else None)
+            if self.template is None:
+                self.template = next(d for d in shapes if d is not None)
+        if local is not None:
+            if self.template is None:
+                self.template = _describe(local)
+            return local
+        return tuple(_no_rows(d, self.strategy.device) for d in self.template)
+
+
+def _describe(value: Any) -> Any:
+    """The structure of outputs, with (dtype, dims) for a tensor and "objects" for Python values."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, max(value.dim(), 1))
+    if not _all_tensors(value):
+        return "objects"
+    if isinstance(value, Mapping):
+        return {k: _describe(v) for k, v in value.items()}
+    return [_describe(v) for v in value]
+
+
+def _no_rows(shape: Any, device: torch.device) -> Any:
+    if shape is None:
+        return None
+    if shape == "objects":
+        return []
+    if isinstance(shape, tuple):
+        dtype, dims = shape
+        return torch.empty((0,) * dims, dtype=dtype, device=device)
+    if isinstance(shape, dict):
+        return {k: _no_rows(v, device) for k, v in shape.items()}
+    return tuple(_no_rows(v, device) for v in shape)
 
 
 def _batch_metrics(
