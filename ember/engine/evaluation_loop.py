@@ -259,40 +259,43 @@ class _Joined:
     def rows_or_none(self, local: tuple[Any, ...] | None) -> tuple[Any, ...]:
         """This rank's outputs of the step, or zero rows shaped like them when it has no batch."""
         if self.need_template:
-            shapes = self.strategy.gather_object(_describe(local) if local is not None else None)
+            mine = [_describe(v) for v in local] if local is not None else None
+            shapes = self.strategy.gather_object(mine)
             if self.template is None:
                 self.template = next(d for d in shapes if d is not None)
         if local is not None:
             if self.template is None:
-                self.template = _describe(local)
+                self.template = [_describe(v) for v in local]
             return local
         return tuple(_no_rows(d, self.strategy.device) for d in self.template)
 
 
 def _describe(value: Any) -> Any:
-    """The structure of outputs, with (dtype, dims) for a tensor and "objects" for Python values."""
+    """The structure of one output: ("tensor", dtype, dims), ("seq"/"map", parts), or ("objects",)
+    for Python values gathered as objects; None stays None."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
-        return (value.dtype, max(value.dim(), 1))
+        return ("tensor", value.dtype, max(value.dim(), 1))
     if not _all_tensors(value):
-        return "objects"
+        return ("objects",)
     if isinstance(value, Mapping):
-        return {k: _describe(v) for k, v in value.items()}
-    return [_describe(v) for v in value]
+        return ("map", {k: _describe(v) for k, v in value.items()})
+    return ("seq", [_describe(v) for v in value])
 
 
 def _no_rows(shape: Any, device: torch.device) -> Any:
+    """Zero rows of an output described by `_describe`."""
     if shape is None:
         return None
-    if shape == "objects":
-        return []
-    if isinstance(shape, tuple):
-        dtype, dims = shape
-        return torch.empty((0,) * dims, dtype=dtype, device=device)
-    if isinstance(shape, dict):
-        return {k: _no_rows(v, device) for k, v in shape.items()}
-    return tuple(_no_rows(v, device) for v in shape)
+    kind = shape[0]
+    if kind == "tensor":
+        return torch.empty((0,) * shape[2], dtype=shape[1], device=device)
+    if kind == "map":
+        return {k: _no_rows(v, device) for k, v in shape[1].items()}
+    if kind == "seq":
+        return tuple(_no_rows(v, device) for v in shape[1])
+    return []
 
 
 def _batch_metrics(
