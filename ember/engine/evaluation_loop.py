@@ -219,6 +219,8 @@ def evaluation_loop(
                 acc.add(value)
         if batch is not None:
             host._fire("on_prediction_step")
+    if joined is not None:  # a rank without batches reports the loss the others computed
+        loss_sums.seen = strategy.any_rank(loss_sums.seen)
     return _finish(host, accumulators, batch_metrics, metrics, loss_sums, num_samples, metric_key_prefix)
 
 
