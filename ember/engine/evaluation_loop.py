@@ -411,7 +411,8 @@ def _all_tensors(value: Any) -> bool:
     if isinstance(value, Mapping):
         return all(_all_tensors(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return all(_all_tensors(v) for v in value)
+        # An empty list is a rank's share of Python objects with no rows (even_batches=False).
+        return bool(value) and all(_all_tensors(v) for v in value)
     return False
 
 

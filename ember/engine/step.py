@@ -113,6 +113,7 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
     sync_each = accelerator_config_of(args).sync_each_batch
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1
+    reduced = False  # whether this step's gradients were reduced already (sync_each_batch)
     for i, batch in enumerate(micro_batches):
         # A micro-batch with no target contributes nothing; its mean loss would be 0/0 = nan.
         if i < last and int(counts[i]) == 0:
@@ -121,8 +122,11 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
         run.sync_gradients = i == last
         # sync_each_batch (accelerator_config's gradient_accumulation_kwargs): reduce the gradients
         # after every micro-batch, trading speed for not holding unreduced gradients.
+        if reduced:
+            strategy.carry_reduced_gradients(model)
         with strategy.no_sync(model, sync=i == last or sync_each):
             step_loss += run.training_step(model, batch, total)
+        reduced = sync_each
         if i < last:
             run.fire("on_substep_end")
     run.sync_gradients = True

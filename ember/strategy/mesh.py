@@ -302,6 +302,16 @@ class MeshStrategy(FSDPStrategy):
         with super().no_sync(model, sync):
             yield
 
+    def carry_reduced_gradients(self, model: nn.Module) -> None:
+        """As DDP: the replicas' sum after backward covers the whole `.grad`, so what is already summed
+        is divided by the number of replicas first."""
+        if not self.replicates:
+            return
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    _local(p.grad).div_(self.dp_replicate_size)
+
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         super().backward(loss, model)
         if self.replicates and self._sync:

@@ -86,8 +86,29 @@ def uneven(out: Path) -> None:
         message = "no error"
     except ValueError as error:
         message = str(error)
+    # Python objects from a custom prediction_step: 7 rows in batches of 2 is 2 batches on rank 0 and
+    # 2 on rank 1, the last one of a single row; gathered as objects, rank 1's turn without rows is [].
+    from ember import TrainingArguments
+    from tests.engine.test_eval_outputs import WordPredictions
+    from tests.helpers import RegressionDataset, RegressionModel
+
+    def words(n: int) -> list[str]:
+        args = TrainingArguments(
+            output_dir=str(out / "words"),
+            report_to="none",
+            use_cpu=True,
+            per_device_eval_batch_size=2,
+            eval_use_gather_object=True,
+            accelerator_config=config,
+        )
+        trainer = WordPredictions(model=RegressionModel(), args=args)
+        return list(trainer.predict(RegressionDataset(n)).predictions)
+
     if RANK == 0:
         (out / "uneven-refused.json").write_text(json.dumps({"message": message}))
+    found = {"words7": words(7), "words5": words(5)}
+    if RANK == 0:
+        (out / "uneven-words.json").write_text(json.dumps(found))
 
 
 def sync_each(out: Path) -> None:

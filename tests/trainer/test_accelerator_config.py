@@ -55,7 +55,9 @@ def _rank0(out: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def test_split_batches_two_ranks_share_the_per_device_batch_as_one_process(two_ranks, tmp_path):
-    ref = _single(tmp_path, "split", per_device_train_batch_size=4, per_device_eval_batch_size=4)
+    # Evaluation: each rank evaluates 2 of every 4 samples; as the loss of a batch is its token mean
+    # (weighted by samples, as transformers), the one-process equal evaluates batches of 2.
+    ref = _single(tmp_path, "split", per_device_train_batch_size=4, per_device_eval_batch_size=2)
     state, meta = _rank0(two_ranks, "split")
     # Each rank loaded 2 of the 4; the step is the 4-sample batch of one process.
     assert meta["total_batch"] == 4 * 2  # per_device x accumulation, not x ranks
@@ -63,6 +65,7 @@ def test_split_batches_two_ranks_share_the_per_device_batch_as_one_process(two_r
     assert meta["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert meta["eval"]["eval_loss"] == pytest.approx(ref["eval"]["eval_loss"], rel=1e-5)
     assert torch.equal(state["label_ids"], ref["state"]["label_ids"])
+    assert torch.allclose(state["predictions"], ref["state"]["predictions"], atol=1e-4)
     assert "split_batches" in meta["refused"] and "per_device_train_batch_size`=3" in meta["refused"]
 
 
@@ -94,6 +97,10 @@ def test_even_batches_false_trains_and_evaluates_without_copies(two_ranks, tmp_p
     assert meta["single_loss"] == pytest.approx(single.metrics["test_loss"], rel=1e-6)
     refused = json.loads((two_ranks / "uneven-refused.json").read_text())["message"]
     assert "even_batches" in refused and "rank 0 6" in refused and "rank 1 5" in refused
+    # Python objects gathered as objects: every row once, in dataset order.
+    words = json.loads((two_ranks / "uneven-words.json").read_text())
+    for n in (7, 5):
+        assert words[f"words{n}"] == [f"x={float(x):.3f}" for x in RegressionDataset(n).x]
 
 
 def test_sync_each_batch_reduces_every_micro_batch_and_keeps_the_result(two_ranks, tmp_path):
