@@ -204,6 +204,10 @@ def evaluation_loop(
                 loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None
             )
             local = (logits, batch_labels, batch.get("input_ids") if want_inputs else None, batch_losses)
+        elif joined is not None and strategy.shards_parameters:
+            # Sharded parameters: every forward gathers them from all ranks, so a rank out of batches
+            # runs its last batch again (outputs dropped) for the others' forward to complete.
+            host.prediction_step(model, joined.last_batch, loss_only, ignore_keys)
         if joined is not None:
             local = joined.rows_or_none(local)
         assert local is not None
@@ -243,6 +247,7 @@ class _Joined:
         self.strategy, self.batches = strategy, _with_last(dataloader)
         self.template: Any = None
         self.need_template = False
+        self.last_batch: dict[str, Any] = {}
 
     def __iter__(self) -> Iterator[tuple[bool, dict[str, Any] | None]]:
         while True:
@@ -256,6 +261,15 @@ class _Joined:
             if counts[0] == 0:
                 return
             self.need_template = counts[2] > 0
+            if self.need_template and self.strategy.shards_parameters:
+                raise ValueError(
+                    "accelerator_config['even_batches']=False: a rank has no evaluation batch at all, and "
+                    "with sharded parameters (FSDP, ZeRO-3) every rank must run every forward. Use an "
+                    "evaluation set of at least one batch per rank, a smaller per_device_eval_batch_size, "
+                    "or even_batches=True."
+                )
+            if item is not None:
+                self.last_batch = item[1]
             yield counts[1] == 0, (item[1] if item is not None else None)
 
     def rows_or_none(self, local: tuple[Any, ...] | None) -> tuple[Any, ...]:

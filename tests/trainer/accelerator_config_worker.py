@@ -106,7 +106,15 @@ def uneven(out: Path) -> None:
 
     if RANK == 0:
         (out / "uneven-refused.json").write_text(json.dumps({"message": message}))
-    found = {"words7": words(7), "words5": words(5)}
+    found: dict[str, Any] = {"words7": words(7), "words5": words(5)}
+    # FSDP: every forward gathers the shards, so rank 1 re-runs its last batch while rank 0 runs its 4th.
+    sharded = lm_trainer(str(out / "uneven-fsdp"), fsdp=True, accelerator_config=config)
+    found["fsdp_eval"] = sharded.evaluate()
+    try:
+        sharded.predict(lm_examples(1, seed=3))
+        found["fsdp_one"] = "no error"
+    except ValueError as error:
+        found["fsdp_one"] = str(error)
     if RANK == 0:
         (out / "uneven-words.json").write_text(json.dumps(found))
 

@@ -101,6 +101,13 @@ def test_even_batches_false_trains_and_evaluates_without_copies(two_ranks, tmp_p
     words = json.loads((two_ranks / "uneven-words.json").read_text())
     for n in (7, 5):
         assert words[f"words{n}"] == [f"x={float(x):.3f}" for x in RegressionDataset(n).x]
+    # FSDP (untrained model on both sides): the same metrics; one batch for two ranks is refused.
+    from tests.strategy.worker import lm_trainer
+
+    untrained = lm_trainer(str(tmp_path / "untrained")).evaluate()
+    assert words["fsdp_eval"]["eval_loss"] == pytest.approx(untrained["eval_loss"], rel=1e-5)
+    assert words["fsdp_eval"]["eval_rows"] == 13.0
+    assert "no evaluation batch at all" in words["fsdp_one"]
 
 
 def test_sync_each_batch_reduces_every_micro_batch_and_keeps_the_result(two_ranks, tmp_path):
