@@ -1,16 +1,17 @@
-"""GPU check of tensor parallelism (issue 20): the tp 2 run equals the one-GPU run (NCCL, bf16), and
-tokens/s and MFU of tp 1 and tp 2 on one node.
+"""GPU check of tensor and context parallelism (issue 20): the tp 2 and cp 2 runs equal the one-GPU
+run (NCCL, bf16), and tokens/s and MFU of each on one node.
 
-    python -m bench.gpu_tp                  # needs 2 GPUs for tp 2; about 3 minutes on 2 x H100
+    python -m bench.gpu_tp                  # needs 2 GPUs for tp 2 / cp 2; about 4 minutes on 2 x H100
     python -m bench.gpu_tp --cpu-smoke      # tiny sizes on CPU (gloo, fp32): checks the script runs
 
-Both runs train the same Llama-shaped model (8 layers x 2048, 16 heads / 8 kv heads, vocab 32,000,
+Every run trains the same Llama-shaped model (8 layers x 2048, 16 heads / 8 kv heads, vocab 32,000,
 seq 2048, global batch 8, bf16 autocast, AdamW) for 20 steps from the same seed and data through
-ember's Trainer (`parallelism_config={"tp_size": 2}` for tp 2), each launched with torchrun. It
-prints the largest difference of the logged losses (bf16: reductions run in another order under
-TP, so it is a tolerance, 2e-2, not equality) and, per layout, the median tokens/s and MFU that
-ember logs (its peak-FLOPs table names the GPU; pass --peak-flops otherwise). With one GPU only
-the tp 1 row is measured and the tp 2 row says why it is missing. Exit status 1 when the losses
+ember's Trainer (`parallelism_config={"tp_size": 2}` or `{"cp_size": 2}`), each launched with
+torchrun. It prints the largest difference of the logged losses against one GPU (bf16: reductions
+run in another order, so it is a tolerance, 2e-2, not equality) and, per layout, the median
+tokens/s and MFU that ember logs (its peak-FLOPs table names the GPU; pass --peak-flops otherwise)
+and rank 0's peak memory (cp 2 holds half of each sequence's activations). With one GPU only the
+one-GPU row is measured and the others say why they are missing. Exit status 1 when the losses
 differ beyond the tolerance. Results: bench/results/gpu_tp.{md,json}.
 """
 
@@ -39,9 +40,15 @@ FULL = {
 }
 SMOKE = {"layers": 2, "width": 64, "heads": 4, "kv": 2, "vocab": 101, "seq": 32, "batch": 4, "steps": 6}
 LOSS_TOL = 2e-2
+# layout name -> (processes, parallelism_config)
+LAYOUTS: dict[str, tuple[int, dict[str, int] | None]] = {
+    "one": (1, None),
+    "tp 2": (2, {"tp_size": 2}),
+    "cp 2": (2, {"cp_size": 2}),
+}
 
 
-def child(spec: dict[str, Any], tp: int, out: str, cpu: bool, peak: float | None) -> None:
+def child(spec: dict[str, Any], layout: str, out: str, cpu: bool, peak: float | None) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,7 +79,7 @@ def child(spec: dict[str, Any], tp: int, out: str, cpu: bool, peak: float | None
             use_cpu=cpu,
             bf16=not cpu,
             max_steps=spec["steps"],
-            per_device_train_batch_size=spec["batch"],  # tp ranks share one batch: global = batch
+            per_device_train_batch_size=spec["batch"],  # tp/cp ranks share one batch: global = batch
             learning_rate=3e-4,
             warmup_steps=2,
             logging_steps=1,
@@ -80,7 +87,7 @@ def child(spec: dict[str, Any], tp: int, out: str, cpu: bool, peak: float | None
             report_to="none",
             disable_tqdm=True,
             device_peak_flops=peak,
-            parallelism_config={"tp_size": tp} if tp > 1 else None,
+            parallelism_config=LAYOUTS[layout][1],
         )
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[clock])
         trainer.train()
@@ -89,7 +96,7 @@ def child(spec: dict[str, Any], tp: int, out: str, cpu: bool, peak: float | None
     logs = [entry for entry in clock.logs if "loss" in entry]
     steady = logs[3:]  # after allocation, autotuning and warm-up
     result = {
-        "tp": tp,
+        "layout": layout,
         "losses": [entry["loss"] for entry in logs],
         "tokens_per_second": statistics.median(e["tokens_per_second"] for e in steady) if steady else None,
         "mfu": statistics.median(e["mfu"] for e in steady) if steady and "mfu" in steady[0] else None,
@@ -98,12 +105,13 @@ def child(spec: dict[str, Any], tp: int, out: str, cpu: bool, peak: float | None
     Path(out).write_text(json.dumps(result))
 
 
-def launch(spec: dict[str, Any], tp: int, cpu: bool, peak: float | None) -> dict[str, Any]:
+def launch(spec: dict[str, Any], layout: str, cpu: bool, peak: float | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
+        nproc = LAYOUTS[layout][0]
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(tp),
-            "-m", "bench.gpu_tp", "--child", str(tp), "--spec", json.dumps(spec), "--out", str(out),
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "bench.gpu_tp", "--child", layout, "--spec", json.dumps(spec), "--out", str(out),
         ]  # fmt: skip
         if cpu:
             command.append("--cpu-smoke")
@@ -117,7 +125,7 @@ def launch(spec: dict[str, Any], tp: int, cpu: bool, peak: float | None) -> dict
         }
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0 or not out.exists():
-            raise SystemExit(f"tp {tp}: failed (exit {done.returncode})\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{layout}: failed (exit {done.returncode})\n{done.stderr[-3000:]}")
         return dict(json.loads(out.read_text()))
 
 
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--peak-flops", type=float, default=None, help="peak bf16 FLOP/s of one GPU")
-    parser.add_argument("--child", type=int, default=None)
+    parser.add_argument("--child", choices=list(LAYOUTS), default=None)
     parser.add_argument("--spec", default=None)
     parser.add_argument("--out", default=None)
     opts = parser.parse_args(argv)
@@ -141,37 +149,43 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/gpu_tp.py: no CUDA device here; `python -m bench.gpu_tp --cpu-smoke` checks the script")
         return 0
     spec = SMOKE if opts.cpu_smoke else FULL
-    rows = {1: launch(spec, 1, opts.cpu_smoke, opts.peak_flops)}
-    missing = None
-    if opts.cpu_smoke or gpus >= 2:
-        rows[2] = launch(spec, 2, opts.cpu_smoke, opts.peak_flops)
-    else:
-        missing = f"tp 2 needs 2 GPUs (NCCL, one device per rank); this machine has {gpus}"
-    diff = None
-    if 2 in rows:
-        diff = max(abs(a - b) for a, b in zip(rows[1]["losses"], rows[2]["losses"], strict=True))
+    rows = {"one": launch(spec, "one", opts.cpu_smoke, opts.peak_flops)}
+    missing: dict[str, str] = {}
+    diffs: dict[str, float] = {}
+    for layout in ("tp 2", "cp 2"):
+        if opts.cpu_smoke or gpus >= 2:
+            rows[layout] = launch(spec, layout, opts.cpu_smoke, opts.peak_flops)
+            pairs = zip(rows["one"]["losses"], rows[layout]["losses"], strict=True)
+            diffs[layout] = max(abs(a - b) for a, b in pairs)
+        else:
+            missing[layout] = f"needs 2 GPUs (NCCL, one device per rank); this machine has {gpus}"
     lines = [
-        "# Tensor parallelism on GPU: tp 1 vs tp 2 (NCCL, bf16)" if not opts.cpu_smoke else "# CPU smoke",
+        "# Tensor and context parallelism on GPU vs one GPU (NCCL, bf16)"
+        if not opts.cpu_smoke
+        else "# CPU smoke",
         "",
         f"Llama-shaped {spec['layers']} x {spec['width']}, vocab {spec['vocab']}, seq {spec['seq']}, batch "
         f"{spec['batch']}, {spec['steps']} steps; {torch.cuda.get_device_name(0) if gpus else 'CPU'}. "
         "Generated by `python -m bench.gpu_tp`.",
         "",
-        "| tp | tokens/s (all GPUs) | MFU | peak GiB (rank 0) |",
-        "|---:|---:|---:|---:|",
+        "| layout | tokens/s (all GPUs) | MFU | peak GiB (rank 0) | loss diff vs one GPU |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for tp, row in rows.items():
-        lines.append(f"| {tp} | {row['tokens_per_second']} | {row['mfu']} | {row['peak_memory_gib']} |")
-    if missing:
-        lines.append(f"| 2 | {missing} | | |")
-    lines += ["", f"Largest logged-loss difference tp 2 vs tp 1: {diff} (tolerance {LOSS_TOL})."]
+    for layout, row in rows.items():
+        lines.append(
+            f"| {layout} | {row['tokens_per_second']} | {row['mfu']} | {row['peak_memory_gib']} | "
+            f"{diffs.get(layout, '')} |"
+        )
+    for layout, why in missing.items():
+        lines.append(f"| {layout} | {why} | | | |")
+    lines += ["", f"Tolerance on the logged-loss difference: {LOSS_TOL}."]
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     if not opts.cpu_smoke:
         results = REPO / "bench" / "results"
         (results / "gpu_tp.md").write_text(markdown)
-        (results / "gpu_tp.json").write_text(json.dumps({"spec": spec, "rows": rows, "loss_diff": diff}))
-    return 1 if diff is not None and diff > LOSS_TOL else 0
+        (results / "gpu_tp.json").write_text(json.dumps({"spec": spec, "rows": rows, "loss_diff": diffs}))
+    return 1 if any(d > LOSS_TOL for d in diffs.values()) else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ AdamW state over dp_shard x cp (dim 0, the largest rank counted); dp_replicate h
 of that shard (HSDP, or DDP when dp_shard is 1); tp splits the linear layers as transformers'
 `base_model_tp_plan` and the causal-LM `_tp_plan` say (`TP_PLAN`: q/k/v/gate/up and lm_head
 colwise, o/down rowwise with their bias replicated) while the embedding and the norms stay
-replicated; cp is modelled as a plain split of the sequence (ring-attention buffers not counted).
+replicated; cp splits the sequence as ember's context parallelism does (strategy/context.py): each
+rank keeps its activations of seq / cp tokens, plus, per layer, the keys and values of the whole
+sequence that its attention gathered (kept for backward: 2 x kv x seq x micro_batch x a / tp).
+The cp terms follow the code; unlike the others, they were not measured.
 
 Precision (`--dtype`): fp32, or bf16 as ember's `bf16=True` runs it: with FSDP (dp_shard x cp > 1)
 FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 sharded master weights, fp32 gradient reduce);
@@ -240,6 +243,8 @@ def activations(
     norms = 2 * 8 * h + 5 * a * h if autocast else 2 * (4 + 2 * a) * h
     attention = (a * (2 * q + 2 * kv) + 4 * shape.heads) // tp
     layer = tokens * (norms + 8 + attention + 4 * a * math.ceil(shape.intermediate / tp))
+    if layout.cp > 1:  # the gathered whole-sequence K and V replace the local ones
+        layer += tokens * (layout.cp - 1) * 2 * a * kv // tp
     final_norm = 8 * h + a * h if autocast else (4 + 2 * a) * h
     final = tokens * (final_norm + 4) + tokens * shape.vocab * (a + 4)
     if checkpointing:

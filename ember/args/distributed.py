@@ -180,7 +180,9 @@ def _parallelism_mapping(raw: Any) -> dict[str, Any]:
                 f"`{field}.tp_handler.enable_async_tp` is True: asynchronous TP overlaps collectives through "
                 "GPU symmetric memory, which ember does not run; set enable_async_tp=False."
             )
-        # cp/sp handlers and backends only matter with cp_size/sp_size > 1, which are refused below.
+        # A cp_handler's cp_comm_strategy ("allgather" / "alltoall") picks how torch's ring attention
+        # moves K/V; ember's context parallelism always all-gathers them (strategy/context.py), with
+        # the same result. sp_size > 1 is refused below.
         return config
     raise ValueError(
         f"`{field}` must be a dict, a JSON object or file, or an accelerate ParallelismConfig; got "
@@ -188,7 +190,7 @@ def _parallelism_mapping(raw: Any) -> dict[str, Any]:
     )
 
 
-def normalise_parallelism_config(raw: Any, use_cpu: bool, cuda: bool | None = None) -> dict[str, Any]:
+def normalise_parallelism_config(raw: Any) -> dict[str, Any]:
     """`parallelism_config` as a dict of checked sizes (every size present, 1 when not given) plus
     `tp_plan` when the user gives one. The world size is checked where the strategy starts."""
     field = "parallelism_config"
@@ -212,17 +214,6 @@ def normalise_parallelism_config(raw: Any, use_cpu: bool, cuda: bool | None = No
                 f"`{field}['{name}']` must be >= 1, got {number}; 1 means that dimension is unused."
             )
         out[name] = number
-    if out["cp_size"] > 1:
-        if use_cpu or cuda is False or (cuda is None and not _cuda_available()):
-            raise ValueError(
-                f"`{field}['cp_size']`={out['cp_size']}: context parallelism splits each sequence over GPUs "
-                "with ring attention (SDPA's flash/efficient kernels), which the CPU does not have. Set "
-                "cp_size to 1 here; on GPUs, shard the model with tp_size / dp_shard_size instead."
-            )
-        raise ValueError(
-            f"`{field}['cp_size']`={out['cp_size']}: context parallelism is not implemented by ember yet. "
-            "Set cp_size to 1 and use tp_size / dp_shard_size to fit the model."
-        )
     if out["sp_size"] > 1:
         raise ValueError(
             f"`{field}['sp_size']`={out['sp_size']}: accelerate's sp_size is DeepSpeed's Ulysses sequence "
@@ -239,12 +230,6 @@ def normalise_parallelism_config(raw: Any, use_cpu: bool, cuda: bool | None = No
             )
         out["tp_plan"] = dict(plan)
     return out
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def parallelism_world_size(config: Mapping[str, Any]) -> int:
@@ -298,7 +283,7 @@ def check_distributed_args(args: DistributedFields) -> None:
     elif args.fsdp is not None:
         args.fsdp = False
     if args.parallelism_config is not None:
-        config = normalise_parallelism_config(args.parallelism_config, bool(args.use_cpu))
+        config = normalise_parallelism_config(args.parallelism_config)
         if args.deepspeed is not None:
             raise ValueError(
                 "`parallelism_config` and `deepspeed` are both set; ember lays out the mesh with PyTorch's "

@@ -43,13 +43,17 @@ def shifts_labels(model: nn.Module) -> bool:
     return name in set(names.values())
 
 
-def count_targets(batch: Mapping[str, Any], shift: bool) -> torch.Tensor:
+def count_targets(batch: Mapping[str, Any], shift: bool = False) -> torch.Tensor:
     """How many positions of this micro-batch the model's mean loss averages over.
 
+    `shift_labels` (targets already shifted, as transformers names them): those not equal to -100.
     Integer `labels`: the positions not equal to -100 (after the causal shift). Float labels
     (regression): every element. No `labels` key: one per sample, so the step loss is the
     sample-weighted mean of the micro-batch means.
     """
+    shifted = batch.get("shift_labels")
+    if isinstance(shifted, torch.Tensor):  # targets already aligned with the logits
+        return (shifted != IGNORE_INDEX).sum()
     labels = batch.get("labels")
     if isinstance(labels, torch.Tensor):
         if labels.is_floating_point():

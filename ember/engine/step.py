@@ -130,6 +130,7 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
         if i < last:
             run.fire("on_substep_end")
     run.sync_gradients = True
+    step_loss = strategy.sum_sequence_parts(step_loss)
 
     grad_norm = None
     if args.max_grad_norm and args.max_grad_norm > 0:

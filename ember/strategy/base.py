@@ -81,6 +81,14 @@ class Strategy(Protocol):
         step (accelerator_config's sync_each_batch): leave them so that the next reduction adds only
         the new micro-batch's part once."""
 
+    def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A training micro-batch (on the device) as this rank computes it: its part of every
+        sequence under context parallelism (context.py), the batch itself otherwise."""
+
+    def sum_sequence_parts(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step loss of the whole sequences from this rank's share (identity without context
+        parallelism)."""
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor: ...
 
     @property

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ember")
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 # transformers' style names (its tensor_parallel.py registry) that map onto torch's own styles.
 # "replicated*" leaves the module whole on every TP rank: with inputs replicated, its gradient is
@@ -155,7 +155,7 @@ def _tied_head(model: nn.Module) -> bool:
 
 
 class MeshStrategy(FSDPStrategy):
-    """One process per device on a (dp_replicate, dp_shard, tp) mesh."""
+    """One process per device on a (dp_replicate, dp_shard, cp, tp) mesh."""
 
     def __init__(
         self,
@@ -177,11 +177,16 @@ class MeshStrategy(FSDPStrategy):
         self.dp_replicate_size = int(parallelism["dp_replicate_size"])
         self.dp_shard_size = int(parallelism["dp_shard_size"])
         self.tp_size = int(parallelism["tp_size"])
+        self.cp_size = int(parallelism.get("cp_size", 1))
         self.user_plan = parallelism.get("tp_plan")
-        sizes = (self.dp_replicate_size, self.dp_shard_size, self.tp_size)
+        sizes = (self.dp_replicate_size, self.dp_shard_size, self.cp_size, self.tp_size)
         with collective("building the device mesh", self.rank):
             self.mesh = init_device_mesh(device.type, sizes, mesh_dim_names=MESH_DIMS)
             dp = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
+            if self.cp_size > 1:
+                # CP ranks hold shares of the same batch's loss: their gradients are summed like
+                # data-parallel ones, so FSDP shards over dp_shard x cp (context.py).
+                self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
         self._dp_mesh = dp
         self._dp_rank = int(dp.get_local_rank())
         self._data_group = dp.get_group() if self.dp_world_size < self.world_size else None
@@ -211,12 +216,13 @@ class MeshStrategy(FSDPStrategy):
     @property
     def replicates(self) -> bool:
         """Data parallelism by full copies (DDP-like): gradients all-reduced here, after backward."""
-        return self.dp_shard_size == 1 and self.dp_replicate_size > 1
+        return self.dp_shard_size == 1 and self.cp_size == 1 and self.dp_replicate_size > 1
 
     def _shard_mesh(self) -> Any:
+        shard = "dp_shard_cp" if self.cp_size > 1 else "dp_shard"
         if self.dp_replicate_size > 1:
-            return self.mesh["dp_replicate", "dp_shard"]  # HSDP: shard within, replicate across
-        return self.mesh["dp_shard"]
+            return self.mesh["dp_replicate", shard]  # HSDP: shard within, replicate across
+        return self.mesh[shard]
 
     # -- model --------------------------------------------------------------------------------------
     def place_model(self, model: nn.Module) -> nn.Module:
@@ -224,6 +230,11 @@ class MeshStrategy(FSDPStrategy):
         split in `setup_model`, after the model pipeline (adapters, checkpointing, compile)."""
         if self.tp_size > 1 and not is_tp_distributed(model):
             self._plan = check_tp_model(model, self.tp_size, self.user_plan)
+        if self.cp_size > 1:
+            from ..engine.loss import shifts_labels
+            from .context import check_cp_model
+
+            check_cp_model(model, self.cp_size, shifts_labels(model))
         if is_tp_distributed(model):
             self._check_distributed(model)
             return model
@@ -245,9 +256,13 @@ class MeshStrategy(FSDPStrategy):
         if isinstance(model, FSDPModule):  # a second train()
             return model
         model = self.place_model(model)
+        if self.cp_size > 1:
+            from .context import use_cp_attention
+
+            use_cp_attention(model)
         if self.tp_size > 1 and not is_tp_distributed(model):
             self._parallelize(model)
-        if self.dp_shard_size > 1:
+        if self.dp_shard_size * self.cp_size > 1:
             return super().setup_model(model)
         if self.replicates:
             self._broadcast_from_first_replica(model)
@@ -312,8 +327,30 @@ class MeshStrategy(FSDPStrategy):
                 if p.grad is not None:
                     _local(p.grad).div_(self.dp_replicate_size)
 
+    def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        if self.cp_size == 1:
+            return inputs
+        from .context import shard_batch
+
+        cp = self.mesh["cp"]
+        return shard_batch(inputs, cp.get_group(), int(cp.get_local_rank()), self.cp_size)
+
+    def sum_sequence_parts(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.cp_size == 1:
+            return loss
+        total = loss.detach().clone()
+        with collective("summing the loss over the sequence parts", self.rank):
+            dist.all_reduce(total, group=self.mesh["cp"].get_group())
+        return total
+
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
-        super().backward(loss, model)
+        try:
+            super().backward(loss, model)
+        finally:
+            if self.cp_size > 1:
+                from .context import clear_shard
+
+                clear_shard()  # evaluation and generation see whole sequences
         if self.replicates and self._sync:
             grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
             with collective("summing gradients over the replicas", self.rank):

@@ -108,6 +108,12 @@ class SingleDevice:
     def carry_reduced_gradients(self, model: nn.Module) -> None:
         """Nothing to do: no reduction here, and sharded ones (FSDP2, ZeRO) reduce only new gradients."""
 
+    def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+    def sum_sequence_parts(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
     @property
     def grad_norm_before_step(self) -> bool:
         return True

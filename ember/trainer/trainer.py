@@ -164,6 +164,11 @@ class Trainer:
         self._overrides_old_compute_loss = (
             "num_items_in_batch" not in inspect.signature(self.compute_loss).parameters
         )
+        if compute_loss_func is not None and self.get_cp_size() > 1:
+            raise ValueError(
+                "compute_loss_func receives whole-sequence labels, but parallelism_config['cp_size'] > 1 "
+                "gives each rank a part of every sequence; drop compute_loss_func or set cp_size to 1."
+            )
         self.model = self.model_wrapped = self.strategy.place_model(self.model)
         self._init_memory_metrics = init_memory.stop("init")
         self._fire("on_init_end")
@@ -523,6 +528,8 @@ class Trainer:
         With `num_items_in_batch` (the step's target count on all ranks) the result is
         sum-of-target-losses / num_items_in_batch, so micro-batches add up to the exact step mean.
         """
+        if "shift_labels" in inputs and self.compute_loss_func is None:
+            return self._shifted_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.args.chunked_loss is not False and not return_outputs:
             chunked = self._chunked_loss(model, inputs, num_items_in_batch)
             if chunked is not None:
@@ -548,6 +555,23 @@ class Trainer:
                 share = count_targets(inputs, self.label_shift)
                 # Without targets the model's mean loss is 0/0 = nan; its share of the step is 0.
                 loss = torch.where(share > 0, loss * (share / num_items_in_batch), torch.zeros_like(loss))
+        return (loss, outputs) if return_outputs else loss
+
+    def _shifted_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> Any:
+        """The loss of a batch whose targets are already aligned with the logits (`shift_labels`, as
+        transformers names them; context parallelism makes them, strategy/context.py)."""
+        shifted = inputs.pop("shift_labels")
+        inputs.pop("labels", None)
+        outputs = model(**inputs)
+        total = smoothed_loss_sum(logits_of(outputs), shifted, self._label_smoothing, shift=False)
+        count = num_items_in_batch
+        loss = total / (count if count is not None else count_targets({"shift_labels": shifted}))
         return (loss, outputs) if return_outputs else loss
 
     def _chunked_loss(
@@ -586,7 +610,10 @@ class Trainer:
         return accelerator_config_of(self.args).non_blocking
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return to_device(inputs, self.strategy.device, non_blocking=self._non_blocking)
+        inputs = to_device(inputs, self.strategy.device, non_blocking=self._non_blocking)
+        # Under context parallelism a training micro-batch becomes this rank's part of each sequence;
+        # evaluation keeps whole sequences.
+        return self.strategy.split_sequences(inputs) if self.model.training else inputs
 
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, ignore_keys: list[str] | None) -> None:
         run = self._current_run()
@@ -865,7 +892,8 @@ class Trainer:
         return int(getattr(self.strategy, "tp_size", 1))
 
     def get_cp_size(self) -> int:
-        return 1  # context parallelism is refused when parallelism_config asks for it
+        """Ranks that split each training sequence (parallelism_config['cp_size']); 1 without."""
+        return int(getattr(self.strategy, "cp_size", 1))
 
     def get_sp_size(self) -> int:
         return 1  # as is sequence parallelism (accelerate's sp_size)

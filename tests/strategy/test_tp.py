@@ -134,6 +134,15 @@ def test_dp2_tp2_checkpoint_resumes_with_another_layout(runs, name):
     assert max(float((w[k] - r[k]).abs().max()) for k in r) < WEIGHTS_TOL
 
 
+def test_hsdp_x_tp_on_a_3d_mesh_trains_like_one_process(runs, tmp_path):
+    # 8 processes: replicate 2 x shard 2 x TP 2, the layout of TP inside nodes and HSDP across them.
+    shutil.copytree(runs / "one", tmp_path / "one")
+    _launch(tmp_path, ["h3=llama:hsdp2x2xtp2"], nproc=8)
+    _assert_equal_runs(tmp_path, "h3", "one")
+    result = _result(tmp_path, "h3")
+    assert (result["tp_size"], result["dp_world_size"]) == (2, 4)
+
+
 def test_kill_9_mid_save_keeps_the_previous_checkpoint(tmp_path):
     # Rank 1 is killed while checkpoint-8's shards are being written: checkpoint-4 stays whole,
     # no checkpoint-8 is published, and the run resumes from checkpoint-4.
@@ -165,11 +174,6 @@ def test_sizes_that_do_not_multiply_to_the_world_size_are_refused(tmp_path, monk
     args = _args(tmp_path, {"tp_size": 2})
     with pytest.raises(ValueError, match="multiply to 2.*torchrun --nproc_per_node 2"):
         Trainer(model=tiny("llama"), args=args, train_dataset=examples(4))
-
-
-def test_cp_size_on_cpu_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match=r"cp_size'\]`=2: context parallelism .* CPU does not have"):
-        _args(tmp_path, {"cp_size": 2})
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,9 @@ tiny model 12 steps on the same 48 examples with a global batch of 4 and writes 
 consolidated model (`save_model`) to OUT/NAME/model and its logged losses to OUT/NAME/result.json.
 
 Layouts: one (no parallelism_config: the reference), tp2, dp2xtp2 (FSDP2 over dp_shard x TP),
-hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step).
+hsdp2x2 (dp_replicate x dp_shard), ddp2xtp2 (dp_replicate x TP, 2 micro-batches per step),
+hsdp2x2xtp2 (3-D, 8 processes), and the context-parallel ones of test_cp.py (cp2, dp2xcp2, ...).
+Options (besides): padded (SEQ - 1 tokens with right padding), packed (two documents per row).
 Options: ckpt (save every 4 steps, keep them), resume (resume from OUT/NAME's last checkpoint:
 the folder is copied there by the test), kill8 (rank 1 kills itself with SIGKILL while writing
 its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under TP), eval (evaluate
@@ -36,6 +38,13 @@ LAYOUTS: dict[str, dict[str, int] | None] = {
     "dp2xtp2": {"dp_shard_size": 2, "tp_size": 2},
     "hsdp2x2": {"dp_replicate_size": 2, "dp_shard_size": 2},
     "ddp2xtp2": {"dp_replicate_size": 2, "tp_size": 2},
+    # Context parallelism (tests/strategy/test_cp.py): each sequence split over 2 ranks.
+    "cp2": {"cp_size": 2},
+    "dp2xcp2": {"dp_shard_size": 2, "cp_size": 2},
+    "cp2xtp2": {"cp_size": 2, "tp_size": 2},
+    "ddp2xcp2": {"dp_replicate_size": 2, "cp_size": 2},
+    # 3-D: HSDP (replicate 2 x shard 2) x TP 2 on 8 processes.
+    "hsdp2x2xtp2": {"dp_replicate_size": 2, "dp_shard_size": 2, "tp_size": 2},
 }
 
 
@@ -58,10 +67,26 @@ def tiny(arch: str) -> Any:
     return AutoModelForCausalLM.from_config(config)
 
 
-def examples(n: int = STEPS * GLOBAL_BATCH) -> list[dict[str, torch.Tensor]]:
+def examples(
+    n: int = STEPS * GLOBAL_BATCH, padded: bool = False, packed: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """Random rows of SEQ tokens; `padded`: SEQ - 1 tokens (not a multiple of 2 x cp) whose last
+    1-5 are right padding (attention_mask 0, label -100); `packed`: each row two documents of
+    5 and SEQ - 5 tokens, told apart by position_ids that restart at 0 (no attention_mask)."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+    if packed:
+        positions = torch.cat([torch.arange(5), torch.arange(SEQ - 5)])
+        return [{"input_ids": row, "labels": row.clone(), "position_ids": positions} for row in ids]
+    if not padded:
+        return [{"input_ids": row, "labels": row.clone()} for row in ids]
+    rows = []
+    for i, row in enumerate(ids[:, : SEQ - 1]):
+        real = SEQ - 1 - (1 + i % 5)
+        mask = (torch.arange(SEQ - 1) < real).long()
+        labels = torch.where(mask.bool(), row, torch.full_like(row, -100))
+        rows.append({"input_ids": row, "attention_mask": mask, "labels": labels})
+    return rows
 
 
 def kill_rank_1_mid_save(step: int) -> None:
@@ -84,7 +109,7 @@ def kill_rank_1_mid_save(step: int) -> None:
 def args_for(out: Path, layout: str, options: list[str]) -> TrainingArguments:
     sizes = LAYOUTS[layout]
     dp = 1 if sizes is None else sizes.get("dp_replicate_size", 1) * sizes.get("dp_shard_size", 1)
-    accumulation = 2 if layout == "ddp2xtp2" else 1
+    accumulation = 2 if layout in ("ddp2xtp2", "ddp2xcp2") else 1
     kw: dict[str, Any] = {"save_strategy": "no"}
     if "ckpt" in options or "resume" in options:
         kw.update(save_strategy="steps", save_steps=4, save_total_limit=None)
@@ -132,13 +157,29 @@ def run_job(out: Path, spec: str) -> None:
     if "kill8" in options:
         kill_rank_1_mid_save(8)
     model = split_beforehand(tiny(arch)) if "given" in options else tiny(arch)
-    trainer = Trainer(model=model, args=args_for(folder, layout, options), train_dataset=examples())
+    padded = "padded" in options
+    if "packed" in options:
+        # transformers honours packed position_ids only without a KV cache (ember's context
+        # parallelism runs without one); the one-process reference must too.
+        model.config.use_cache = False
+    lengths: set[int] = set()  # the sequence lengths the model computed on in training
+
+    def record(module, args):  # type: ignore[no-untyped-def]
+        if module.training:
+            lengths.add(int(args[0].shape[1]))
+
+    model.get_input_embeddings().register_forward_pre_hook(record)
+    trainer = Trainer(
+        model=model,
+        args=args_for(folder, layout, options),
+        train_dataset=examples(padded=padded, packed="packed" in options),
+    )
     result = trainer.train(resume_from_checkpoint=True if "resume" in options else None)
     trainer.save_model(str(folder / "model"))
     metrics = None
     if "eval" in options:  # collectives: every rank
-        metrics = trainer.evaluate(eval_dataset=examples(13))
-        predictions = trainer.predict(examples(13)).predictions
+        metrics = trainer.evaluate(eval_dataset=examples(13, padded))
+        predictions = trainer.predict(examples(13, padded)).predictions
         metrics["rows"] = int(predictions.shape[0])
         metrics["logits_sum"] = float(abs(predictions).sum())
     if RANK == 0:
@@ -147,6 +188,8 @@ def run_job(out: Path, spec: str) -> None:
             "losses": losses,
             "train_loss": result.training_loss,
             "tp_size": trainer.get_tp_size(),
+            "cp_size": trainer.get_cp_size(),
+            "trained_lengths": sorted(lengths),
             "dp_world_size": trainer.strategy.dp_world_size,
             "global_step": trainer.state.global_step,
         }
