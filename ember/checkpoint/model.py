@@ -55,7 +55,7 @@ def save_model_files(
             str(folder), state_dict=state_dict, selected_adapters=list(peft_model.peft_config)
         )
     elif callable(save_pretrained):
-        with _no_shard_progress_bar():
+        with _no_shard_progress_bar(), _consolidated(model, state_dict):
             save_pretrained(
                 str(folder), state_dict=state_dict, max_shard_size=max_shard_size or MAX_SHARD_SIZE
             )
@@ -63,6 +63,24 @@ def save_model_files(
         save_plain_module(model, folder, state_dict)
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(str(folder))
+
+
+@contextlib.contextmanager
+def _consolidated(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """A model that transformers distributed itself (`from_pretrained(tp_plan="auto")`) carries a
+    `config.distributed_config`, and its save_pretrained then gathers shards and waits at a barrier
+    of every rank; ember calls it on the main process only, with the state it already gathered.
+    Hidden while saving, so the folder is one plain checkpoint (and no rank waits for the others)."""
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "distributed_config", None)
+    if state_dict is None or hidden is None:
+        yield
+        return
+    config.distributed_config = None  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        config.distributed_config = hidden  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager

@@ -14,9 +14,10 @@ sequence from its CP group (autograd-aware: the backward sums each part's gradie
 owner) and attends with its own queries under the global causal mask: each of its two chunks sees
 the prefix that ends with it, through torch's lower-right causal bias (no mask is built, and the
 flash / memory-efficient kernels run on GPUs); padding, packed documents or a sliding window need
-a mask, built once per micro-batch and shared by every layer. This is the all-gather form of context parallelism (the one
-Llama 3 was trained with): communication is the K/V of one layer at a time, which GQA keeps small;
-it runs with any backend, gloo included, so it is tested here on CPU against one process.
+a mask, built once per micro-batch and shared by every layer. This is the all-gather form of
+context parallelism (the one Llama 3 was trained with): communication is the K/V of one layer at a
+time, which GQA keeps small; it runs with any backend, gloo included, so it is tested here on CPU
+against one process.
 
 Outside a sharded training micro-batch (evaluation, generation) the function is transformers' SDPA
 on the whole sequence: evaluation stores no activations for backward, so it fits unsplit where

@@ -49,6 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "resume-tp2=llama:tp2:resume",
             "chunk=llama:tp2:chunked",
             "given=llama:tp2:given",
+            "auto=llama:tp2:auto",
         ],
         nproc=2,
     )
@@ -88,6 +89,7 @@ def _assert_equal_runs(out: Path, name: str, reference: str) -> None:
         ("qdptp", "qone", 2, 2),
         ("chunk", "one", 2, 1),
         ("given", "one", 2, 1),
+        ("auto", "one", 2, 1),  # loaded with from_pretrained(tp_plan="auto"): transformers split it
     ],
 )
 def test_layout_trains_like_one_process(runs, name, reference, tp, dp):
@@ -106,6 +108,17 @@ def test_evaluation_under_dp2_tp2_counts_each_row_once(runs):
 def test_chunked_loss_falls_back_under_tp_with_the_reason(runs):
     # chunk trained with chunked_loss=True: the plain loss ran (equal to one process, above).
     assert "split by tensor parallelism" in _result(runs, "chunk")["chunked_fallback"]
+
+
+def test_a_model_transformers_split_saves_one_plain_folder(runs):
+    # Its save_pretrained would gather and wait for every rank; ember saves what it gathered, and
+    # the folder carries no distributed settings.
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((runs / "auto" / "model" / "config.json").read_text())
+    assert "distributed_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(runs / "auto" / "model")
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
 
 
 def test_saved_model_loads_with_from_pretrained(runs):

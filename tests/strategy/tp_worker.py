@@ -14,7 +14,8 @@ the folder is copied there by the test), kill8 (rank 1 kills itself with SIGKILL
 its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under TP), eval (evaluate
 13 examples after training: rows gathered over the data-parallel ranks only), given (the model is
 split by this script with torch's parallelize_module before the Trainer sees it, as
-`from_pretrained(tp_plan="auto")` hands it over: ember takes it as it is).
+`from_pretrained(tp_plan="auto")` hands it over: ember takes it as it is), auto (the model really
+loaded with `from_pretrained(tp_plan="auto")`).
 """
 
 from __future__ import annotations
@@ -150,13 +151,36 @@ def split_beforehand(model: Any) -> Any:
     return model
 
 
+def load_tp_auto(arch: str, folder: Path) -> Any:
+    """The tiny model saved once, then loaded by every rank with transformers' own TP loader
+    (`from_pretrained(tp_plan="auto")`, which starts the process group and splits the weights)."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    source = folder / "source"
+    if RANK == 0:
+        tiny(arch).save_pretrained(source)
+    if dist.is_initialized():
+        dist.barrier()
+    else:  # the group does not exist yet: wait for rank 0's files on the filesystem
+        import time
+
+        while not (source / "config.json").exists() or not (source / "model.safetensors").exists():
+            time.sleep(0.2)
+        time.sleep(0.5)
+    return AutoModelForCausalLM.from_pretrained(source, tp_plan="auto")
+
+
 def run_job(out: Path, spec: str) -> None:
     name, _, rest = spec.partition("=")
     arch, layout, *options = rest.split(":")
     folder = out / name
     if "kill8" in options:
         kill_rank_1_mid_save(8)
-    model = split_beforehand(tiny(arch)) if "given" in options else tiny(arch)
+    if "auto" in options:
+        model = load_tp_auto(arch, folder)
+    else:
+        model = split_beforehand(tiny(arch)) if "given" in options else tiny(arch)
     padded = "padded" in options
     if "packed" in options:
         # transformers honours packed position_ids only without a KV cache (ember's context
