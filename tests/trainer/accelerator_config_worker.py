@@ -1,4 +1,4 @@
-"""Rank script of tests/trainer/test_accelerator_config.py: accelerator_config's split_batches,
+"""Rank script of tests/trainer/test_accelerator_config_runs.py: accelerator_config's split_batches,
 even_batches=False and sync_each_batch on 2 processes. Rank 0 writes weights, losses, metrics and
 predictions under OUT; the test compares them with one process."""
 
