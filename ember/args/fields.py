@@ -340,8 +340,15 @@ class TrainingFields:
     # --- transformers fields accepted only at these defaults (HF_ONLY_FIELDS says what to do instead) ---
     bf16_full_eval: bool = _f(False, "Evaluate outside training with the model cast to bf16.")
     fp16_full_eval: bool = _f(False, "Evaluate outside training with the model cast to fp16.")
-    use_liger_kernel: bool = _f(False, "Not supported by ember; leave False.")
-    liger_kernel_config: dict[str, bool] | str | None = _f(None, "Not supported by ember; leave unset.")
+    use_liger_kernel: bool = _f(
+        False,
+        "Apply Liger's Triton kernels to the model where liger-kernel and a CUDA GPU are present; elsewhere "
+        "ember's chunked loss is used instead (one warning says why).",
+    )
+    liger_kernel_config: dict[str, bool] | str | None = _f(
+        None,
+        "Keywords for liger-kernel's apply function, e.g. {'rope': True}; None: its defaults.",
+    )
     use_cache: bool = _f(False, "Not supported by ember (set model.config.use_cache); leave False.")
     project: str = _f("huggingface", "Not supported by ember; leave 'huggingface'.")
     trackio_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
@@ -349,13 +356,26 @@ class TrainingFields:
     trackio_static_space_id: str | None = _f(None, "Not supported by ember; leave unset.")
     eval_do_concat_batches: bool = _f(True, "Concatenate evaluation batches; False returns a list per batch.")
     eval_use_gather_object: bool = _f(False, "Gather non-tensor evaluation outputs as Python objects.")
-    push_to_hub: bool = _f(False, "Not supported by ember (upload output_dir yourself); leave False.")
-    hub_token: str | None = _f(None, "Not supported by ember; leave unset.")
-    hub_private_repo: bool | None = _f(None, "Not supported by ember; leave unset.")
-    hub_model_id: str | None = _f(None, "Not supported by ember; leave unset.")
-    hub_strategy: str = _f("every_save", "Not supported by ember; leave 'every_save'.")
-    hub_always_push: bool = _f(False, "Not supported by ember; leave False.")
-    hub_revision: str | None = _f(None, "Not supported by ember; leave unset.")
+    push_to_hub: bool = _f(
+        False, "Push the model to the Hub repo `hub_model_id` at saves (see hub_strategy)."
+    )
+    hub_token: str | None = _f(None, "Hub token with write access; None: the one `hf auth login` saved.")
+    hub_private_repo: bool | None = _f(
+        None, "Create the repo private (ignored when it exists); None: the owner's default."
+    )
+    hub_model_id: str | None = _f(
+        None, "Repo to push to ('name' under the token's user, or 'org/name'); None: output_dir's name."
+    )
+    hub_strategy: str = _f(
+        "every_save",
+        "What is pushed when: 'end' (only push_to_hub()), 'every_save' (the model at each save), "
+        "'checkpoint' (also the newest checkpoint as last-checkpoint/), 'all_checkpoints' (each checkpoint "
+        "in its own folder).",
+    )
+    hub_always_push: bool = _f(
+        False, "Push at every save even while the previous push is running (False: skip it)."
+    )
+    hub_revision: str | None = _f(None, "Branch (or revision) of the repo to push to; None: main.")
     accelerator_config: dict[str, Any] | str | None = _f(
         None,
         "transformers' AcceleratorConfig options (dict, JSON or file): split_batches, even_batches, "

@@ -22,29 +22,19 @@ from .fields import TrainingFields
 _GENERIC_FIX = "leave it at its default"
 # fmt: off
 HF_ONLY_FIELDS: dict[str, str] = {
-    "use_liger_kernel": "apply Liger kernels to the model yourself before building the Trainer",
-    "liger_kernel_config": "apply Liger kernels to the model yourself before building the Trainer",
     "use_cache": "set model.config.use_cache yourself",
     "project": "name the project in your tracker's own settings",
     "trackio_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_bucket_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_static_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
-    "push_to_hub": "upload output_dir with huggingface_hub's upload_folder after training",
-    "hub_token": "upload output_dir with huggingface_hub after training",
-    "hub_private_repo": "upload output_dir with huggingface_hub after training",
-    "hub_model_id": "upload output_dir with huggingface_hub after training",
-    "hub_strategy": "upload output_dir with huggingface_hub after training",
-    "hub_always_push": "upload output_dir with huggingface_hub after training",
-    "hub_revision": "upload output_dir with huggingface_hub after training",
 }
 # fmt: on
 UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
 
-# Other values that mean "the default", as transformers' own `to_dict()` writes them: it resolves
-# gradient_checkpointing None -> False and masks tokens. They are accepted and stored as the declared default.
-_DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {
-    "hub_token": ("<HUB_TOKEN>",),
-}
+# Other values that mean "the default", as transformers' own `to_dict()` writes them; accepted and stored
+# as the declared default. None today: the fields transformers rewrites there (debug, accelerator_config,
+# hub_token) are implemented and read its spellings themselves.
+_DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {}
 
 # Names that older transformers releases accepted; difflib alone would point users somewhere odd.
 _MOVED_FIELDS: dict[str, str] = {

@@ -53,6 +53,7 @@ from .hf_only import (
     check_supported_values,
     unsupported_value_error,
 )
+from .hub import MASKED_TOKEN
 from .validation import _normalise_report_to as _normalise_report_to  # callbacks read report_to with it
 from .validation import field_value_types, validate
 
@@ -191,6 +192,10 @@ class TrainingArguments(TrainingFields):
                 elif hasattr(value, "to_dict"):  # the AcceleratorConfig, as transformers writes it
                     value = value.to_dict()
                 out[f.name] = copy.deepcopy(value)
+        if out.get("hub_token") is not None:
+            # As transformers: saved arguments (checkpoints' training_args.json, pushed to the Hub
+            # with them) never hold the token.
+            out["hub_token"] = MASKED_TOKEN
         return out
 
     def to_json_string(self) -> str:
@@ -309,7 +314,7 @@ class TrainingArguments(TrainingFields):
         always_push: bool = False,
         revision: str | None = None,
     ) -> Self:
-        """Refused with the push_to_hub explanation: ember does not push to the Hub."""
+        """Turn on pushing to the Hub repo `model_id` (sets push_to_hub and the hub_* fields)."""
         return self._update(
             push_to_hub=True,
             hub_model_id=model_id,

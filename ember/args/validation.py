@@ -67,9 +67,11 @@ def validate(args: TrainingFields) -> None:
     _check_reliability(args)
     from ..models.options import check_model_args
     from .distributed import check_distributed_args
+    from .hub import check_hub_args
 
     check_distributed_args(args)
     check_model_args(args)
+    check_hub_args(args)
 
 
 # What a Python caller may pass, where it is wider than the annotation. Annotations are what command-line

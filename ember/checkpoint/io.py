@@ -36,7 +36,14 @@ from torch import nn
 
 # Called through their modules, so a test that replaces one (a full disk, a failing rank) is obeyed.
 from . import sharded, state_io
-from .atomic import TMP_SUFFIX, CheckpointWriteError, abort_checkpoint, begin_checkpoint, commit_checkpoint
+from .atomic import (
+    MANIFEST_NAME,
+    TMP_SUFFIX,
+    CheckpointWriteError,
+    abort_checkpoint,
+    begin_checkpoint,
+    commit_checkpoint,
+)
 from .files import write_text
 from .model import load_model_files, save_model_files
 from .sharded import GROUPS_NAME, SHARDED_DIR, ShardedState
@@ -59,6 +66,7 @@ __all__ = [
     "CheckpointIO",
     "ShardedState",
     "WriteFn",
+    "is_model_file",
     "partition_name",
     "rank_name",
 ]
@@ -72,6 +80,23 @@ def rank_name(rank: int) -> str:
 def partition_name(rank: int) -> str:
     """The file of `rank`'s engine partition (DeepSpeed ZeRO 1-3)."""
     return f"deepspeed-rank-{rank}"
+
+
+# The top-level files of a checkpoint that only resuming reads (the run's state and the folder's own
+# bookkeeping), as opposed to the model as users load it (weights, config, tokenizer files) and the
+# arguments. Stems, so both halves of a safetensors + JSON pair match.
+_RUN_STATE_STEMS = (OPTIMIZER, TRAINER, GROUPS_NAME)
+_RUN_STATE_PREFIXES = ("rank-", "deepspeed-rank-")
+
+
+def is_model_file(name: str) -> bool:
+    """True for a top-level entry of a checkpoint that belongs to the trained model (what
+    `save_model` writes, a PEFT adapter's folder included, plus training_args.json), False for
+    resume-only state (optimizer, scheduler, RNG, shards) and the folder's bookkeeping."""
+    stem = name.split(".", 1)[0]
+    if name in (MANIFEST_NAME, TRAINER_STATE_NAME, SHARDED_DIR) or stem in _RUN_STATE_STEMS:
+        return False
+    return not stem.startswith(_RUN_STATE_PREFIXES)
 
 
 class CheckpointIO:

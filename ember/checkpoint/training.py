@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,8 +248,12 @@ def save_checkpoint(
     args: TrainingArguments,
     state: TrainerState,
     processing_class: Any = None,
+    on_commit: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
+    """Write `output_dir/checkpoint-N/` atomically (in the background with save_async).
+
+    `on_commit(folder)` runs once the folder is in place and before older ones are rotated away,
+    on the thread that wrote it (the Hub push starts there); it must not raise."""
     final = Path(args.output_dir) / f"checkpoint-{state.global_step}"
     if state.best_global_step == state.global_step:
         state.best_model_checkpoint = str(final)
@@ -262,6 +266,8 @@ def save_checkpoint(
     output_dir = Path(args.output_dir)
 
     def rotate() -> None:
+        if on_commit is not None:
+            on_commit(final)
         if strategy.is_main:
             rotate_checkpoints(output_dir, limit, keep={Path(best)} if best else set())
 

@@ -12,6 +12,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def check_model_args(args: Any) -> None:
+    from .liger import check_liger_args
+
+    check_liger_args(args)
     _resolve_checkpointing_aliases(args)
     _check_checkpointing_kwargs(args)
     _check_compile(args)

@@ -2,6 +2,7 @@
 places and wraps the model. In this order:
 
 1. adapters already on the model (PEFT) are kept; a quantized base without adapters is refused;
+   Liger's kernels are patched in where they run (`use_liger_kernel`, models/liger.py);
 2. activation checkpointing (a transformers model's own, or per block for a plain module);
 3. `torch.compile` (in place, so parameter names, checkpoints and `save_model` keep the original
    names: no `_orig_mod.` prefix);
@@ -34,6 +35,11 @@ _CHECKPOINTED = "_ember_checkpointed"
 def prepare_model(model: nn.Module, args: Any) -> nn.Module:
     """Apply the pipeline steps the arguments ask for to `model` (in place) and return it."""
     check_quantized(model)
+    if args.use_liger_kernel:
+        from .liger import apply_liger, liger_reason
+
+        if liger_reason(model) is None:  # elsewhere the Trainer said why, and chunks the loss
+            apply_liger(model, args.liger_kernel_config)
     if args.activation_checkpointing:
         enable_activation_checkpointing(model, args.activation_checkpointing_kwargs)
     if args.torch_compile:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..checkpoint.hub import HubSync
 from ..checkpoint.io import CheckpointIO
 from ..checkpoint.writer import CheckpointWriter
 
@@ -21,19 +22,32 @@ if TYPE_CHECKING:
 class Checkpointer:
     """Saves and resumes a run's parts; one per Trainer (its writer outlives a run's last save)."""
 
-    def __init__(self, strategy: Strategy, save_async: bool) -> None:
+    def __init__(self, strategy: Strategy, save_async: bool, hub: HubSync | None = None) -> None:
         self.strategy = strategy
         self.io = CheckpointIO(async_=save_async)
+        self.hub = hub
 
     @property
     def writer(self) -> CheckpointWriter:
         return self.io.writer
 
-    def save(self, parts: Parts, args: TrainingArguments, state: TrainerState, processing_class: Any) -> None:
-        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
+    def save(self, parts: Parts, args: TrainingArguments, state: TrainerState, processing_class: Any) -> bool:
+        """Write `output_dir/checkpoint-N/` atomically (in the background with save_async); with
+        push_to_hub, push it once it is in place (main process). True when this save pushes."""
         from ..checkpoint.training import save_checkpoint
 
-        save_checkpoint(parts, self.strategy, self.io, args, state, processing_class)
+        push = None
+        if self.hub is not None and args.push_to_hub and self.strategy.is_main:
+            if args.save_strategy == "steps":
+                message = f"Training in progress, step {state.global_step}"
+            else:
+                message = f"Training in progress, epoch {int(state.epoch or 0)}"
+            # The previous save's push starts when its write ends: wait for it (the save below
+            # would), so `busy` sees that push.
+            self.wait()
+            push = self.hub.plan_checkpoint_push(message)
+        save_checkpoint(parts, self.strategy, self.io, args, state, processing_class, on_commit=push)
+        return push is not None
 
     def resume(
         self, parts: Parts, args: TrainingArguments, state: TrainerState, checkpoint: str | bool

@@ -32,6 +32,7 @@ from ..args.accelerator_config import accelerator_config_of, check_split_batches
 from ..args.training_args import TrainingArguments, check_eval_dataset
 from ..callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from ..callbacks.state import CallbackStates, TrainerControl, TrainerState
+from ..checkpoint.hub import HubSync
 from ..data import (
     build_eval_dataloader,
     build_train_dataloader,
@@ -53,6 +54,7 @@ from ..engine.optimizers import optimizer_eval_mode, set_optimizer_mode
 from ..engine.preemption import PreemptionWatcher, TrainingPreempted
 from ..engine.run_position import LossTracker, RunProgress, TrainPlan, plan_steps
 from ..engine.step import StepContext, grouped, target_counts
+from ..models.liger import chunked_loss_setting, plan_liger
 from ..models.neftune import neftune_noise
 from ..models.pipeline import label_smoothing_for, prepare_model
 from ..outputs import EvalLoopOutput, PredictionOutput, TrainOutput
@@ -140,6 +142,11 @@ class Trainer:
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        # None without use_liger_kernel; else whether Liger's kernels will patch the model (if not,
+        # the reason is logged here, once, and the loss is chunked instead).
+        self._liger_applied: bool | None = None
+        if self.args.use_liger_kernel:
+            self._liger_applied = plan_liger(self.model, self.args.liger_kernel_config) is None
         self.label_shift = shifts_labels(self.model)
         self._label_smoothing = label_smoothing_for(self.model, self.args.label_smoothing_factor)
         self.label_names = self.args.label_names or default_label_names(self.model)
@@ -156,7 +163,11 @@ class Trainer:
         )
         self.evaluator = Evaluator(self)
         self.recorder = MetricsRecorder()
-        self.checkpointer = Checkpointer(self.strategy, self.args.save_async)
+        self.hub = HubSync(self.args, self.create_hub_api)
+        self.checkpointer = Checkpointer(self.strategy, self.args.save_async, self.hub)
+        self.hub_model_id: str | None = None  # the full repo id, once init_hf_repo found it
+        if self.args.push_to_hub:
+            self.init_hf_repo()
         self.run: Run | None = None  # what the current (or last) train() call owns
         self._peers: PeerWatch | NoWatch = NoWatch()
         self._train_batch_sampler: Any = None
@@ -530,7 +541,10 @@ class Trainer:
         """
         if "shift_labels" in inputs and self.compute_loss_func is None:
             return self._shifted_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.args.chunked_loss is not False and not return_outputs:
+        if (
+            chunked_loss_setting(self.args.chunked_loss, self._liger_applied) is not False
+            and not return_outputs
+        ):
             chunked = self._chunked_loss(model, inputs, num_items_in_batch)
             if chunked is not None:
                 return chunked
@@ -583,7 +597,7 @@ class Trainer:
         (None) chunks micro-batches of more than one chunk of labels, outside DeepSpeed, and falls
         back quietly: smaller ones gain nothing, and models it cannot serve exactly are not errors.
         """
-        explicit = self.args.chunked_loss is True
+        explicit = chunked_loss_setting(self.args.chunked_loss, self._liger_applied) is True
         if not explicit:
             labels = inputs.get("labels")
             big = isinstance(labels, torch.Tensor) and labels.numel() > self.args.loss_chunk_size
@@ -683,7 +697,11 @@ class Trainer:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
         self.store_flos()
         with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
-            self.checkpointer.save(self._stateful_parts(), self.args, self.state, self.processing_class)
+            pushing = self.checkpointer.save(
+                self._stateful_parts(), self.args, self.state, self.processing_class
+            )
+        if pushing:
+            self._fire("on_push_begin")
 
     def _resume_target(self, requested: str | bool | None) -> str | bool | None:
         """What train() resumes from. A value given to train() keeps transformers' meaning (a folder;
@@ -755,6 +773,7 @@ class Trainer:
         self._init_memory_metrics = {}
         self.log(dict(metrics))
         self._fire("on_train_end")
+        self._finish_current_push()
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     # -- evaluation and prediction (the Evaluator's work, overridable here) ---------------------------
@@ -862,6 +881,8 @@ class Trainer:
                     self.processing_class,
                     state_dict=state_dict,
                 )
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # -- callbacks -----------------------------------------------------------------------------------
     def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
@@ -1067,20 +1088,54 @@ class Trainer:
 
         teardown_process_group()
 
-    # -- the hub ---------------------------------------------------------------------------------------
-    def push_to_hub(
-        self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
-    ) -> Any:
-        raise RuntimeError(
-            "ember does not push to the Hugging Face Hub. Save the model with trainer.save_model(folder), "
-            "then upload that folder with huggingface_hub.upload_folder(repo_id=..., folder_path=folder)."
-        )
+    # -- the hub (ember/checkpoint/hub.py does the work) ----------------------------------------------
+    def create_hub_api(self) -> Any:
+        """The `huggingface_hub.HfApi` every push goes through; override it to send pushes elsewhere."""
+        from ..checkpoint.hub import default_hub_api
+
+        return default_hub_api()
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        raise RuntimeError(
-            "ember does not create Hub repositories; create one with huggingface_hub.create_repo(...) and "
-            "upload trainer.save_model's folder with huggingface_hub.upload_folder."
-        )
+        """Create (or find) the repo `args.hub_model_id` (default: output_dir's name under the token's
+        user) on the main process; `private` applies only when it is created."""
+        if self.is_world_process_zero():
+            self.hub_model_id = self.hub.init_repo(token, private)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save the model to output_dir, write its model card (`kwargs` go to `create_model_card`) and
+        upload output_dir (no checkpoint folders) once the pushes in flight are done. Returns the
+        `CommitInfo`, or with `blocking=False` a `Future`; None on other processes."""
+        self._fire("on_push_begin")
+        model_name = kwargs.pop("model_name", None)
+        if model_name is None:
+            model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.checkpointer.wait()
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        model_tags = getattr(self.strategy.unwrap(self.model), "model_tags", None)
+        if model_tags:
+            tags = kwargs.get("tags") or []
+            tags = [tags] if isinstance(tags, str) else list(tags)
+            kwargs["tags"] = tags + [t for t in model_tags if t not in tags]
+        self.create_model_card(model_name=model_name, **kwargs)
+        revision = revision if revision is not None else self.args.hub_revision
+        return self.hub.push_output_dir(commit_message, blocking, token, revision)
+
+    def _finish_current_push(self) -> None:
+        """transformers' name: wait for the Hub pushes in flight (their failures are already logged)."""
+        self.hub.wait()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

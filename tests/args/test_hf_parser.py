@@ -254,11 +254,9 @@ def _entry_paths(tmp_path: Path, name: str, value: Any, flags: list[str]) -> dic
 @pytest.mark.parametrize(
     ("name", "value", "flags"),
     [
-        ("hub_always_push", True, ["--hub_always_push"]),
-        ("push_to_hub", True, ["--push_to_hub"]),
-        ("hub_revision", "v1", ["--hub_revision", "v1"]),
-        ("hub_model_id", "me/model", ["--hub_model_id", "me/model"]),
-        ("use_liger_kernel", True, ["--use_liger_kernel"]),
+        ("use_cache", True, ["--use_cache"]),
+        ("trackio_space_id", "me/space", ["--trackio_space_id", "me/space"]),
+        ("project", "mine", ["--project", "mine"]),
     ],
 )
 def test_unsupported_option_gets_one_message_on_every_path(
@@ -395,8 +393,8 @@ def test_setter_with_a_bad_value_raises_and_changes_nothing() -> None:
     before = args.to_dict()
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         args.set_training(batch_size=0)
-    with pytest.raises(UnsupportedFieldError, match="push_to_hub"):
-        args.set_push_to_hub("me/model")
+    with pytest.raises(ValueError, match="hub_strategy"):
+        args.set_push_to_hub("me/model", strategy="sometimes")
     with pytest.raises(ValueError, match="save_total_limit"):
         args.set_save(total_limit=-1, on_each_node=True)
     assert args.to_dict() == before

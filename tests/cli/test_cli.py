@@ -144,7 +144,7 @@ def test_help_lists_fields_with_defaults(capsys: pytest.CaptureFixture[str]) -> 
         (lambda j: j.update(modle=j.pop("model")), [], ["`modle`", "`model`"]),
         (lambda j: j["args"].update(learning_rat=1.0), [], ["args", "`learning_rat`", "'learning_rate'"]),
         (lambda j: None, ["--learning_rat", "1"], ["`learning_rat`", "'learning_rate'"]),
-        (lambda j: j["args"].update(push_to_hub=True), [], ["`push_to_hub`"]),
+        (lambda j: j["args"].update(use_cache=True), [], ["`use_cache`"]),
         (lambda j: j["args"].update(eval_strategy="sometimes"), [], ["eval_strategy", "sometimes"]),
         (lambda j: j["model"].update(type="gpt3"), [], ["'gpt3'", "`gpt2`"]),
         (lambda j: j["model"]["config"].update(n_layers=2), [], ["`n_layers`", "`n_layer`"]),

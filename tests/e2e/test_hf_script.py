@@ -184,11 +184,11 @@ def test_saved_model_loads_with_from_pretrained(runs: dict[str, Path]) -> None:
 def test_unsupported_option_is_explained_on_the_script_path(workspace: Path) -> None:
     argv = [sys.executable, str(workspace / "run_ember.py"), "--model_name_or_path", "x",
             "--train_file", "t.csv", "--validation_file", "v.csv", "--output_dir", str(workspace / "x"),
-            "--use_liger_kernel", "True"]  # fmt: skip
+            "--use_cache", "True"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "use_liger_kernel" in proc.stderr and "not used" not in proc.stderr
+    assert "use_cache" in proc.stderr and "not used" not in proc.stderr
 
 
 # `make compat` runs these against the newest transformers, peft, accelerate and datasets.

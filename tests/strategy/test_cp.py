@@ -38,7 +38,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("resume-cp2", "resume-one"):
         (out / name).mkdir()
         shutil.copytree(out / "dpcp" / "checkpoint-4", out / name / "checkpoint-4")
-    _launch(out, ["cpk=llama:cp2:packed", "qcp=qwen2:cp2", "resume-cp2=llama:cp2:resume"], nproc=2)
+    _launch(
+        out,
+        ["cpk=llama:cp2:packed", "qcp=qwen2:cp2", "resume-cp2=llama:cp2:resume", "cpac=llama:cp2:ac"],
+        nproc=2,
+    )
     for spec in (
         "one=llama:one:eval",
         "onep=llama:one:padded:eval",
@@ -75,6 +79,7 @@ def _assert_equal_runs(out: Path, name: str, reference: str) -> None:
         ("ddpcp", "one", 2, 2, SEQ // 2),
         ("cpk", "onek", 2, 1, SEQ // 2),
         ("qcp", "qone", 2, 1, SEQ // 2),
+        ("cpac", "one", 2, 1, SEQ // 2),  # activation checkpointing: recomputed in backward, still split
     ],
 )
 def test_layout_trains_like_one_process_on_part_of_each_sequence(runs, name, reference, cp, dp, length):

@@ -50,6 +50,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "chunk=llama:tp2:chunked",
             "given=llama:tp2:given",
             "auto=llama:tp2:auto",
+            "tpac=llama:tp2:ac",
         ],
         nproc=2,
     )
@@ -90,6 +91,7 @@ def _assert_equal_runs(out: Path, name: str, reference: str) -> None:
         ("chunk", "one", 2, 1),
         ("given", "one", 2, 1),
         ("auto", "one", 2, 1),  # loaded with from_pretrained(tp_plan="auto"): transformers split it
+        ("tpac", "one", 2, 1),  # activation checkpointing, then TP
     ],
 )
 def test_layout_trains_like_one_process(runs, name, reference, tp, dp):

@@ -15,7 +15,7 @@ its shards of checkpoint-8), chunked (chunked_loss=True, which falls back under 
 13 examples after training: rows gathered over the data-parallel ranks only), given (the model is
 split by this script with torch's parallelize_module before the Trainer sees it, as
 `from_pretrained(tp_plan="auto")` hands it over: ember takes it as it is), auto (the model really
-loaded with `from_pretrained(tp_plan="auto")`).
+loaded with `from_pretrained(tp_plan="auto")`), ac (activation checkpointing), compile (torch_compile).
 """
 
 from __future__ import annotations
@@ -118,6 +118,10 @@ def args_for(out: Path, layout: str, options: list[str]) -> TrainingArguments:
         kw.update(ddp_timeout=60)
     if "chunked" in options:
         kw.update(chunked_loss=True, loss_chunk_size=8)
+    if "ac" in options:
+        kw.update(gradient_checkpointing=True)
+    if "compile" in options:
+        kw.update(torch_compile=True)
     return TrainingArguments(
         output_dir=str(out),
         use_cpu=True,
