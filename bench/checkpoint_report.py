@@ -130,9 +130,9 @@ def _md_disk(d: dict[str, Any]) -> list[str]:
         "",
         "Sync save: `Trainer._save_checkpoint` until it returns (write, fsync, manifest, rename). "
         "Verified load: the hash check of every file, then model, optimizer and trainer state, with "
-        "the files dropped from the page cache first. The disk: one sequential write of as many "
-        "bytes with fsync, and a cold read of it, each timed right before the operation it is "
-        f"compared with; fractions are medians of the per-rep ratios ({d['reps']} reps).",
+        "the files (and the probe's) dropped from the page cache first. The disk: one sequential "
+        "write of as many bytes with fsync, and a cold read of it, each timed right before the "
+        f"operation it is compared with; fractions are medians of the per-rep ratios ({d['reps']} reps).",
         "",
         _row("", "time", "MB/s", "fraction of the disk"),
         _row(*["---"] * 4),
@@ -141,6 +141,18 @@ def _md_disk(d: dict[str, Any]) -> list[str]:
             seconds_text(disk["write_fsync"]),
             f"{d['disk_write_MBps']:.0f}",
             "1",
+        ),
+        *(
+            [
+                _row(
+                    "disk: the same write with O_DIRECT + fsync",
+                    seconds_text(d["disk_write_direct"]),
+                    f"{d['disk_write_direct_MBps']:.0f}",
+                    "",
+                )
+            ]
+            if "disk_write_direct" in d
+            else []
         ),
         _row(
             "disk: cold sequential read",
@@ -165,6 +177,20 @@ def _md_disk(d: dict[str, Any]) -> list[str]:
         "",
         f"Hash cost on one core, bytes in memory: xxh3_128 {hashes['xxh3_128']:.3f} s/GB, "
         f"sha256 {hashes['sha256']:.3f} s/GB.",
+        *(
+            [
+                "",
+                f"Sync save against the O_DIRECT write: {d['save_fraction_of_direct_write']:.2f} "
+                "(a buffered write must first find a page-cache page for every 4 KiB; see the README).",
+            ]
+            if "save_fraction_of_direct_write" in d
+            else []
+        ),
+        *(
+            [f"Load average at the end: {', '.join(f'{x:.1f}' for x in d['load_avg_at_end'])}."]
+            if d.get("load_avg_at_end")
+            else []
+        ),
         "",
     ]
 

@@ -115,8 +115,8 @@ def write_manifest(folder: Path) -> dict[str, Any]:
     """
     files: dict[str, dict[str, Any]] = {}
     payload = _payload_files(folder)
+    _fsync_all(payload)
     for path in payload:
-        _fsync_path(path)
         files[path.relative_to(folder).as_posix()] = {
             "size": path.stat().st_size,
             HASH_NAME: known_digest(path) or hash_file(path, HASH_NAME),
@@ -131,6 +131,21 @@ def write_manifest(folder: Path) -> dict[str, Any]:
         os.fsync(fh.fileno())
     _fsync_path(folder, directory=True)
     return manifest
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    """fsync every file in `paths`, all at once from a few threads: a file system with a journal
+    (ext4, xfs) then commits the new files' metadata in one or two journal commits instead of one
+    per file, ~3 ms each on the test machine's disk (a checkpoint has ~10 files, a sharded one more)."""
+    if len(paths) < 2:
+        for path in paths:
+            _fsync_path(path)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(len(paths), 16), thread_name_prefix="ember-fsync") as pool:
+        for future in [pool.submit(_fsync_path, path) for path in paths]:
+            future.result()  # the first error raises, once every fsync is over
 
 
 def _rmtree(path: Path) -> None:
@@ -336,15 +351,25 @@ def usable_checkpoint(path: str | os.PathLike[str], deep: bool = False) -> str |
     return reason
 
 
-def find_resumable_checkpoint(output_dir: str | os.PathLike[str], deep: bool = False) -> Path | None:
+def find_resumable_checkpoint(
+    output_dir: str | os.PathLike[str], deep: bool = False, skipped: list[tuple[Path, str]] | None = None
+) -> Path | None:
     """The newest `checkpoint-N` in `output_dir` that can be resumed from (`usable_checkpoint`);
-    each one skipped on the way is logged with its reason."""
+    each one skipped on the way is logged with its reason (and appended to `skipped`). Nothing is
+    deleted: a folder that fails may be a copy in progress, or evidence."""
     for path in reversed(sorted_checkpoints(output_dir)):
         reason = usable_checkpoint(path, deep=deep)
         if reason is None:
             return path
         logger.warning("Skipping checkpoint %s: %s.", path, reason)
+        if skipped is not None:
+            skipped.append((path, reason))
     return None
+
+
+class HashedCheckpoint(str):
+    """A checkpoint folder whose every file this process has just hashed against its manifest
+    (auto_resume's pick): `load_checkpoint_dir` checks its sizes but does not hash it again."""
 
 
 def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Path:
@@ -357,6 +382,7 @@ def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Pat
     A run folder (one holding `checkpoint-N` folders, not a checkpoint itself) stands for its newest
     usable checkpoint, as `resume_from_checkpoint=True` does.
     """
+    hashed = isinstance(path, HashedCheckpoint)
     path = Path(path)
     if checkpoint_step(path) is None and not (path / MANIFEST_NAME).exists() and sorted_checkpoints(path):
         found = find_resumable_checkpoint(path, deep=deep)
@@ -367,7 +393,7 @@ def load_checkpoint_dir(path: str | os.PathLike[str], deep: bool = False) -> Pat
             )
         logger.info("%s is a run folder; resuming from its newest complete checkpoint, %s.", path, found.name)
         return found
-    reason = usable_checkpoint(path, deep=deep)
+    reason = usable_checkpoint(path, deep=deep and not hashed)
     if reason is None:
         return path
     fallback = _newest_complete(path.parent, exclude=path)

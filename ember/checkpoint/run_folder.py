@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .atomic import checkpoint_step, find_resumable_checkpoint
+from .atomic import HashedCheckpoint, checkpoint_step, find_resumable_checkpoint
 from .lock import OutputDirLockedError, RunLock
 from .rotation import recover_output_dir
 
@@ -50,28 +50,43 @@ def hold_output_dir(output_dir: str | os.PathLike[str], strategy: Strategy) -> I
             lock.release()
 
 
-def auto_resume_checkpoint(output_dir: str | os.PathLike[str], strategy: Strategy, why: str) -> str | None:
-    """The newest complete checkpoint of `output_dir` for a job that resumes by itself, or None to
+def auto_resume_checkpoint(
+    output_dir: str | os.PathLike[str], strategy: Strategy, why: str, verify: bool = True
+) -> str | None:
+    """The newest usable checkpoint of `output_dir` for a job that resumes by itself, or None to
     start fresh. The main process looks (after `hold_output_dir` cleaned the leftovers of the
     interrupted run) and tells every rank, so all ranks resume from the same folder even where
     their views of a shared file system lag. Logged either way, with `why` (what turned it on).
+
+    With `verify` (verify_checkpoints) each candidate's hashes are checked too, so a newest
+    checkpoint changed after writing (a flipped byte, a bad copy) is skipped for the one before it,
+    which a relaunched job can resume from instead of stopping; the skipped one is named with the
+    reason and left in place. (A checkpoint named in `resume_from_checkpoint` is never swapped
+    for another: a failing one is an error.)
     """
     found: str | None = None
+    skipped: list[tuple[Path, str]] = []
     if strategy.is_main:
-        path = find_resumable_checkpoint(output_dir)
-        found = str(path) if path is not None else None
+        path = find_resumable_checkpoint(output_dir, deep=verify, skipped=skipped)
+        # Marked as hashed, so the resume that follows checks its sizes but does not hash it twice.
+        found = (HashedCheckpoint if verify else str)(path) if path is not None else None
     if strategy.world_size > 1:
         found = strategy.broadcast_object(found)
     if strategy.is_main:
+        passed = "".join(f"; skipped {p.name} ({reason}), left in place" for p, reason in skipped)
         if found is None:
             logger.warning(
-                "ember: auto_resume (%s): no complete checkpoint in %s; starting fresh.", why, output_dir
+                "ember: auto_resume (%s): no complete checkpoint in %s%s; starting fresh.",
+                why,
+                output_dir,
+                passed,
             )
         else:
             logger.warning(
-                "ember: auto_resume (%s): resuming from %s (step %s).",
+                "ember: auto_resume (%s): resuming from %s (step %s)%s.",
                 why,
                 found,
                 checkpoint_step(Path(found)),
+                passed,
             )
     return found

@@ -249,17 +249,21 @@ def save_checkpoint(
     state: TrainerState,
     processing_class: Any = None,
     on_commit: Callable[[Path], None] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Write `output_dir/checkpoint-N/` atomically (in the background with save_async).
 
     `on_commit(folder)` runs once the folder is in place and before older ones are rotated away,
-    on the thread that wrote it (the Hub push starts there); it must not raise."""
+    on the thread that wrote it (the Hub push starts there); it must not raise. `ready` runs once
+    this rank's own state is gathered, before the save's first collective."""
     final = Path(args.output_dir) / f"checkpoint-{state.global_step}"
     if state.best_global_step == state.global_step:
         state.best_model_checkpoint = str(final)
     state.stateful_callbacks = parts.callbacks.state_dict()
     if args.save_async:
         io.wait()
+    if ready is not None:
+        ready()
     staging = io.staging if args.save_async else None
     snapshot = take_snapshot(parts, strategy, args, state, processing_class, staging, io)
     limit, best = args.save_total_limit, state.best_model_checkpoint
@@ -356,7 +360,8 @@ def _agreed_checkpoint_folder(strategy: Strategy, args: TrainingArguments, check
 
 def _checkpoint_folder(output_dir: str, checkpoint: str | bool, deep: bool) -> Path:
     if checkpoint is not True:
-        return load_checkpoint_dir(str(checkpoint), deep=deep)
+        # Kept as given: a HashedCheckpoint (auto_resume's pick) is not hashed a second time.
+        return load_checkpoint_dir(checkpoint if isinstance(checkpoint, str) else str(checkpoint), deep=deep)
     found = find_resumable_checkpoint(output_dir, deep=deep)
     if found is None:
         raise ValueError(

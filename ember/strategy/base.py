@@ -121,6 +121,10 @@ class Strategy(Protocol):
         """Write `final_dir` atomically through `io`: `write_fn` fills in the run's files, the
         strategy adds the model/optimizer state it holds per rank, then `after` runs."""
 
+    def enter_checkpoint(self, step: int, peers: Any) -> None:
+        """Meet the other ranks before the first collective of the save of `step` (each has gathered
+        its own state); a peer that failed before arriving stops this rank by name (`peers.wait`)."""
+
     # -- rollback (loss spikes) ----------------------------------------------------------------------
     def rollback_refusal(self) -> str | None:
         """Why this strategy cannot roll a step back in memory (None: it can)."""

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine.loss import IGNORE_INDEX
-from .env import LaunchEnv, collective, side_group
+from .env import LaunchEnv, PeerFailure, collective, side_group
 from .precision import Precision
 from .single import SingleDevice
 
@@ -128,6 +128,20 @@ class MultiProcess(SingleDevice):
         # The strategy's own state is taken now, on the training thread: it must be this step's.
         steps = [("writing its files", write_fn), *self._extra_checkpoint_steps(parts, io)]
         io.run(lambda: self._checkpoint_protocol(io, Path(final_dir), steps, after))
+
+    def enter_checkpoint(self, step: int, peers: Any) -> None:
+        """The save's first meeting, before any collective that gathers state (FSDP's full model,
+        DCP's plans, the folder agreement). Asynchronous and polled: a peer that raised while
+        gathering its own state never arrives, and waiting in a plain collective here would last
+        until its process exits or ddp_timeout passes; `peers.wait` stops this rank with the peer's
+        own report instead, before the temporary folder exists. Runs on the checkpoint side group
+        (an async save's protocol is over by now: `save_checkpoint` waited for it)."""
+        flag = torch.zeros(1, dtype=torch.int32)
+        with collective(f"entering the save of checkpoint-{step}", self.rank):
+            work = dist.all_reduce(flag, group=self._checkpoint_group, async_op=True)
+            failed = peers.wait(work)
+        if failed is not None:
+            raise PeerFailure(f"ember: rank {self.rank}: stopping because {failed}.")
 
     def _extra_checkpoint_steps(self, parts: Parts, io: CheckpointIO) -> list[WriteStep]:
         """Collective write phases after the per-rank files (sharded strategies add theirs)."""

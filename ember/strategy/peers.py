@@ -20,8 +20,15 @@ works while the training thread is blocked in one).
   ranks meet at every step, so the one behind is the one holding the others), the peer is
   reported as stuck, with the phase it is stuck in. The stuck rank prints the stacks of its
   threads (where the hang is) and exits. Ranks at the same position are never reported: a long
-  step, evaluation or rank-0 save looks the same on every rank. Logging, evaluation and saving
-  (phase `AFTER_STEP`) are exempt, since rank-0-only work there (metrics, writing) is legitimate.
+  step, evaluation or rank-0 save looks the same on every rank. Logging, evaluation and the
+  on_save callbacks (phase `AFTER_STEP`) are exempt, since rank-0-only work there (metrics,
+  trackers, an upload) is legitimate.
+- Saves: each rank gathers its own state for a checkpoint (`SAVE_GATHER`: the callbacks' states,
+  user code), then meets the others before the save's first collective (`SAVING`), in a
+  collective it waits on through `wait`: a rank that raised while gathering is named by the
+  others within `POLL_S` of its report, even where its process stays alive, and one that hangs
+  there is found after `peer_stall_timeout` like a hang in a step. The others stop before any
+  file of the new checkpoint exists; the previous checkpoint is untouched.
 
 Cost (measured on this machine with 8 simulated ranks): `mark` is ~0.3 µs, 6 per step (~2 µs
 per step); one poll of the thread (publish, failure check, stall check of its ring neighbour) is
@@ -52,8 +59,10 @@ STEP_BEGIN = 1  # the step's batches are loaded; on_step_begin callbacks
 COMPUTE = 2  # forward, backward, optimizer step
 STEP_END = 3  # on_step_end callbacks
 BOUNDARY = 4  # the step is done: waiting for the other ranks to finish it too
-AFTER_STEP = 5  # logging, evaluation, saving
-LOADING = 6  # loading the batches of the next step (the dataset, the collator)
+AFTER_STEP = 5  # logging, evaluation, on_save callbacks
+SAVE_GATHER = 6  # gathering this rank's own state for a checkpoint (callback states: user code)
+SAVING = 7  # in a checkpoint's collectives: waiting for the others to arrive, writing, publishing
+LOADING = 8  # loading the batches of the next step (the dataset, the collator)
 
 PHASES = {
     START: "starting training",
@@ -62,6 +71,8 @@ PHASES = {
     STEP_END: "in the on_step_end callbacks of step {s}",
     BOUNDARY: "waiting for the other ranks at the end of step {s}",
     AFTER_STEP: "logging, evaluating or saving after step {s}",
+    SAVE_GATHER: "gathering its state for checkpoint-{s}",
+    SAVING: "in the save of checkpoint-{s}",
     LOADING: "loading the batches of step {next} (the dataset or the collator)",
 }
 
@@ -100,6 +111,10 @@ class NoWatch:
         pass
 
     def peer_failure(self) -> str | None:
+        return None
+
+    def wait(self, work: Any) -> str | None:
+        work.wait()
         return None
 
 
@@ -157,6 +172,22 @@ class PeerWatch:
             with contextlib.suppress(Exception):  # the store is unreachable: nothing to learn
                 self._check_failures()
         return known_failure()
+
+    def wait(self, work: Any) -> str | None:
+        """Wait for the asynchronous collective `work`; stop waiting as soon as this watch knows a
+        peer failed (within `POLL_S` of its report) and return what it knows, instead of blocking
+        until the collective returns: a peer that failed before it entered the collective, and
+        stayed alive (a script that catches the error, a hung rank not yet exited), never
+        completes it. None once `work` is done (its own error, a closed connection, raises)."""
+        delay = 0.0005
+        while not work.is_completed():
+            text = known_failure()
+            if text is not None:
+                return text
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+        work.wait()
+        return None
 
     # -- the watch thread ---------------------------------------------------------------------------
     def _key(self, *parts: object) -> str:

@@ -170,6 +170,9 @@ class SingleDevice:
         same temporary folder and let rank 0 publish it once all are done."""
         io.save(final_dir, write_fn, after)
 
+    def enter_checkpoint(self, step: int, peers: Any) -> None:
+        pass  # one process: nobody to meet
+
     # -- rollback ---------------------------------------------------------------------------------
     def rollback_refusal(self) -> str | None:
         return None

@@ -5,6 +5,7 @@ files and the strategy writes the parts through it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +32,17 @@ class Checkpointer:
     def writer(self) -> CheckpointWriter:
         return self.io.writer
 
-    def save(self, parts: Parts, args: TrainingArguments, state: TrainerState, processing_class: Any) -> bool:
+    def save(
+        self,
+        parts: Parts,
+        args: TrainingArguments,
+        state: TrainerState,
+        processing_class: Any,
+        ready: Callable[[], None] | None = None,
+    ) -> bool:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async); with
-        push_to_hub, push it once it is in place (main process). True when this save pushes."""
+        push_to_hub, push it once it is in place (main process). True when this save pushes.
+        `ready` runs once this rank's own state is gathered, before the save's first collective."""
         from ..checkpoint.training import save_checkpoint
 
         push = None
@@ -46,7 +55,9 @@ class Checkpointer:
             # would), so `busy` sees that push.
             self.wait()
             push = self.hub.plan_checkpoint_push(message)
-        save_checkpoint(parts, self.strategy, self.io, args, state, processing_class, on_commit=push)
+        save_checkpoint(
+            parts, self.strategy, self.io, args, state, processing_class, on_commit=push, ready=ready
+        )
         return push is not None
 
     def resume(

@@ -65,6 +65,8 @@ from ..strategy.peers import (
     BOUNDARY,
     COMPUTE,
     LOADING,
+    SAVE_GATHER,
+    SAVING,
     STEP_BEGIN,
     STEP_END,
     NoWatch,
@@ -696,10 +698,17 @@ class Trainer:
     def _save_checkpoint(self, metrics: dict[str, float] | None) -> None:
         """Write `output_dir/checkpoint-N/` atomically (in the background with save_async)."""
         self.store_flos()
+        step, peers = self.state.global_step, self._peers
+        peers.mark(step, SAVE_GATHER)  # a hang in a callback's state() is found like one in a step
+
+        def ready() -> None:  # this rank's own state is gathered: meet the others (a failed one is named)
+            peers.mark(step, SAVING)
+            self.strategy.enter_checkpoint(step, peers)
+
         with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
-            pushing = self.checkpointer.save(
-                self._stateful_parts(), self.args, self.state, self.processing_class
-            )
+            parts = self._stateful_parts()
+            pushing = self.checkpointer.save(parts, self.args, self.state, self.processing_class, ready)
+        peers.mark(step, AFTER_STEP)  # on_save callbacks: rank-0-only work there (an upload) is legitimate
         if pushing:
             self._fire("on_push_begin")
 
@@ -718,7 +727,7 @@ class Trainer:
         why = "auto_resume=True" if auto else (relaunch_reason() if auto is None else None)
         if why is None:
             return None
-        return auto_resume_checkpoint(self.args.output_dir, self.strategy, why)
+        return auto_resume_checkpoint(self.args.output_dir, self.strategy, why, self.args.verify_checkpoints)
 
     def _resume(self, checkpoint: str | bool) -> None:
         self.checkpointer.resume(self._stateful_parts(), self.args, self.state, checkpoint)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ember import Trainer, TrainerCallback
+from ember.checkpoint.files import CheckpointError
 from tests.resume_job import final_state, make_trainer
 
 
@@ -124,3 +125,69 @@ def test_a_path_given_to_train_wins_over_auto_resume(tmp_path):
     again.add_callback(start)
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     assert start.step == 4
+
+
+class SeesCheckpoint(TrainerCallback):
+    """Records, when training starts, the resumed step and whether a folder is still there as it was."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.before = folder, sorted(p.name for p in folder.iterdir())
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.step = state.global_step
+        self.untouched = sorted(p.name for p in self.folder.iterdir()) == self.before
+
+
+def _flip_a_byte(path: Path) -> None:
+    """A same-size change: only the hash can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped-byte", "missing-file"])
+def test_auto_resume_skips_a_newest_checkpoint_that_fails_verification(tmp_path, reference, caplog, damage):
+    _crashed(tmp_path, auto_resume=True)
+    newest = tmp_path / "checkpoint-6"
+    if damage == "flipped-byte":
+        _flip_a_byte(newest / "model.safetensors")
+        why = "model.safetensors: xxh3_128 hash mismatch"
+    else:
+        (newest / "optimizer.safetensors").unlink()
+        why = "optimizer.safetensors: missing file"
+    again = _trainer(tmp_path, auto_resume=True)
+    seen = SeesCheckpoint(newest)
+    again.add_callback(seen)
+    with caplog.at_level(logging.WARNING, logger="ember"):
+        again.train()
+    assert seen.step == 4 and seen.untouched  # the one before it; the damaged one left in place
+    assert _same(final_state(again), reference)  # and still bit-exact
+    assert f"resuming from {tmp_path / 'checkpoint-4'} (step 4); skipped checkpoint-6 ({why}" in caplog.text
+
+
+def test_a_damaged_checkpoint_named_explicitly_is_still_refused_naming_the_file(tmp_path):
+    _crashed(tmp_path, auto_resume=True)
+    _flip_a_byte(tmp_path / "checkpoint-6" / "model.safetensors")
+    again = _trainer(tmp_path, auto_resume=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint-6: model\.safetensors: xxh3_128 hash mismatch"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+
+def test_auto_resume_hashes_its_pick_once(tmp_path, monkeypatch):
+    from ember.checkpoint import atomic
+
+    _crashed(tmp_path, auto_resume=True)
+    hashed: list[str] = []
+    real = atomic.hash_file
+    monkeypatch.setattr(atomic, "hash_file", lambda p, *a: hashed.append(Path(p).name) or real(p, *a))
+    again = _trainer(tmp_path, auto_resume=True)
+    again.add_callback(stop := StopAtStart())
+    again.train()
+    assert stop.step == 6
+    assert hashed.count("model.safetensors") == 1
+
+
+class StopAtStart(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.step = state.global_step
+        control.should_training_stop = True

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ember import Trainer, TrainerCallback
+from ember.callbacks.state import ExportableState
 from tests.helpers import pad_lm_batch
 from tests.strategy.worker import lm_state, lm_trainer
 
@@ -68,6 +69,24 @@ def failing_collator(bad_call: int, hang: float = 0.0) -> Any:
     return collate
 
 
+class StateFailsAt(TrainerCallback, ExportableState):
+    """Its state, gathered for every save, cannot be taken on this rank at step `step`: the rank
+    fails before it enters the save's collectives, while its peers are already in them."""
+
+    def __init__(self, step: int = 4, hang: float = 0.0) -> None:
+        self.step, self.hang, self.now = step, hang, 0
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.now = state.global_step
+
+    def state(self) -> dict[str, Any]:
+        if self.now == self.step and RANK == FAILING:
+            if self.hang:
+                time.sleep(self.hang)
+            raise OSError(28, "No space left on device (gathering the callback state)")
+        return {"args": {"step": self.step}, "attributes": {}}
+
+
 def broken_metrics(pred: Any) -> dict[str, float]:
     raise KeyError("accuracy needs labels")
 
@@ -105,6 +124,19 @@ def scenario(name: str, out: Path) -> Trainer:
         if mine:
             trainer.data_collator = failing_collator(5, hang=300)
         return trainer
+    if name in ("save-state", "save-state-fsdp", "save-state-async", "save-hang"):
+        # Saves at steps 2 and 4; rank 1 fails (or hangs) gathering its state for the save of
+        # step 4, after checkpoint-2 is complete. The other rank must not wait in the save.
+        extra: dict[str, Any] = {"fsdp": True} if name.endswith("fsdp") else {}
+        extra.update({"save_async": True} if name.endswith("async") else {})
+        return lm_trainer(
+            str(out / name),
+            callbacks=[StateFailsAt(4, hang=300 if name == "save-hang" else 0)],
+            save_strategy="steps",
+            save_steps=2,
+            **common,
+            **extra,
+        )
     if name in ("restart", "straight"):
         # Killed once (first attempt only) at the start of step 6, after checkpoint-4: torchrun
         # restarts both ranks, and auto_resume (unset) continues from checkpoint-4.
@@ -134,6 +166,17 @@ def main() -> None:
     began = time.monotonic()
     try:
         trainer.train()
+    except Exception:
+        if RANK == FAILING and os.environ.get("STAY_ALIVE"):
+            # A script that catches the error and goes on (cleanup, an upload, the next trial):
+            # its process, and its end of the process group, stay alive meanwhile.
+            print(
+                f"rank {RANK}: train() raised after {time.monotonic() - began:.1f}s; staying alive",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(float(os.environ["STAY_ALIVE"]))
+        raise
     finally:
         print(
             f"rank {RANK}: train() ended after {time.monotonic() - began:.1f}s", file=sys.stderr, flush=True

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from ember.checkpoint import is_complete_checkpoint, verify_checkpoint
 from tests.strategy import launch
 from tests.strategy.launch import REPO, free_port, rank_env
 
@@ -118,3 +119,46 @@ def test_torchrun_max_restarts_resumes_by_itself_and_ends_equal_to_an_uninterrup
     )
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)  # bit for bit
     assert not list((tmp_path / "restart").glob("*.tmp"))
+
+
+def _raised_after(output: str, rank: int) -> float:
+    found = re.findall(rf"rank {rank}: train\(\) raised after ([0-9.]+)s", output)
+    assert found, output[-3000:]
+    return float(found[-1])
+
+
+@pytest.mark.parametrize("name", ["save-state", "save-state-fsdp"])
+def test_a_rank_failing_before_the_save_collectives_stops_the_others_at_once(tmp_path, name):
+    # Rank 1 raises while its own state for checkpoint-4 is gathered, and its process stays alive
+    # (a script that catches the error): rank 0, already on its way into the save, must not wait
+    # there for ddp_timeout (600 s) nor be killed by the watch's last resort (20 s).
+    ranks = launch.run([*WORKER, name, str(tmp_path)], timeout=150, env={"STAY_ALIVE": "25"})
+    said = (
+        "rank 1 failed while gathering its state for checkpoint-4: "
+        "OSError: [Errno 28] No space left on device (gathering the callback state)"
+    )
+    for rank in ranks:
+        assert rank.returncode not in (0, None), rank.output[-3000:]
+        assert said in rank.output, f"rank {rank.rank}:\n{rank.output[-3000:]}"
+    assert f"ember: rank 0: stopping because {said}" in ranks[0].output
+    assert "exits now" not in ranks[0].output  # stopped by PeerFailure, not by os._exit
+    # Both ranks started train() within a second or two of each other.
+    assert _ended_after(ranks[0].output, 0) - _raised_after(ranks[1].output, 1) < 8
+    run = tmp_path / name
+    # The previous complete checkpoint stays; nothing of checkpoint-4 was created.
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert is_complete_checkpoint(run / "checkpoint-2") and verify_checkpoint(run / "checkpoint-2") is None
+
+
+def test_a_rank_hanging_while_gathering_its_save_state_is_named_after_peer_stall_timeout(tmp_path):
+    ranks = _by_hand("save-hang", tmp_path)
+    said = "rank 1 stopped progressing: it has been gathering its state for checkpoint-4 for"
+    for rank in ranks:
+        assert rank.returncode not in (0, None), rank.output[-3000:]
+        assert said in rank.output, f"rank {rank.rank}:\n{rank.output[-3000:]}"
+    assert "Its threads' stacks" in ranks[1].output and "fault_worker.py" in ranks[1].output
+    assert "while rank 0 was in the save of checkpoint-4" in ranks[0].output
+    assert _ended_after(ranks[0].output, 0) < 60  # peer_stall_timeout=4 s; ddp_timeout is 600 s
+    run = tmp_path / "save-hang"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert verify_checkpoint(run / "checkpoint-2") is None
