@@ -376,7 +376,11 @@ class TrainingFields:
         False, "Push at every save even while the previous push is running (False: skip it)."
     )
     hub_revision: str | None = _f(None, "Branch (or revision) of the repo to push to; None: main.")
-    accelerator_config: dict[str, Any] | str | None = _f(None, "Not supported by ember; leave unset.")
+    accelerator_config: dict[str, Any] | str | None = _f(
+        None,
+        "transformers' AcceleratorConfig options (dict, JSON or file): split_batches, even_batches, "
+        "use_seedable_sampler, non_blocking, gradient_accumulation_kwargs (sync_each_batch).",
+    )
     dataloader_multiprocessing_context: str | None = _f(
         None, "Start method of the loader workers ('spawn', 'fork', 'forkserver'); None: torch's default."
     )
@@ -384,4 +388,8 @@ class TrainingFields:
         True,
         "Workers return batches in order; False: as they finish (order and exact resume then vary).",
     )
-    debug: str | list[str] = _f("", "Not supported by ember; leave empty.")
+    debug: str | list[str] = _f(
+        "",
+        "'underflow_overflow': stop at the first module whose weights or output hold inf/nan, with the "
+        "last frames of per-module abs-min/abs-max.",
+    )

@@ -27,28 +27,14 @@ HF_ONLY_FIELDS: dict[str, str] = {
     "trackio_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_bucket_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
     "trackio_static_space_id": "report_to=\"trackio\" logs locally; Spaces are not supported",
-    "accelerator_config": "ember does not use accelerate; its loop has no such options",
-    "debug": "use torch's anomaly detection (torch.autograd.set_detect_anomaly) yourself",
 }
 # fmt: on
 UNSUPPORTED_HF_FIELDS: frozenset[str] = frozenset(HF_ONLY_FIELDS)
 
-# Other values that mean "the default", as transformers' own `to_dict()` writes them: it resolves
-# gradient_checkpointing None -> False, debug "" -> [], accelerator_config None -> a dict of its defaults,
-# and masks tokens. They are accepted and stored as the declared default.
-_DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {
-    "debug": ([], None),
-    "accelerator_config": (
-        {
-            "split_batches": False,
-            "dispatch_batches": None,
-            "even_batches": True,
-            "use_seedable_sampler": True,
-            "non_blocking": False,
-            "gradient_accumulation_kwargs": None,
-        },
-    ),
-}
+# Other values that mean "the default", as transformers' own `to_dict()` writes them; accepted and stored
+# as the declared default. None today: the fields transformers rewrites there (debug, accelerator_config,
+# hub_token) are implemented and read its spellings themselves.
+_DEFAULT_SPELLINGS: dict[str, tuple[Any, ...]] = {}
 
 # Names that older transformers releases accepted; difflib alone would point users somewhere odd.
 _MOVED_FIELDS: dict[str, str] = {

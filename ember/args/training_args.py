@@ -187,7 +187,11 @@ class TrainingArguments(TrainingFields):
         for f in fields(self):
             if f.init:
                 value = getattr(self, f.name)
-                out[f.name] = value.value if isinstance(value, Enum) else copy.deepcopy(value)
+                if isinstance(value, Enum):
+                    value = value.value
+                elif hasattr(value, "to_dict"):  # the AcceleratorConfig, as transformers writes it
+                    value = value.to_dict()
+                out[f.name] = copy.deepcopy(value)
         if out.get("hub_token") is not None:
             # As transformers: saved arguments (checkpoints' training_args.json, pushed to the Hub
             # with them) never hold the token.

@@ -54,6 +54,7 @@ def validate(args: TrainingFields) -> None:
     _check_hf_only(args)
     _check_types(args)
     _normalise(args)
+    _check_accelerator_and_debug(args)
     _check_choices(args)
     _check_optimizer(args)
     _fill_derived(args)
@@ -82,6 +83,10 @@ _VALUE_TYPES: dict[str, Any] = {
     "include_num_input_tokens_seen": str | bool,
     # accelerate's ParallelismConfig object too, read by its attributes (args/distributed.py).
     "parallelism_config": Any,
+    # transformers' or accelerate's AcceleratorConfig too, read by attribute (args/accelerator_config.py).
+    "accelerator_config": Any,
+    # HfArgumentParser gives None for an unset list flag; transformers reads it as [].
+    "debug": str | list[str] | None,
 }
 
 
@@ -176,6 +181,38 @@ def _parse_json_object(name: str, text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"`{name}` must be a JSON object like '{{\"key\": 1}}', got {text!r}.")
     return value
+
+
+DEBUG_OPTIONS: tuple[str, ...] = ("underflow_overflow", "tpu_metrics_debug")
+
+
+def normalise_debug(value: str | list[str] | None) -> list[str]:
+    """`debug` as transformers reads it: a space-separated string or a list of options, as a list."""
+    names = value.split() if isinstance(value, str) else [str(getattr(v, "value", v)) for v in value or []]
+    for name in names:
+        if name == "tpu_metrics_debug":
+            raise ValueError(
+                "`debug`='tpu_metrics_debug' prints torch_xla's TPU metrics; ember does not run on TPUs. "
+                "Remove it (debug='underflow_overflow' is supported)."
+            )
+        if name not in DEBUG_OPTIONS:
+            raise ValueError(
+                f"`debug`={name!r} is not a debug option.{_suggest(name, DEBUG_OPTIONS)} "
+                "Use 'underflow_overflow' or leave it empty."
+            )
+    return list(dict.fromkeys(names))
+
+
+def _check_accelerator_and_debug(args: TrainingFields) -> None:
+    from .accelerator_config import normalise_accelerator_config
+
+    config = normalise_accelerator_config(args.accelerator_config, args.gradient_accumulation_steps)
+    num_steps = (config.gradient_accumulation_kwargs or {}).get("num_steps")
+    if num_steps is not None:
+        args.gradient_accumulation_steps = num_steps  # transformers: num_steps wins over the default 1
+    # The annotation stays transformers' (what HfArgumentParser reads); the value is the checked config.
+    args.accelerator_config = config  # type: ignore[assignment]
+    args.debug = normalise_debug(args.debug)
 
 
 def _normalise_report_to(value: str | list[str] | None) -> list[str]:

@@ -152,6 +152,9 @@ def restore_training_state(
     shared = io.read_trainer(folder)
     _warn_on_changed_shape(args, strategy.world_size, io.args_path(folder), folder, shared)
     _warn_on_changed_sampler(parts.sampler, shared.get("sampler") or {})
+    restore_order = getattr(parts.sampler, "restore_drawn_order", None)
+    if restore_order is not None:
+        restore_order(shared.get("sampler") or {})  # use_seedable_sampler=False: the epoch's drawn shuffle
     if parts.scheduler is not None and shared["scheduler"]:
         parts.scheduler.load_state_dict(shared["scheduler"])
     parts.precision.load_state_dict(shared["precision"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..args.accelerator_config import accelerator_config_of, rank_batch_size
 from ..args.names import SAMPLING_STRATEGIES
 from .collators import default_data_collator
 from .samplers import ResumableBatchSampler, SeededCollator, SeededDataset, fork_rng
@@ -111,17 +113,23 @@ def build_train_dataloader(
     """
     collator = collator if collator is not None else default_data_collator
     seed = resolve_data_seed(args) if seed is None else seed
+    batch_size = rank_batch_size(args.per_device_train_batch_size, args, world_size)
     if is_iterable_dataset(dataset):
         if world_size > 1:
             from .sharding import ShardedIterable
 
-            dataset = ShardedIterable(
-                dataset, args.per_device_train_batch_size, rank, world_size, args.dataloader_drop_last
-            )
+            even = accelerator_config_of(args).even_batches
+            if not even and not args.dataloader_drop_last:
+                raise ValueError(
+                    "`accelerator_config['even_batches']`=False with an iterable train dataset on "
+                    f"{world_size} ranks: the stream's last round would give the ranks different numbers "
+                    "of batches, and a rank that trains one more waits forever for the others in the "
+                    "gradient all-reduce. Set dataloader_drop_last=True (the last incomplete round is "
+                    "dropped) or leave even_batches=True (it is completed from the stream's start)."
+                )
+            dataset = ShardedIterable(dataset, batch_size, rank, world_size, args.dataloader_drop_last, even)
         # Each rank's workers get their own random streams (rank 0 keeps the single-process ones).
-        return _stream_loader(
-            dataset, args, collator, args.per_device_train_batch_size, args.dataloader_drop_last, seed + rank
-        )
+        return _stream_loader(dataset, args, collator, batch_size, args.dataloader_drop_last, seed + rank)
     if batch_sampler is None:
         batch_sampler = make_train_batch_sampler(dataset, args, seed=seed)
     if batch_sampler.num_samples != len(dataset):
@@ -129,6 +137,7 @@ def build_train_dataloader(
             f"the batch_sampler covers {batch_sampler.num_samples} samples but the train dataset has "
             f"{len(dataset)}; build it for this dataset"
         )
+    check_uneven_training(batch_sampler, args)
     return DataLoader(
         SeededDataset(dataset, defer=True),
         batch_sampler=batch_sampler,
@@ -136,6 +145,27 @@ def build_train_dataloader(
         generator=torch.Generator().manual_seed(seed),
         **_worker_kwargs(args),
     )
+
+
+def check_uneven_training(sampler: Any, args: TrainingArguments) -> None:
+    """With even_batches=False the ranks' shares differ by up to one sample, so their last batch may be
+    missing on some ranks. That trains only if every rank still takes the same number of optimizer
+    steps (each step reduces gradients once, after its last micro-batch) and, with sync_each_batch,
+    the same number of micro-batches; otherwise one rank would wait forever in a collective."""
+    if getattr(sampler, "even_batches", True) or sampler.drop_last or sampler.world_size <= 1:
+        return
+    n, world, bs = sampler.num_samples, sampler.world_size, sampler.batch_size
+    most, fewest = (math.ceil(len(range(r, n, world)) / bs) for r in (0, world - 1))
+    ga = args.gradient_accumulation_steps
+    sync_each = accelerator_config_of(args).sync_each_batch
+    if math.ceil(most / ga) != math.ceil(fewest / ga) or (sync_each and most != fewest):
+        raise ValueError(
+            f"`accelerator_config['even_batches']`=False: the {n} training samples give rank 0 {most} "
+            f"batches of up to {bs} and rank {world - 1} {fewest}, so the ranks would take different numbers "
+            "of gradient reductions and one would wait forever for the others. Leave even_batches=True "
+            "(the short ranks are completed from the start of the data), set dataloader_drop_last=True, "
+            "or choose a batch size or dataset size that shares out evenly."
+        )
 
 
 def build_eval_dataloader(
@@ -153,18 +183,19 @@ def build_eval_dataloader(
     """
     collator = collator if collator is not None else default_data_collator
     seed = resolve_data_seed(args)
-    batch_size = args.per_device_eval_batch_size
+    batch_size = rank_batch_size(args.per_device_eval_batch_size, args, world_size)
+    even = accelerator_config_of(args).even_batches
     if is_iterable_dataset(dataset):
         if world_size > 1:
             from .sharding import ShardedIterable
 
-            dataset = ShardedIterable(dataset, batch_size, rank, world_size, drop_last=False)
+            dataset = ShardedIterable(dataset, batch_size, rank, world_size, drop_last=False, even=even)
         return _stream_loader(dataset, args, collator, batch_size, False, seed)
     sampler: Any
     if world_size > 1:
         from .sharding import DistributedEvalSampler
 
-        sampler = DistributedEvalSampler(len(dataset), batch_size, rank, world_size, seed=seed)
+        sampler = DistributedEvalSampler(len(dataset), batch_size, rank, world_size, seed=seed, even=even)
     else:
         sampler = ResumableBatchSampler(len(dataset), batch_size, drop_last=False, shuffle=False, seed=seed)
     return DataLoader(
@@ -236,15 +267,18 @@ def make_train_batch_sampler(
     lengths = None
     if strategy == "group_by_length":
         lengths = dataset_lengths(dataset, args.length_column_name, model_input_name)
+    config = accelerator_config_of(args)
     return ResumableBatchSampler(
         len(dataset),
-        args.per_device_train_batch_size,
+        rank_batch_size(args.per_device_train_batch_size, args, world_size),
         drop_last=args.dataloader_drop_last,
         shuffle=strategy != "sequential",
         seed=resolve_data_seed(args) if seed is None else seed,
         lengths=lengths,
         rank=rank,
         world_size=world_size,
+        even_batches=config.even_batches,
+        seedable=config.use_seedable_sampler,
     )
 
 

@@ -148,10 +148,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of indices for one rank, resumable in O(1).
 
     Each epoch's order is `torch.randperm(num_samples)` under `Generator().manual_seed(seed +
-    epoch)` (or `arange` when `shuffle=False`), optionally grouped by length. Rank `r` of
-    `world_size` takes every `world_size`-th index from `r`, the order being padded by wrapping
-    around so every rank gets the same number of batches (with `drop_last` the tail is cut
-    instead, and incomplete batches are dropped).
+    epoch)` (or `arange` when `shuffle=False`), optionally grouped by length; with `seedable=False`
+    (accelerate's use_seedable_sampler=False) the generator's seed is drawn from the global torch RNG
+    when the epoch starts, and kept in `state_dict()`. Rank `r` of `world_size` takes every
+    `world_size`-th index from `r`, the order being padded by wrapping around so every rank gets the
+    same number of batches (with `drop_last` the tail is cut instead, and incomplete batches are
+    dropped; with `even_batches=False` nothing is added, and a rank's share may be one sample shorter).
 
     The epoch does not advance by itself: call `set_epoch(e)` before each epoch. The trainer,
     not the sampler, knows how many batches were trained (a DataLoader prefetches ahead), so to
@@ -169,6 +171,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         lengths: Sequence[int] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        even_batches: bool = True,
+        seedable: bool = True,
     ) -> None:
         self.num_samples = _check_int("num_samples", num_samples, 0)
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -189,13 +193,21 @@ class ResumableBatchSampler(Sampler[list[int]]):
                     "pass one length per sample"
                 )
             self.lengths = torch.as_tensor(lengths, dtype=torch.int64)
+        self.even_batches = bool(even_batches)
+        self.seedable = bool(seedable)
         if self.drop_last:
             self.samples_per_rank = num_samples // world_size
             self._num_batches = self.samples_per_rank // batch_size
-        else:
+        elif self.even_batches:
             self.samples_per_rank = math.ceil(num_samples / world_size)
             self._num_batches = math.ceil(self.samples_per_rank / batch_size)
+        else:
+            # accelerate's even_batches=False: no sample twice; this rank's share may be one shorter.
+            self.samples_per_rank = len(range(rank, num_samples, world_size))
+            self._num_batches = math.ceil(self.samples_per_rank / batch_size)
         self.epoch = 0
+        # use_seedable_sampler=False: (epoch, seed drawn from the global torch RNG at that epoch's start).
+        self._drawn: tuple[int, int] | None = None
         self._skip = 0
         self._cursor = 0
         self._cache: tuple[int, torch.Tensor] | None = None
@@ -207,6 +219,26 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.epoch = _check_int("epoch", epoch, 0)
         self._cursor = 0
         self._skip = 0
+        if not self.seedable and self.shuffle:
+            self._draw(self.epoch)
+
+    def _draw(self, epoch: int) -> int:
+        # As torch's RandomSampler without a generator: one int64 from the global torch RNG seeds the
+        # epoch's shuffle. It is kept (and checkpointed), so a resumed epoch is not drawn again.
+        if self._drawn is None or self._drawn[0] != epoch:
+            self._drawn = (epoch, int(torch.empty((), dtype=torch.int64).random_().item()))
+            self._cache = None
+        return self._drawn[1]
+
+    def restore_drawn_order(self, state: dict[str, Any]) -> None:
+        """Take the shuffle seed a saved run drew for its epoch (use_seedable_sampler=False), so the
+        resumed epoch continues the same order; the next epochs draw from the restored global RNG."""
+        if not self.seedable and "drawn_seed" in state:
+            self._drawn, self._cache = (int(state["drawn_epoch"]), int(state["drawn_seed"])), None
+
+    def _epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator of `epoch`'s shuffle: ember's (seed + epoch), or one drawn from the global RNG."""
+        return torch.Generator().manual_seed(self.seed + epoch if self.seedable else self._draw(epoch))
 
     def skip_batches(self, n: int) -> None:
         """Start iterations of the current epoch after `n` batches (until the next `set_epoch`)."""
@@ -218,7 +250,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         n = self.num_samples
         if not self.shuffle:
             return torch.arange(n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        perm = torch.randperm(n, generator=self._epoch_generator(epoch))
         if self.lengths is not None:
             perm = _group_by_length(perm, self.lengths, self.batch_size * MEGABATCH_MULT)
         return perm
@@ -228,6 +260,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
             return self._cache[1]
         n = self.num_samples
         perm = self._epoch_order(epoch)
+        if not self.even_batches and not self.drop_last:
+            local = perm[self.rank : n : self.world_size]
+            self._cache = (epoch, local)
+            return local
         total = self.samples_per_rank * self.world_size
         if total > n:
             perm = torch.cat([perm] * math.ceil(total / n))
@@ -264,12 +300,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "group_by_length": self.lengths is not None,
+            "even_batches": self.even_batches,
+            "seedable": self.seedable,
+            **({"drawn_epoch": self._drawn[0], "drawn_seed": self._drawn[1]} if self._drawn else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at `state`'s position; the next `__iter__` starts after its consumed batches."""
         current = self.state_dict()
-        keys = ("seed", "num_samples", "batch_size", "world_size", "shuffle", "drop_last", "group_by_length")
+        keys: tuple[str, ...] = ("seed", "num_samples", "batch_size", "world_size", "shuffle", "drop_last")
+        keys += ("group_by_length", "even_batches", "seedable")
         wrong = [
             f"{k} (saved {state[k]!r}, now {current[k]!r})"
             for k in keys
@@ -281,6 +321,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 + ", ".join(wrong)
                 + "; use the same settings, or set ignore_data_skip=True to restart the data order"
             )
+        self.restore_drawn_order(state)
         self.set_epoch(int(state["epoch"]))
         self.skip_batches(int(state.get("batches_consumed", 0)))
 

@@ -27,15 +27,20 @@ class DistributedEvalSampler(Sampler[list[int]]):
     `num_samples` is the real dataset size (what gathered rows are cut back to).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int = 0, even: bool = True
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"`rank` must be in [0, {world_size}), got {rank}")
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_batches_total = math.ceil(self.num_samples / self.batch_size)
-        self._per_rank = math.ceil(self.num_batches_total / world_size)
         # Local batches j with j * W + rank < total are real.
         self.padding_from = max(0, math.ceil((self.num_batches_total - rank) / world_size))
+        # even_batches=False: only the real batches, so ranks may have one fewer (the loop joins the
+        # gathers it has no batch for); otherwise every rank has as many as rank 0.
+        self.even = even
+        self._per_rank = math.ceil(self.num_batches_total / world_size) if even else self.padding_from
 
     def __len__(self) -> int:
         return self._per_rank
@@ -59,12 +64,16 @@ class ShardedIterable(IterableDataset):  # type: ignore[type-arg]
     """Rank r of W takes items [r*b, (r+1)*b) of every W*b items of the stream.
 
     The stream's last, incomplete round is completed with items from its start (or dropped with
-    `drop_last`), so every rank yields the same number of full batches.
+    `drop_last`), so every rank yields the same number of full batches; with `even=False`
+    (even_batches=False) it is shared out as it is, so the last batches are short or absent.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, rank: int, world_size: int, drop_last: bool) -> None:
+    def __init__(
+        self, dataset: Any, batch_size: int, rank: int, world_size: int, drop_last: bool, even: bool = True
+    ) -> None:
         self.dataset, self.batch_size = dataset, batch_size
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.even = even
 
     def __iter__(self) -> Iterator[Any]:
         size, b = self.batch_size * self.world_size, self.batch_size
@@ -79,6 +88,9 @@ class ShardedIterable(IterableDataset):  # type: ignore[type-arg]
                 yield from buffer[mine]
                 buffer = []
         if buffer and not self.drop_last:
+            if not self.even:  # even_batches=False: the last round as it is, short or empty here
+                yield from buffer[mine]
+                return
             while len(buffer) < size:
                 buffer.extend(head[: size - len(buffer)])
             yield from buffer[mine]

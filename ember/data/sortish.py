@@ -31,6 +31,8 @@ class SortishBatchSampler(ResumableBatchSampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        even_batches: bool = True,
+        seedable: bool = True,
     ) -> None:
         super().__init__(
             num_samples,
@@ -41,10 +43,12 @@ class SortishBatchSampler(ResumableBatchSampler):
             lengths=lengths,
             rank=rank,
             world_size=world_size,
+            even_batches=even_batches,
+            seedable=seedable,
         )
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        generator = self._epoch_generator(epoch)
         perm = torch.randperm(self.num_samples, generator=generator)
         assert self.lengths is not None
         perm = _group_by_length(perm, self.lengths, self.batch_size * MEGABATCH_MULT)

@@ -9,7 +9,7 @@ updated batch by batch and memory stays flat in the dataset size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -186,35 +186,132 @@ def evaluation_loop(
     sampler = getattr(dataloader, "batch_sampler", None)
     padding_from = getattr(sampler, "padding_from", None)
     rows_left = getattr(sampler, "num_samples", None) if padding_from is not None else None
-    for step, (is_last, batch) in enumerate(_with_last(dataloader)):
-        batch_size = batch_rows(batch) or 1
-        padding = padding_from is not None and step >= padding_from
-        loss, logits, batch_labels = host.prediction_step(model, batch, loss_only, ignore_keys)
-        if loss is not None:
-            loss_sums.seen = True
-            if not padding:
-                loss_sums.add(loss, batch_size)
-        num_samples += 0 if padding else batch_size
-        batch_losses = (
-            loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None
-        )
-        outputs, rows_left = _gathered(
-            strategy,
-            (logits, batch_labels, batch.get("input_ids") if want_inputs else None, batch_losses),
-            rows_left,
-            args.eval_use_gather_object,
-        )
+    # even_batches=False: ranks may run out of batches before the others (no padding copies).
+    joined = _Joined(strategy, dataloader) if _uneven(args, strategy) else None
+    steps = joined if joined is not None else _with_last(dataloader)
+    for step, (is_last, batch) in enumerate(steps):
+        local: tuple[Any, ...] | None = None
+        if batch is not None:
+            batch_size = batch_rows(batch) or 1
+            padding = padding_from is not None and step >= padding_from
+            loss, logits, batch_labels = host.prediction_step(model, batch, loss_only, ignore_keys)
+            if loss is not None:
+                loss_sums.seen = True
+                if not padding:
+                    loss_sums.add(loss, batch_size)
+            num_samples += 0 if padding else batch_size
+            batch_losses = (
+                loss.detach().reshape(1).repeat(batch_size) if want_losses and loss is not None else None
+            )
+            local = (logits, batch_labels, batch.get("input_ids") if want_inputs else None, batch_losses)
+        elif joined is not None and strategy.shards_parameters:
+            # Sharded parameters: every forward gathers them from all ranks, so a rank out of batches
+            # runs its last batch again (outputs dropped) for the others' forward to complete.
+            host.prediction_step(model, joined.last_batch, loss_only, ignore_keys)
+        if joined is not None:
+            local = joined.rows_or_none(local)
+        assert local is not None
+        outputs, rows_left = _gathered(strategy, local, rows_left, args.eval_use_gather_object)
         if outputs[0] is not None and host.preprocess_logits_for_metrics is not None:
             outputs = (host.preprocess_logits_for_metrics(outputs[0], outputs[1]), *outputs[1:])
         if batch_metrics:
-            metrics = _batch_metrics(host, outputs, batch, is_last) or metrics
+            metrics = _batch_metrics(host, outputs, batch if batch is not None else {}, is_last) or metrics
         # predict() returns its predictions whatever the metrics do (as transformers); evaluate()
         # with batch_eval_metrics keeps nothing, which is what the option is for.
         if not loss_only and (not batch_metrics or description == "Prediction"):
             for acc, value in zip(accumulators, outputs):
                 acc.add(value)
-        host._fire("on_prediction_step")
+        if batch is not None:
+            host._fire("on_prediction_step")
+    if joined is not None:  # a rank without batches reports the loss the others computed
+        loss_sums.seen = strategy.any_rank(loss_sums.seen)
     return _finish(host, accumulators, batch_metrics, metrics, loss_sums, num_samples, metric_key_prefix)
+
+
+def _uneven(args: TrainingArguments, strategy: Strategy) -> bool:
+    config = args.accelerator_config
+    return strategy.dp_world_size > 1 and getattr(config, "even_batches", True) is False
+
+
+class _Joined:
+    """The batches of a rank under even_batches=False, joined step by step with the other ranks'.
+
+    Each step the ranks agree (one all-reduce of three counts) whether any still has a batch, whether
+    any will have one after this step (so `is_last` is the same everywhere, as batch metrics need),
+    and whether a rank without a batch lacks the shape of the outputs. A rank out of batches still
+    takes part in each gather, with zero rows shaped like the outputs (of its own earlier batch, or
+    described by the ranks that have one), so the gathered rows are exactly the dataset's, in order.
+    """
+
+    def __init__(self, strategy: Strategy, dataloader: Iterable[dict[str, Any]]) -> None:
+        self.strategy, self.batches = strategy, _with_last(dataloader)
+        self.template: Any = None
+        self.need_template = False
+        self.last_batch: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator[tuple[bool, dict[str, Any] | None]]:
+        while True:
+            item = next(iter(self.batches), None)
+            has = item is not None
+            has_next = item is not None and not item[0]
+            need = not has and self.template is None
+            counts = self.strategy.all_reduce_sum(
+                torch.tensor([has, has_next, need], dtype=torch.int64, device=self.strategy.device)
+            ).tolist()
+            if counts[0] == 0:
+                return
+            self.need_template = counts[2] > 0
+            if self.need_template and self.strategy.shards_parameters:
+                raise ValueError(
+                    "accelerator_config['even_batches']=False: a rank has no evaluation batch at all, and "
+                    "with sharded parameters (FSDP, ZeRO-3) every rank must run every forward. Use an "
+                    "evaluation set of at least one batch per rank, a smaller per_device_eval_batch_size, "
+                    "or even_batches=True."
+                )
+            if item is not None:
+                self.last_batch = item[1]
+            yield counts[1] == 0, (item[1] if item is not None else None)
+
+    def rows_or_none(self, local: tuple[Any, ...] | None) -> tuple[Any, ...]:
+        """This rank's outputs of the step, or zero rows shaped like them when it has no batch."""
+        if self.need_template:
+            mine = [_describe(v) for v in local] if local is not None else None
+            shapes = self.strategy.gather_object(mine)
+            if self.template is None:
+                self.template = next(d for d in shapes if d is not None)
+        if local is not None:
+            if self.template is None:
+                self.template = [_describe(v) for v in local]
+            return local
+        return tuple(_no_rows(d, self.strategy.device) for d in self.template)
+
+
+def _describe(value: Any) -> Any:
+    """The structure of one output: ("tensor", dtype, dims), ("seq"/"map", parts), or ("objects",)
+    for Python values gathered as objects; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, max(value.dim(), 1))
+    if not _all_tensors(value):
+        return ("objects",)
+    if isinstance(value, Mapping):
+        return ("map", {k: _describe(v) for k, v in value.items()})
+    return ("seq", [_describe(v) for v in value])
+
+
+def _no_rows(shape: Any, device: torch.device) -> Any:
+    """Zero rows of an output described by `_describe`."""
+    if shape is None:
+        return None
+    kind = shape[0]
+    if kind == "tensor":
+        return torch.empty((0,) * shape[2], dtype=shape[1], device=device)
+    if kind == "map":
+        return {k: _no_rows(v, device) for k, v in shape[1].items()}
+    if kind == "seq":
+        return tuple(_no_rows(v, device) for v in shape[1])
+    return []
 
 
 def _batch_metrics(
@@ -328,7 +425,8 @@ def _all_tensors(value: Any) -> bool:
     if isinstance(value, Mapping):
         return all(_all_tensors(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return all(_all_tensors(v) for v in value)
+        # An empty list is a rank's share of Python objects with no rows (even_batches=False).
+        return bool(value) and all(_all_tensors(v) for v in value)
     return False
 
 

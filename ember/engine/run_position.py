@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..args.accelerator_config import rank_batch_size
+
 if TYPE_CHECKING:
     from ..args.training_args import TrainingArguments
 
@@ -168,7 +170,8 @@ def plan_steps(args: TrainingArguments, batch_sampler: Sized | None, world_size:
     number of data-parallel ranks, which the global batch counts.
     """
     ga = args.gradient_accumulation_steps
-    samples_per_step = args.per_device_train_batch_size * ga * world_size  # all ranks, as transformers
+    rank_batch = rank_batch_size(args.per_device_train_batch_size, args, world_size)  # split_batches
+    samples_per_step = rank_batch * ga * world_size  # all ranks, as transformers
     if batch_sampler is None:
         if args.max_steps <= 0:
             raise ValueError(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..args.accelerator_config import accelerator_config_of
 from ..data.checks import check_step_batches
 from .loss import count_targets
 
@@ -109,16 +110,23 @@ def run_optimizer_step(run: StepContext, micro_batches: list[dict[str, Any]]) ->
         learning_rate = float(optimizer.param_groups[0]["lr"])
         return StepResult(torch.zeros((), device=strategy.device), None, learning_rate, skipped="empty")
     targets, total = total, total.clamp(min=1)
+    sync_each = accelerator_config_of(args).sync_each_batch
     step_loss = torch.zeros((), device=strategy.device)
     last = len(micro_batches) - 1
+    reduced = False  # whether this step's gradients were reduced already (sync_each_batch)
     for i, batch in enumerate(micro_batches):
         # A micro-batch with no target contributes nothing; its mean loss would be 0/0 = nan.
         if i < last and int(counts[i]) == 0:
             run.fire("on_substep_end")
             continue
         run.sync_gradients = i == last
-        with strategy.no_sync(model, sync=i == last):
+        # sync_each_batch (accelerator_config's gradient_accumulation_kwargs): reduce the gradients
+        # after every micro-batch, trading speed for not holding unreduced gradients.
+        if reduced:
+            strategy.carry_reduced_gradients(model)
+        with strategy.no_sync(model, sync=i == last or sync_each):
             step_loss += run.training_step(model, batch, total)
+        reduced = sync_each
         if i < last:
             run.fire("on_substep_end")
     run.sync_gradients = True

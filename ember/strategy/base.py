@@ -76,6 +76,11 @@ class Strategy(Protocol):
 
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None: ...
 
+    def carry_reduced_gradients(self, model: nn.Module) -> None:
+        """Before a backward whose gradients are reduced on top of gradients already reduced in this
+        step (accelerator_config's sync_each_batch): leave them so that the next reduction adds only
+        the new micro-batch's part once."""
+
     def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """A training micro-batch (on the device) as this rank computes it: its part of every
         sequence under context parallelism (context.py), the batch itself otherwise."""

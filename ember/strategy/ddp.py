@@ -99,6 +99,15 @@ class DDPStrategy(MultiProcess):
         with model.no_sync():  # type: ignore[operator]
             yield
 
+    def carry_reduced_gradients(self, model: nn.Module) -> None:
+        """DDP reduces the whole accumulated `.grad`, and the hook sums: a sum already reduced (the same
+        on every rank) would come back world-size times. Divided by the world size first, the next
+        sum restores it once (exactly, for a power-of-two world size) and adds the new part."""
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(self.dp_world_size)
+
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         try:
             super().backward(loss, model)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from ..args.accelerator_config import rank_batch_size
 from .env import LaunchEnv, collective
 from .multi import MultiProcess, WriteStep
 
@@ -125,9 +126,10 @@ def resolve_args(args: TrainingArguments, world_size: int, dtype: torch.dtype | 
     config = load_deepspeed_config(args.deepspeed)
     f = _Filler(config)
     ga = args.gradient_accumulation_steps
-    f.fill("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "per_device_train_batch_size")
+    micro = rank_batch_size(args.per_device_train_batch_size, args, world_size)  # split_batches
+    f.fill("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size")
     f.fill("gradient_accumulation_steps", ga, "gradient_accumulation_steps")
-    f.fill("train_batch_size", args.per_device_train_batch_size * ga * world_size, "the global batch size")
+    f.fill("train_batch_size", micro * ga * world_size, "the global batch size")
     f.fill("gradient_clipping", float(args.max_grad_norm or 0.0), "max_grad_norm")
     f.fill("bf16.enabled", dtype == torch.bfloat16, "bf16")
     f.fill("fp16.enabled", dtype == torch.float16, "fp16")

@@ -317,6 +317,16 @@ class MeshStrategy(FSDPStrategy):
         with super().no_sync(model, sync):
             yield
 
+    def carry_reduced_gradients(self, model: nn.Module) -> None:
+        """As DDP: the replicas' sum after backward covers the whole `.grad`, so what is already summed
+        is divided by the number of replicas first."""
+        if not self.replicates:
+            return
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    _local(p.grad).div_(self.dp_replicate_size)
+
     def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if self.cp_size == 1:
             return inputs

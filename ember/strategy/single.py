@@ -105,6 +105,9 @@ class SingleDevice:
     def backward(self, loss: torch.Tensor, model: nn.Module) -> None:
         loss.backward()
 
+    def carry_reduced_gradients(self, model: nn.Module) -> None:
+        """Nothing to do: no reduction here, and sharded ones (FSDP2, ZeRO) reduce only new gradients."""
+
     def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return inputs
 

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..args.accelerator_config import accelerator_config_of
+
 if TYPE_CHECKING:
     from ..strategy.base import Strategy
 
@@ -104,6 +106,23 @@ class EmberAccelerator:
         # transformers builds its Accelerator with an accumulation count of 1 and normalises the
         # loss itself, so its subclasses see 1 here; so do ember's.
         return 1
+
+    # -- the data options of TrainingArguments.accelerator_config, as accelerate reports them ------------
+    @property
+    def split_batches(self) -> bool:
+        return accelerator_config_of(self._trainer.args).split_batches
+
+    @property
+    def even_batches(self) -> bool:
+        return accelerator_config_of(self._trainer.args).even_batches
+
+    @property
+    def use_seedable_sampler(self) -> bool:
+        return accelerator_config_of(self._trainer.args).use_seedable_sampler
+
+    @property
+    def non_blocking(self) -> bool:
+        return accelerator_config_of(self._trainer.args).non_blocking
 
     @property
     def optimizer_step_was_skipped(self) -> bool:

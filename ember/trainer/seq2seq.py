@@ -154,17 +154,21 @@ class Seq2SeqTrainer(Trainer):
     def _make_train_batch_sampler(self, dataset: Any) -> Any:
         if not self._seq2seq_arg("sortish_sampler", False):
             return super()._make_train_batch_sampler(dataset)
+        from ..args.accelerator_config import accelerator_config_of
         from ..data.loaders import dataset_lengths, resolve_data_seed
         from ..data.sortish import SortishBatchSampler
 
+        config = accelerator_config_of(self.args)
         return SortishBatchSampler(
             len(dataset),
-            self.args.per_device_train_batch_size,
+            self._rank_batch_size(),
             dataset_lengths(dataset, self.args.length_column_name),
             drop_last=self.args.dataloader_drop_last,
             seed=resolve_data_seed(self.args),
             rank=self.strategy.dp_rank,
             world_size=self.strategy.dp_world_size,
+            even_batches=config.even_batches,
+            seedable=config.use_seedable_sampler,
         )
 
     def get_train_dataloader(self) -> Any:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
+from ..args.accelerator_config import accelerator_config_of, check_split_batches, rank_batch_size
 from ..args.training_args import TrainingArguments, check_eval_dataset
 from ..callbacks import CallbackHandler, TrainerCallback, build_callbacks
 from ..callbacks.state import CallbackStates, TrainerControl, TrainerState
@@ -75,6 +76,7 @@ from ..strategy.peers import (
 from ..strategy.precision import Precision
 from ..telemetry.cpu_malloc import keep_heap_between_steps
 from ..telemetry.memory import MemoryTracker
+from ..telemetry.overflow import watch_underflow_overflow
 from ..telemetry.throughput import Throughput, device_peak_flops, model_flops_per_token
 from ..utils import count_parameters, enable_full_determinism, set_seed, to_device
 from .accelerator import EmberAccelerator
@@ -125,6 +127,12 @@ class Trainer:
         checks.check_trainer_inputs(model, model_init, optimizers, optimizer_cls_and_kwargs)
         check_eval_dataset(self.args, eval_dataset is not None)
         self.strategy = build_strategy(self.args)
+        check_split_batches(self.args, self.strategy.dp_world_size)
+        if self._non_blocking and not self.args.dataloader_pin_memory:
+            logger.warning(
+                "accelerator_config['non_blocking']=True but dataloader_pin_memory=False: a copy from "
+                "unpinned memory waits anyway; set dataloader_pin_memory=True for the copies to overlap."
+            )
         self._seed_everything()
         self.model_init = model_init
         self.model: nn.Module = model if model is not None else self.call_model_init()
@@ -298,6 +306,11 @@ class Trainer:
         self.callback_handler.train_dataloader = loader
         return loader
 
+    def _rank_batch_size(self) -> int:
+        """The training batch one rank loads: per_device_train_batch_size, or its share of it with
+        accelerator_config's split_batches."""
+        return rank_batch_size(self.args.per_device_train_batch_size, self.args, self.strategy.dp_world_size)
+
     def _make_train_batch_sampler(self, dataset: Any) -> Any:
         """The resumable batch sampler of map-style training data (Seq2SeqTrainer's sortish one)."""
         return make_train_batch_sampler(
@@ -377,6 +390,9 @@ class Trainer:
         with (
             PreemptionWatcher(self.preemption_signals) as preemption,
             neftune_noise(model, args.neftune_noise_alpha),
+            watch_underflow_overflow(
+                self.strategy.unwrap(model), args.debug, lambda: self.state.global_step + 1
+            ),
         ):
             for epoch in range(run.progress.epoch, plan.num_epochs):
                 if self.state.global_step >= plan.max_steps:
@@ -458,7 +474,7 @@ class Trainer:
             strategy.world_size,
             label_shift=self.label_shift,
         )
-        batch_split = MicroBatchSplit(args.auto_find_batch_size, args.per_device_train_batch_size)
+        batch_split = MicroBatchSplit(args.auto_find_batch_size, self._rank_batch_size())
         return Run(plan, step_parts, batch_split, throughput, memory, start_time)
 
     def _epoch_batches(self, loader: Any, epoch: int) -> Any:
@@ -604,8 +620,13 @@ class Trainer:
             notice=explicit,
         )
 
+    @property
+    def _non_blocking(self) -> bool:
+        """accelerator_config's non_blocking: copy batches to the device without waiting for the copy."""
+        return accelerator_config_of(self.args).non_blocking
+
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        inputs = to_device(inputs, self.strategy.device, non_blocking=True)
+        inputs = to_device(inputs, self.strategy.device, non_blocking=self._non_blocking)
         # Under context parallelism a training micro-batch becomes this rank's part of each sequence;
         # evaluation keeps whole sequences.
         return self.strategy.split_sequences(inputs) if self.model.training else inputs
@@ -909,8 +930,9 @@ class Trainer:
 
     def get_total_train_batch_size(self, args: Any) -> int:
         """Samples per optimizer step on all ranks: per-device batch x accumulation x data-parallel ranks."""
-        per_rank = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        return per_rank * self.strategy.dp_world_size
+        world = self.strategy.dp_world_size
+        per_rank = rank_batch_size(args.per_device_train_batch_size, args, world)
+        return per_rank * args.gradient_accumulation_steps * world
 
     def get_batch_samples(
         self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device | None = None
