@@ -73,6 +73,17 @@ class HubSync:
         self._jobs: list[futures.Future[Any]] = []
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A trainer is copied to other processes (Ray Tune's workers): the copy starts with no
+        # pushes in flight, its own lock, and an HfApi of its own.
+        state = dict(self.__dict__)
+        state.update(_api=None, _jobs=[], _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def api(self) -> Any:
         if self._api is None:

@@ -306,3 +306,17 @@ def test_repo_names_follow_the_hubs_rule(name: str) -> None:
     except HFValidationError:
         valid = False
     assert (repo_name_problem(name) is None) == valid
+
+
+def test_the_hub_state_of_a_trainer_survives_a_copy_to_another_process(tmp_path) -> None:
+    # Ray Tune pickles the trainer for its workers; the copy gets its own lock and no pushes in flight.
+    import pickle
+
+    from ember.checkpoint.hub import HubSync
+
+    sync = HubSync(TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    sync.failures.append("an earlier push failed")
+    copy = pickle.loads(pickle.dumps(sync))
+    assert copy.failures == ["an earlier push failed"]
+    with copy._lock:  # a working lock of its own
+        assert copy._lock is not sync._lock
