@@ -582,6 +582,10 @@ class Trainer:
     ) -> Any:
         """The loss of a batch whose targets are already aligned with the logits (`shift_labels`, as
         transformers names them; context parallelism makes them, strategy/context.py)."""
+        if self.args.chunked_loss is True:
+            from ..engine.chunked_loss import notice_fallback
+
+            notice_fallback("the targets come already shifted (shift_labels: context parallelism)")
         shifted = inputs.pop("shift_labels")
         inputs.pop("labels", None)
         outputs = model(**inputs)

@@ -51,3 +51,9 @@ def test_a_model_without_loss_is_an_error_that_names_the_labels():
     with pytest.raises(ValueError, match="label_names=\\['labels'\\]"):
         loss_from_outputs({"logits": torch.zeros(2)}, {"input_ids": torch.zeros(2)}, ["labels"])
     assert float(loss_from_outputs((torch.tensor(1.5), torch.zeros(2)), {}, ["labels"])) == 1.5
+
+
+def test_shift_labels_are_counted_as_given():
+    # Targets already aligned with the logits (context parallelism makes them): no second shift.
+    batch = {"labels": torch.tensor([[1, 2, 3, 4]]), "shift_labels": torch.tensor([[2, 3, 4, -100]])}
+    assert int(count_targets(batch, shift=True)) == 3

@@ -359,3 +359,21 @@ def test_overrides_of_mixed_in_members_are_what_train_calls(tmp_path):
     trainer.train()
     assert {"evaluate", "prediction_step", "log"} <= set(calls)
     assert trainer.state.total_flos == 2 * 1000  # two steps of one micro-batch each
+
+
+def test_a_batch_with_shift_labels_gives_the_loss_of_its_labels(tmp_path):
+    # transformers' models accept targets already shifted (`shift_labels`); context parallelism
+    # makes them. The loss and its target count must be those of the same targets given as labels.
+    model = tiny_gpt2()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=lm_examples(4))
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, 6:] = -100
+    shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    plain = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    given = trainer.compute_loss(model, {"input_ids": ids, "labels": labels, "shift_labels": shifted})
+    assert float(given) == pytest.approx(float(plain), abs=1e-6)
+    # A step with both micro-batches divided by the whole step's count adds up the same way.
+    total = torch.tensor(int((shifted != -100).sum()) * 2)
+    half = trainer.compute_loss(model, {"input_ids": ids, "shift_labels": shifted}, num_items_in_batch=total)
+    assert float(half) * 2 == pytest.approx(float(plain), abs=1e-6)
