@@ -31,7 +31,6 @@ dimensions (mesh.py). The step's logged loss is the sum of the shares over the C
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..engine.loss import IGNORE_INDEX
+
 ATTENTION_NAME = "ember_cp"
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -308,7 +308,3 @@ def use_cp_attention(model: nn.Module) -> None:
         setter(ATTENTION_NAME)
         return
     model.config._attn_implementation = ATTENTION_NAME  # type: ignore[union-attr]
-
-
-def is_sharded_batch(inputs: Mapping[str, Any]) -> bool:
-    return "shift_labels" in inputs and active_shard() is not None

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..engine.loss import shifts_labels
+from .context import check_cp_model, clear_shard, shard_batch, use_cp_attention
 from .env import LaunchEnv, collective
 from .fsdp import FSDPStrategy
 from .multi import MultiProcess
@@ -231,9 +233,6 @@ class MeshStrategy(FSDPStrategy):
         if self.tp_size > 1 and not is_tp_distributed(model):
             self._plan = check_tp_model(model, self.tp_size, self.user_plan)
         if self.cp_size > 1:
-            from ..engine.loss import shifts_labels
-            from .context import check_cp_model
-
             check_cp_model(model, self.cp_size, shifts_labels(model))
         if is_tp_distributed(model):
             self._check_distributed(model)
@@ -257,8 +256,6 @@ class MeshStrategy(FSDPStrategy):
             return model
         model = self.place_model(model)
         if self.cp_size > 1:
-            from .context import use_cp_attention
-
             use_cp_attention(model)
         if self.tp_size > 1 and not is_tp_distributed(model):
             self._parallelize(model)
@@ -330,8 +327,6 @@ class MeshStrategy(FSDPStrategy):
     def split_sequences(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if self.cp_size == 1:
             return inputs
-        from .context import shard_batch
-
         cp = self.mesh["cp"]
         return shard_batch(inputs, cp.get_group(), int(cp.get_local_rank()), self.cp_size)
 
@@ -348,8 +343,6 @@ class MeshStrategy(FSDPStrategy):
             super().backward(loss, model)
         finally:
             if self.cp_size > 1:
-                from .context import clear_shard
-
                 clear_shard()  # evaluation and generation see whole sequences
         if self.replicates and self._sync:
             grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]

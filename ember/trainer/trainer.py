@@ -541,9 +541,17 @@ class Trainer:
         With `num_items_in_batch` (the step's target count on all ranks) the result is
         sum-of-target-losses / num_items_in_batch, so micro-batches add up to the exact step mean.
         """
-        if "shift_labels" in inputs and self.compute_loss_func is None:
-            return self._shifted_loss(model, inputs, return_outputs, num_items_in_batch)
-        if (
+        # Targets already aligned with the logits (`shift_labels`, as transformers names them; context
+        # parallelism makes them) are scored here as given: neither the model's shift nor the
+        # chunked loss's applies to them.
+        shifted = inputs.pop("shift_labels", None) if self.compute_loss_func is None else None
+        if shifted is not None:
+            inputs.pop("labels", None)
+            if self.args.chunked_loss is True:
+                from ..engine.chunked_loss import notice_fallback
+
+                notice_fallback("the targets come already shifted (shift_labels: context parallelism)")
+        elif (
             chunked_loss_setting(self.args.chunked_loss, self._liger_applied) is not False
             and not return_outputs
         ):
@@ -551,18 +559,19 @@ class Trainer:
             if chunked is not None:
                 return chunked
         smoothing = self._label_smoothing > 0
-        labels = (
-            inputs.pop("labels") if (smoothing or self.compute_loss_func) and "labels" in inputs else None
-        )
+        labels = shifted
+        if labels is None and (smoothing or self.compute_loss_func) and "labels" in inputs:
+            labels = inputs.pop("labels")
+        shift = self.label_shift and shifted is None
         outputs = model(**inputs)
         if labels is not None and self.compute_loss_func is not None:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif labels is not None:
-            total = smoothed_loss_sum(logits_of(outputs), labels, self._label_smoothing, self.label_shift)
+            total = smoothed_loss_sum(logits_of(outputs), labels, self._label_smoothing, shift)
             count = (
                 num_items_in_batch
                 if num_items_in_batch is not None
-                else count_targets({"labels": labels}, self.label_shift)
+                else count_targets({"labels": labels}, shift)
             )
             loss = total / count
         else:
@@ -571,27 +580,6 @@ class Trainer:
                 share = count_targets(inputs, self.label_shift)
                 # Without targets the model's mean loss is 0/0 = nan; its share of the step is 0.
                 loss = torch.where(share > 0, loss * (share / num_items_in_batch), torch.zeros_like(loss))
-        return (loss, outputs) if return_outputs else loss
-
-    def _shifted_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool,
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> Any:
-        """The loss of a batch whose targets are already aligned with the logits (`shift_labels`, as
-        transformers names them; context parallelism makes them, strategy/context.py)."""
-        if self.args.chunked_loss is True:
-            from ..engine.chunked_loss import notice_fallback
-
-            notice_fallback("the targets come already shifted (shift_labels: context parallelism)")
-        shifted = inputs.pop("shift_labels")
-        inputs.pop("labels", None)
-        outputs = model(**inputs)
-        total = smoothed_loss_sum(logits_of(outputs), shifted, self._label_smoothing, shift=False)
-        count = num_items_in_batch
-        loss = total / (count if count is not None else count_targets({"shift_labels": shifted}))
         return (loss, outputs) if return_outputs else loss
 
     def _chunked_loss(
