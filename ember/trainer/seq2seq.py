@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset
 
 from ..data import is_iterable_dataset
 from .trainer import Trainer
 
 if TYPE_CHECKING:
     from ..args import TrainingArguments
-    from ..callbacks import TrainerCallback
     from ..outputs import PredictionOutput
 
 __all__ = ["Seq2SeqTrainer"]
@@ -41,41 +39,13 @@ _DEFAULT_MAX_LENGTH = 20
 class Seq2SeqTrainer(Trainer):
     """Drop-in for `transformers.Seq2SeqTrainer`: `Trainer` plus generation in evaluate/predict."""
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: TrainingArguments | None = None,
-        data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
-        train_dataset: Dataset[Any] | IterableDataset[Any] | Any | None = None,
-        eval_dataset: Dataset[Any] | dict[str, Dataset[Any]] | Any | None = None,
-        processing_class: Any = None,
-        model_init: Callable[..., nn.Module] | None = None,
-        compute_loss_func: Callable[..., torch.Tensor] | None = None,
-        compute_metrics: Callable[..., dict[str, float]] | None = None,
-        callbacks: list[TrainerCallback | type[TrainerCallback]] | None = None,
-        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
-        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
-        preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
-    ) -> None:
-        if args is None:
-            from ..args.seq2seq import Seq2SeqTrainingArguments
+    @classmethod
+    def _default_args(cls) -> TrainingArguments:
+        from ..args.seq2seq import Seq2SeqTrainingArguments
 
-            args = Seq2SeqTrainingArguments()  # Trainer's default, with the seq2seq fields
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        return Seq2SeqTrainingArguments()  # Trainer's default, with the seq2seq fields
+
+    def _finish_init(self) -> None:
         self._check_seq2seq_inputs()
         self._gen_kwargs: dict[str, Any] = self._resolve_gen_kwargs({})
         self._apply_generation_config(self.model)

@@ -120,7 +120,7 @@ class Trainer:
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
     ) -> None:
-        self.args = args if args is not None else TrainingArguments()
+        self.args = args if args is not None else self._default_args()
         # As transformers: what building the trainer (model placement included) cost, reported once
         # with the first train()'s metrics.
         init_memory = MemoryTracker(not self.args.skip_memory_metrics).start("init")
@@ -185,6 +185,15 @@ class Trainer:
         self.model = self.model_wrapped = self.strategy.place_model(self.model)
         self._init_memory_metrics = init_memory.stop("init")
         self._fire("on_init_end")
+        self._finish_init()
+
+    @classmethod
+    def _default_args(cls) -> TrainingArguments:
+        """The arguments a Trainer built without `args` uses (transformers' defaults)."""
+        return TrainingArguments()
+
+    def _finish_init(self) -> None:
+        """What a subclass sets up once the Trainer is built (Seq2SeqTrainer: generation settings)."""
 
     @property
     def precision(self) -> Precision:
