@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .distributed import load_json_file
+
 _FIELD = "accelerator_config"
 
 
@@ -104,11 +106,7 @@ def _mapping(raw: Any) -> dict[str, Any]:
                     f"`{_FIELD}` is not valid JSON ({err}); pass a dict or a JSON object."
                 ) from None
         elif os.path.isfile(text):
-            try:
-                with open(text, encoding="utf-8") as fh:
-                    value = json.load(fh)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"`{_FIELD}`: cannot read {text} as JSON ({err}); fix the file.") from None
+            value = load_json_file(_FIELD, text)
         else:
             raise ValueError(
                 f"`{_FIELD}`={raw!r} is neither a JSON object nor a file; pass a dict, a JSON object, "

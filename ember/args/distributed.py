@@ -61,7 +61,8 @@ PARALLELISM_SIZES: tuple[str, ...] = ("dp_replicate_size", "dp_shard_size", "tp_
 PARALLELISM_KEYS: tuple[str, ...] = (*PARALLELISM_SIZES, "tp_plan")
 
 
-def _load_json_file(field: str, path: str) -> dict[str, Any]:
+def load_json_file(field: str, path: str) -> dict[str, Any]:
+    """The JSON object in the file `path`, given as the value of `field`; errors name both."""
     if not os.path.isfile(path):
         raise ValueError(f"`{field}`={path!r} is not a file; pass a dict or the path of a JSON file.")
     try:
@@ -109,7 +110,7 @@ def _apply_legacy_fsdp(value: str, config: dict[str, Any]) -> None:
 def normalise_fsdp_config(raw: Any, fsdp: Any) -> dict[str, Any]:
     """`fsdp_config` as a dict with checked, typed values (legacy `fsdp` options folded in)."""
     field = "fsdp_config"
-    config = _load_json_file(field, raw) if isinstance(raw, str) else dict(raw or {})
+    config = load_json_file(field, raw) if isinstance(raw, str) else dict(raw or {})
     config = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in config.items()}
     if isinstance(fsdp, str):
         _apply_legacy_fsdp(fsdp, config)
@@ -168,7 +169,7 @@ def _parallelism_mapping(raw: Any) -> dict[str, Any]:
     (accelerate's `ParallelismConfig`, read without importing accelerate)."""
     field = "parallelism_config"
     if isinstance(raw, str):
-        return _load_json_file(field, raw)
+        return load_json_file(field, raw)
     if isinstance(raw, Mapping):
         return dict(raw)
     if any(hasattr(raw, name) for name in PARALLELISM_SIZES):
@@ -302,6 +303,6 @@ def check_distributed_args(args: DistributedFields) -> None:
         if enabled:
             raise ValueError("`fsdp` and `deepspeed` are both set; choose one of them.")
         if isinstance(args.deepspeed, str):
-            _load_json_file("deepspeed", args.deepspeed)
+            load_json_file("deepspeed", args.deepspeed)
         elif isinstance(args.deepspeed, Mapping):
             args.deepspeed = dict(args.deepspeed)
