@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..args.accelerator_config import accelerator_config_of
 from ..outputs import EvalLoopOutput, EvalPrediction
 from ..utils import batch_rows
 from .checks import checked_metrics
@@ -229,8 +230,7 @@ def evaluation_loop(
 
 
 def _uneven(args: TrainingArguments, strategy: Strategy) -> bool:
-    config = args.accelerator_config
-    return strategy.dp_world_size > 1 and getattr(config, "even_batches", True) is False
+    return strategy.dp_world_size > 1 and not accelerator_config_of(args).even_batches
 
 
 class _Joined:
